@@ -1,0 +1,338 @@
+#!/usr/bin/env python
+"""Time per training step of condiff's trainer, constrained and not, against a plain diffusers loop.
+
+Four variants train the same UNet (same preset, same initial weights) on the same data with the
+same primal batch size B:
+
+  plain  a hand-written diffusers training step (sample batch, noise, DDPMScheduler.add_noise,
+         unet(x_t, t).sample, MSE, backward, clip_grad_norm_, AdamW step, lr schedule step,
+         zero_grad, loss.item() for logging), no accelerate, no metrics file
+  (a)    condiff.train.train() with no constraints
+  (b)    condiff.train.train() with the `stratified` estimator and one constraint per class (4, 5, 7)
+  (c)    condiff.train.train() with the `mixture` estimator and the same constraints
+
+(a)-(c) run the real `train()` loop (accelerate, AdamW, cosine schedule, grad clipping, metrics.jsonl,
+tqdm, dual steps every N primal steps) into a temporary run directory. Step times come from the
+`on_step` callback: the time between consecutive callbacks is one whole loop iteration. Step 1 (no
+start stamp), the next warm-up steps and the last step (which also writes train()'s final
+checkpoint) are dropped; the kept window is a whole number of N-step dual periods, so its mean is
+the per-step cost with the dual step amortised (for `mixture` that includes the forward-only dual
+batch of every constraint).
+
+The constrained variants start with every multiplier at --multiplier (0.1) by wrapping
+condiff.train.DualState in this process (no file is changed), and the dual step size is 0 by
+default so the multipliers stay there: the mixture batch then really mixes data and constraint
+samples in fixed proportions. The dual step itself still runs every N steps.
+
+Variants are interleaved: every round runs each variant once (S steps, rotating the order), and
+the table reports medians over rounds of the per-round mean step time, and medians of the per-round
+ratios (paired within a round, so slow drifts of machine load cancel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_cosine_schedule_with_warmup
+
+import condiff.train as condiff_train
+from condiff.config import DualConfig, ExperimentConfig, TrainConfig
+from condiff.constraints import Constraint, DatasetTerm
+from condiff.data import LabelledDataset, load_digits_dataset
+from condiff.experiment import build_noise_scheduler
+from condiff.models import UNET_PRESETS, build_model
+
+# Per-preset defaults: steps per train() call, warm-up steps dropped per call, rounds.
+DEFAULTS = {"unet8": dict(steps=16, warmup=3, rounds=10), "unet28": dict(steps=8, warmup=2, rounds=3)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(DEFAULTS), default="unet8",
+                   help="unet8: sklearn digits (8x8); unet28: random 28x28 tensors with labels")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per variant per round, warm-up and final step included "
+                        "(default: 16 for unet8, 8 for unet28)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 10 / 3)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="steps dropped at the start of every run, >= 1 (default: 3 / 2)")
+    p.add_argument("--batch-size", type=int, default=64, help="primal batch size B")
+    p.add_argument("--dual-batch-size", type=int, default=DualConfig.batch_size,
+                   help="samples of every constraint set per stratified step / mixture dual batch")
+    p.add_argument("--primal-steps-per-dual", type=int, default=DualConfig.primal_steps_per_dual,
+                   help="N: primal steps per dual step")
+    p.add_argument("--classes", type=int, nargs="+", default=[4, 5, 7], help="one constraint per class")
+    p.add_argument("--multiplier", type=float, default=0.1, help="initial value of every multiplier")
+    p.add_argument("--dual-lr", type=float, default=0.0,
+                   help="absolute dual step size (0 keeps the multipliers at --multiplier)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw step times here")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (step 1 has no start time)")
+    if kept_window(args.steps, args.warmup, args.primal_steps_per_dual) is None:
+        p.error(f"--steps {args.steps} leaves no whole dual period of {args.primal_steps_per_dual} steps "
+                f"after {args.warmup} warm-up steps and the final (checkpointing) step")
+    return args
+
+
+def kept_window(steps: int, warmup: int, period: int) -> tuple[int, int] | None:
+    """1-based step numbers [first, last] to keep: after the warm-up, before the final step, and a
+    whole number of dual periods long (extra steps are dropped from the start)."""
+    last = steps - 1
+    count = last - warmup
+    count -= count % period
+    if count < period:
+        return None
+    return last - count + 1, last
+
+
+def step_durations(stamps: list[float], window: tuple[int, int]) -> dict[int, float]:
+    """Duration of step k = stamp(k) - stamp(k - 1), for k in the window (stamps[i] is step i + 1)."""
+    first, last = window
+    return {k: stamps[k - 1] - stamps[k - 2] for k in range(first, last + 1)}
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def make_dataset(preset: str) -> LabelledDataset:
+    if preset == "unet8":
+        return load_digits_dataset()
+    size = UNET_PRESETS[preset]["sample_size"]
+    generator = torch.Generator().manual_seed(0)
+    n = 2000
+    data = torch.rand(n, 1, size, size, generator=generator) * 2 - 1
+    return LabelledDataset(data, torch.arange(n) % 10, 10, f"random{size}")
+
+
+# ----------------------------------------------------------------------------------------- variants
+
+
+@contextlib.contextmanager
+def initial_multipliers(value: float):
+    """Make condiff.train.train() start its DualState with every multiplier at `value`."""
+    original = condiff_train.DualState
+
+    class SeededDualState(original):
+        def __init__(self, constraints):
+            super().__init__(constraints)
+            self.multipliers = torch.full_like(self.multipliers, value)
+
+    condiff_train.DualState = SeededDualState
+    try:
+        yield
+    finally:
+        condiff_train.DualState = original
+
+
+def drawn(term: DatasetTerm) -> int:
+    """Samples a term has drawn so far (its epoch sampler's position over all epochs)."""
+    return term.sampler.epoch * term.sampler.size + term.sampler.position
+
+
+class CondiffVariant:
+    def __init__(self, key, label, estimator, classes, args, preset, dataset, scheduler, init_state):
+        self.key, self.label, self.estimator, self.classes = key, label, estimator, classes
+        self.args, self.preset, self.dataset, self.scheduler, self.init_state = (
+            args, preset, dataset, scheduler, init_state)
+        self.info: dict = {}
+
+    def run(self, steps: int) -> list[float]:
+        args = self.args
+        model = build_model(self.preset, self.dataset.sample_shape)
+        model.load_state_dict(self.init_state)
+        objective = DatasetTerm("data", self.dataset, self.scheduler)
+        constraints = [Constraint(DatasetTerm(f"class {c}", self.dataset.of_class(c), self.scheduler), 0.0)
+                       for c in self.classes]
+        config = TrainConfig(steps=steps, batch_size=args.batch_size, checkpoint_every=10**9,
+                             keep_checkpoints=1)
+        dual_config = DualConfig(estimator=self.estimator, batch_size=args.dual_batch_size,
+                                 primal_steps_per_dual=args.primal_steps_per_dual, lr=args.dual_lr,
+                                 lr_relative=False)
+        stamps: list[float] = []
+        seeded = initial_multipliers(args.multiplier) if constraints else contextlib.nullcontext()
+        with tempfile.TemporaryDirectory(prefix="condiff-bench-") as tmp, seeded, \
+                open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            # tqdm's bar is drawn (to /dev/null), so its cost stays in the measurement.
+            condiff_train.train(model, self.scheduler, objective, constraints, config, dual_config, Path(tmp),
+                                on_step=lambda step: stamps.append(time.perf_counter()))
+            records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        self.info = {"multipliers_end": records[-1]["multipliers"],
+                     "dual_steps": sum(r["dual_step"] for r in records),
+                     "data_samples_per_step": drawn(objective) / steps,
+                     "constraint_samples_per_step": sum(drawn(c.term) for c in constraints) / steps}
+        return stamps
+
+
+class PlainVariant:
+    """The canonical diffusers loop, written out by hand (torch only, no accelerate)."""
+
+    key, label = "plain", "plain diffusers loop"
+
+    def __init__(self, args, preset, dataset, scheduler, init_state):
+        self.args, self.preset, self.dataset, self.scheduler, self.init_state = (
+            args, preset, dataset, scheduler, init_state)
+        self.info: dict = {}
+
+    def run(self, steps: int) -> list[float]:
+        cfg, batch_size = TrainConfig(), self.args.batch_size   # condiff's defaults: lr, wd, clip, warmup
+        model = build_model(self.preset, self.dataset.sample_shape)
+        model.load_state_dict(self.init_state)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
+        generator = torch.Generator().manual_seed(0)
+        data, n = self.dataset.data, len(self.dataset)
+        num_timesteps = self.scheduler.config.num_train_timesteps
+        order, position = torch.randperm(n, generator=generator), 0
+        stamps: list[float] = []
+        for _ in range(steps):
+            if position + batch_size > n:            # reshuffle, like a DataLoader(shuffle=True)
+                order, position = torch.randperm(n, generator=generator), 0
+            clean = data[order[position:position + batch_size]]
+            position += batch_size
+            noise = torch.randn(clean.shape, generator=generator)
+            timesteps = torch.randint(0, num_timesteps, (len(clean),), generator=generator)
+            noisy = self.scheduler.add_noise(clean, noise, timesteps)
+            prediction = model(noisy, timesteps).sample
+            loss = F.mse_loss(prediction.float(), noise.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.detach().item()                      # what a progress bar / logger would read
+            stamps.append(time.perf_counter())
+        self.info = {"data_samples_per_step": batch_size, "constraint_samples_per_step": 0}
+        return stamps
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def fmt_range(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    return f"[{min(values) * scale:.{digits}f} .. {max(values) * scale:.{digits}f}]"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset, period = args.preset, args.primal_steps_per_dual
+    window = kept_window(args.steps, args.warmup, period)
+
+    dataset = make_dataset(preset)
+    scheduler = build_noise_scheduler(ExperimentConfig(), image_data=True)
+    torch.manual_seed(0)
+    init_state = {k: v.clone() for k, v in build_model(preset, dataset.sample_shape).state_dict().items()}
+    n_params = sum(v.numel() for v in init_state.values())
+    common = (args, preset, dataset, scheduler, init_state)
+    m = len(args.classes)
+    variants = [
+        PlainVariant(*common),
+        CondiffVariant("a", "(a) condiff, unconstrained", "stratified", [], *common),
+        CondiffVariant("b", f"(b) condiff, stratified, {m} constr.", "stratified", args.classes, *common),
+        CondiffVariant("c", f"(c) condiff, mixture, {m} constr.", "mixture", args.classes, *common),
+    ]
+
+    load_start = os.getloadavg()
+    print(f"condiff step-time benchmark: preset {preset} ({n_params:,} parameters), data {dataset.name} "
+          f"{tuple(dataset.data.shape)}", flush=True)
+    print(f"  torch {torch.__version__}, threads {torch.get_num_threads()} (interop "
+          f"{torch.get_num_interop_threads()}), cpus available {len(os.sched_getaffinity(0))}, "
+          f"{platform.machine()} {platform.python_implementation()} {platform.python_version()}")
+    print(f"  primal batch B={args.batch_size}, dual batch {args.dual_batch_size} per constraint, "
+          f"constraints on classes {args.classes}, N={period} primal steps per dual step, "
+          f"multipliers {args.multiplier} (dual lr {args.dual_lr})")
+    print(f"  {args.rounds} rounds x {args.steps} steps per variant; timed steps {window[0]}..{window[1]} "
+          f"of each run ({window[1] - window[0] + 1} steps, {(window[1] - window[0] + 1) // period} dual periods)")
+    print(f"  load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
+
+    # One short unrecorded run of each variant: first-call costs (allocator, kernels) land here.
+    t0 = time.perf_counter()
+    for v in variants:
+        v.run(window[0] + period)
+    print(f"  warm-up pass: {time.perf_counter() - t0:.1f} s", flush=True)
+
+    per_round: dict[str, list[float]] = {v.key: [] for v in variants}        # mean s/step per round
+    steps_by_kind: dict[str, dict[str, list[float]]] = {v.key: {"dual": [], "primal": []} for v in variants}
+    final_step: dict[str, list[float]] = {v.key: [] for v in variants}     # last step incl. checkpoint
+    raw: dict[str, list[list[float]]] = {v.key: [] for v in variants}
+    t_start = time.perf_counter()
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            stamps = v.run(args.steps)
+            durations = step_durations(stamps, window)
+            per_round[v.key].append(statistics.fmean(durations.values()))
+            for k, d in durations.items():
+                is_dual = v.key in ("b", "c") and k % period == 0
+                steps_by_kind[v.key]["dual" if is_dual else "primal"].append(d)
+            final_step[v.key].append(stamps[-1] - stamps[-2])
+            raw[v.key].append(stamps)
+        line = "  ".join(f"{v.key} {per_round[v.key][-1] * 1e3:7.1f}" for v in variants)
+        print(f"  round {r + 1:2d}/{args.rounds}: ms/step  {line}", flush=True)
+    elapsed = time.perf_counter() - t_start
+    load_end = os.getloadavg()
+
+    med = {k: statistics.median(vals) for k, vals in per_round.items()}
+    print()
+    print(f"Time per training step, median over {args.rounds} rounds of the per-round mean "
+          f"(dual step amortised over N={period}); [min .. max] over rounds")
+    print(f"  {'variant':<36} {'ms/step':>9}  {'range':<19} {'samples/step (data + constr.)':>30}")
+    for v in variants:
+        samples = f"{v.info['data_samples_per_step']:.1f} + {v.info['constraint_samples_per_step']:.1f}"
+        print(f"  {v.label:<36} {med[v.key] * 1e3:9.1f}  {fmt_range(per_round[v.key], 1e3):<19} {samples:>30}")
+
+    print()
+    print("Ratios, median of the per-round ratios (paired within each round); [min .. max] over rounds")
+    for num, den, text in [("b", "a", "(b) stratified / (a) unconstrained"),
+                           ("c", "a", "(c) mixture    / (a) unconstrained"),
+                           ("c", "b", "(c) mixture    / (b) stratified"),
+                           ("a", "plain", "(a) condiff unconstrained / plain diffusers")]:
+        ratios = [x / y for x, y in zip(per_round[num], per_round[den])]
+        print(f"  {text:<44} {statistics.median(ratios):6.3f}  {fmt_range(ratios, digits=3)}")
+
+    print()
+    print("Breakdown (medians over all timed steps of all rounds)")
+    for v in variants:
+        kinds = steps_by_kind[v.key]
+        parts = [f"steps without dual step {statistics.median(kinds['primal']) * 1e3:7.1f} ms"]
+        if kinds["dual"]:
+            parts.append(f"steps with dual step {statistics.median(kinds['dual']) * 1e3:7.1f} ms")
+        print(f"  {v.label:<36} " + ", ".join(parts))
+    for v in variants[1:]:
+        extra = statistics.median(final_step[v.key]) - statistics.median(
+            steps_by_kind[v.key]["dual" if v.key in ("b", "c") and args.steps % period == 0 else "primal"])
+        print(f"  {v.label:<36} final step incl. checkpoint write: +{extra * 1e3:.1f} ms over a normal step "
+              "(excluded above)")
+    for v in variants[2:]:
+        print(f"  {v.label:<36} multipliers at end of last run {v.info['multipliers_end']}, "
+              f"{v.info['dual_steps']} dual steps in {args.steps} steps")
+    print()
+    print(f"timed section {elapsed:.1f} s; load average at end: {load_end[0]:.2f} {load_end[1]:.2f} "
+          f"{load_end[2]:.2f}")
+
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},
+                                         "window": window, "stamps": raw}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Command line: a thin layer over condiff.experiment and condiff.demo.
+
+Bad input (config, run directory, infeasible constraints) prints one line naming the field or file
+and exits with code 2, having written nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+
+from condiff.checkpoint import RunDirectoryError
+from condiff.config import ConfigError
+from condiff.dual import InfeasibleConstraints
+
+USER_ERRORS = (ConfigError, RunDirectoryError, InfeasibleConstraints, FileNotFoundError)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`train.steps=200` -> ("train.steps", 200), the value parsed as TOML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=200")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value  # a bare word is a string
+
+
+def cmd_train(args) -> None:
+    from condiff.config import load_config
+    from condiff.experiment import train_run
+
+    config = load_config(args.config, dict(parse_override(s) for s in args.set))
+    run_dir = train_run(config, resume=args.resume, overwrite=args.overwrite)
+    print(f"trained: {run_dir}")
+
+
+def cmd_sample(args) -> None:
+    from condiff.experiment import sample_run
+
+    path = sample_run(Path(args.run), num_samples=args.num_samples, method=args.method, steps=args.steps,
+                      seed=args.seed, batch_size=args.batch_size, record_x0=args.record_x0)
+    print(f"samples: {path} and {path.with_suffix('.png')}")
+
+
+def cmd_evaluate(args) -> None:
+    from condiff.experiment import evaluate_run
+
+    result = evaluate_run(Path(args.run), num_samples=args.num_samples)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+                   if not isinstance(v, list)))
+
+
+def cmd_demo(args) -> None:
+    from condiff.demo import run_demo
+
+    report = run_demo(Path(args.output), overwrite=args.overwrite, steps=args.steps)
+    print(f"report: {report}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="condiff", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a (constrained) diffusion model from a TOML config")
+    p.add_argument("config", help="experiment config, e.g. configs/digits-minority.toml")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=200 (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample a trained run: RUN/samples.npz and RUN/samples.png")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--num-samples", type=int, help="default: the config's sample.num_samples")
+    p.add_argument("--method", choices=["ddim", "ddpm"], help="default: the config's sample.method")
+    p.add_argument("--steps", type=int, help="inference steps; default: the config's sample.steps")
+    p.add_argument("--seed", type=int, help="default: the config's sample.seed")
+    p.add_argument("--batch-size", type=int, help="default: the config's sample.batch_size")
+    p.add_argument("--record-x0", action="store_true", help="also store the per-step x0 predictions")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="class frequencies, TV to uniform and Frechet distance of a run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--num-samples", type=int, help="default: the config's sample.num_samples")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="minority digits 4, 5, 7: unconstrained vs constrained, with a report")
+    p.add_argument("--output", default="runs/demo", help="where the two runs and report.md go")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")
+    p.add_argument("--steps", type=int, help="training steps per model (default: the demo configs')")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("num_samples", "steps", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            print(f"condiff: error: --{name.replace('_', '-')}: must be positive, got {value}", file=sys.stderr)
+            return 2
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        print(f"condiff: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

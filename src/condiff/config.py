@@ -1,0 +1,275 @@
+"""Experiment configuration: TOML files validated into dataclasses.
+
+Every error names the offending field (`train.batch_size: must be positive, got -4`) so a user can
+fix a config without reading a traceback; the CLI prints it on one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"                     # digits | gmm
+    per_class: int | None = None                # training samples of every class (default: all)
+    class_counts: dict[str, int] = field(default_factory=dict)  # per-class overrides, e.g. {"4" = 40}
+    held_out_per_class: int = 30                # digits: kept out of training, for the classifier
+    means: list[list[float]] = field(default_factory=list)      # gmm: component means
+    std: float = 0.1                            # gmm: component standard deviation
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "unet8"                         # mlp | unet8 | unet28 | unet32
+    block_out_channels: list[int] | None = None  # UNet widths (default: the preset's)
+    hidden: int = 128                           # mlp width
+    layers: int = 3                             # mlp residual blocks
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    clip_sample: bool | None = None             # clip predicted x0 to [-1, 1]; default: for images
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64                        # primal batch: samples of the data per step
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0                      # 0 disables the EMA
+    mixed_precision: str = "no"                 # no | fp16 | bf16
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+@dataclass
+class ConstraintsConfig:
+    classes: list[int] = field(default_factory=list)   # one constraint per class: its loss on its samples
+    gamma: float | None = None                  # resilient relaxation cost (paper: 0.085)
+    thresholds: list[float] | None = None       # fixed thresholds in loss units, one per class
+    target_shares: list[float] | None = None    # derive gamma from Theorem 1 ...
+    kl_bounds: list[float] | None = None        # ... or from KL bounds via Theorem 2
+    reference_loss: float | None = None         # the constraints' expected loss, to derive gamma
+
+
+@dataclass
+class DualConfig:
+    estimator: str = "stratified"               # stratified | mixture
+    batch_size: int = 16                        # dual batch: samples of every constraint set
+    primal_steps_per_dual: int = 2              # N
+    lr: float = 1000.0                          # dual step size ...
+    lr_relative: bool = True                    # ... times the current primal lr when true
+
+
+@dataclass
+class SampleConfig:
+    method: str = "ddim"                        # ddim | ddpm
+    steps: int = 50
+    num_samples: int = 1000
+    batch_size: int = 500
+    seed: int = 1234
+
+
+@dataclass
+class EvaluateConfig:
+    classifier_epochs: int = 30
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    output_dir: str = ""                        # default: runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    dual: DualConfig = field(default_factory=DualConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict:
+        """A TOML-serialisable dict (None values dropped, as TOML has no null)."""
+        def drop_none(d):
+            return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+        return drop_none(asdict(self))
+
+
+CHOICES = {
+    "data.dataset": {"digits", "gmm"},
+    "model.kind": {"mlp", "unet8", "unet28", "unet32"},
+    "diffusion.beta_schedule": {"linear", "scaled_linear", "squaredcos_cap_v2"},
+    "train.mixed_precision": {"no", "fp16", "bf16"},
+    "dual.estimator": {"stratified", "mixture"},
+    "sample.method": {"ddim", "ddpm"},
+}
+POSITIVE = {"data.per_class", "data.std", "diffusion.num_train_timesteps", "diffusion.beta_start",
+            "diffusion.beta_end", "train.steps", "train.batch_size", "train.lr", "train.checkpoint_every",
+            "train.keep_checkpoints", "dual.batch_size", "dual.primal_steps_per_dual", "dual.lr",
+            "sample.steps", "sample.num_samples", "sample.batch_size", "evaluate.classifier_epochs",
+            "constraints.gamma", "constraints.reference_loss"}
+NON_NEGATIVE = {"data.held_out_per_class", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+                "train.ema_decay"}
+DATASET_CLASSES = {"digits": 10}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_type(value, tp, where: str):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check_type(value, options[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_check_type(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        _, value_type = typing.get_args(tp)
+        return {str(k): _check_type(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, table: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key (expected one of {', '.join(sorted(known))})")
+    values = {}
+    for f in fields(cls):
+        if f.name not in table:
+            continue
+        where = f"{prefix}{f.name}"
+        if is_dataclass(hints[f.name]):
+            if not isinstance(table[f.name], dict):
+                raise ConfigError(f"{where}: expected a table [{where}]")
+            values[f.name] = _build(hints[f.name], table[f.name], f"{where}.")
+        else:
+            values[f.name] = _check_type(table[f.name], hints[f.name], where)
+    return cls(**values)
+
+
+def _check_ranges(config: ExperimentConfig) -> None:
+    for section in fields(config):
+        sub = getattr(config, section.name)
+        if not is_dataclass(sub):
+            continue
+        for f in fields(sub):
+            where, value = f"{section.name}.{f.name}", getattr(sub, f.name)
+            if value is None:
+                continue
+            if where in CHOICES and value not in CHOICES[where]:
+                raise ConfigError(f"{where}: {value!r} is not one of {', '.join(sorted(CHOICES[where]))}")
+            if where in POSITIVE and value <= 0:
+                raise ConfigError(f"{where}: must be positive, got {value}")
+            if where in NON_NEGATIVE and value < 0:
+                raise ConfigError(f"{where}: must be non-negative, got {value}")
+
+
+def dataset_num_classes(data: DataConfig) -> int:
+    return len(data.means) if data.dataset == "gmm" else DATASET_CLASSES[data.dataset]
+
+
+def _check_consistency(config: ExperimentConfig) -> None:
+    data, cons = config.data, config.constraints
+    if data.dataset == "gmm":
+        if not data.means:
+            raise ConfigError("data.means: required for the gmm dataset")
+        if len({len(m) for m in data.means}) != 1:
+            raise ConfigError("data.means: every mean must have the same dimension")
+        if data.per_class is None and not data.class_counts:
+            raise ConfigError("data.per_class: required for the gmm dataset (samples per component)")
+    num_classes = dataset_num_classes(data)
+    for key, count in data.class_counts.items():
+        if not key.isdigit() or int(key) >= num_classes:
+            raise ConfigError(f"data.class_counts.{key}: dataset {data.dataset} has no class {key} "
+                              f"(classes 0-{num_classes - 1})")
+        if count < 0:
+            raise ConfigError(f"data.class_counts.{key}: must be non-negative, got {count}")
+    for i, label in enumerate(cons.classes):
+        if not 0 <= label < num_classes:
+            raise ConfigError(f"constraints.classes[{i}]: dataset {data.dataset} has no class {label} "
+                              f"(classes 0-{num_classes - 1})")
+    if len(set(cons.classes)) != len(cons.classes):
+        raise ConfigError("constraints.classes: a class is listed twice")
+    modes = [k for k in ("gamma", "thresholds", "target_shares", "kl_bounds") if getattr(cons, k) is not None]
+    if cons.classes and len(modes) != 1:
+        raise ConfigError("constraints: give exactly one of gamma, thresholds, target_shares, kl_bounds "
+                          f"(got {', '.join(modes) or 'none'})")
+    for key in ("thresholds", "target_shares", "kl_bounds"):
+        value = getattr(cons, key)
+        if value is not None and len(value) != len(cons.classes):
+            raise ConfigError(f"constraints.{key}: {len(value)} values for {len(cons.classes)} classes")
+    if (cons.target_shares is not None or cons.kl_bounds is not None) and cons.reference_loss is None:
+        raise ConfigError("constraints.reference_loss: required with target_shares or kl_bounds "
+                          "(the constraints' expected denoising loss, e.g. 0.07 on digits)")
+    if cons.kl_bounds is not None:
+        from condiff.dual import InfeasibleConstraints, check_kl_feasibility
+        try:
+            check_kl_feasibility(cons.kl_bounds)
+        except InfeasibleConstraints as err:
+            raise ConfigError(f"constraints.kl_bounds: {err}") from None
+    if config.diffusion.beta_end <= config.diffusion.beta_start:
+        raise ConfigError("diffusion.beta_end: must exceed diffusion.beta_start")
+    if not 0 <= config.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {config.train.ema_decay}")
+
+
+def config_from_dict(table: dict, source: str = "config") -> ExperimentConfig:
+    """Validate a parsed TOML table into an ExperimentConfig; errors name `source` and the field."""
+    try:
+        config = _build(ExperimentConfig, table, "")
+        _check_ranges(config)
+        _check_consistency(config)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    if not config.output_dir:
+        config.output_dir = str(Path("runs") / config.name)
+    return config
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    """Read and validate a TOML experiment config (optionally with nested overrides applied)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = table
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return config_from_dict(table, str(path))

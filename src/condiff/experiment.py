@@ -1,0 +1,291 @@
+"""From a validated config to datasets, model, constraints and a trained run directory.
+
+This is the glue the CLI calls; a user can do the same from Python:
+`train_run(load_config("configs/digits-minority.toml"))`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tomli_w
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+
+from condiff.checkpoint import RunDirectoryError, prepare_run_directory, write_text_atomic
+from condiff.config import ConfigError, ExperimentConfig, config_from_dict
+from condiff.constraints import Constraint, DatasetTerm
+from condiff.data import (LabelledDataset, balanced_counts, gaussian_mixture_dataset, load_digits_dataset,
+                          split_per_class, take_per_class)
+from condiff.evaluate import (class_frequency_intervals, features_and_labels, frechet_distance,
+                              load_or_train_classifier, predict_labels, total_variation)
+from condiff.dual import (multipliers_for_target_shares, multipliers_from_kl_bounds, predicted_shares,
+                          relaxation_costs_for_multipliers)
+from condiff.gmm import GaussianMixture
+from condiff.models import build_model
+from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves, read_metrics,
+                            save_sample_grid, write_report)
+from condiff.sample import generate, sampling_scheduler
+from condiff.train import train
+
+
+@dataclass
+class ExperimentData:
+    train: LabelledDataset          # what the diffusion model is trained on (possibly imbalanced)
+    classifier_train: LabelledDataset | None   # balanced data for the evaluation classifier
+    held_out: LabelledDataset | None          # never trained on: the classifier's accuracy
+    reference: LabelledDataset      # balanced reference set for the Frechet distance
+    mixture: GaussianMixture | None  # exact ground truth for Gaussian-mixture data
+
+
+def class_counts(config: ExperimentConfig, available: list[int]) -> list[int]:
+    data = config.data
+    counts = [data.per_class if data.per_class is not None else n for n in available]
+    for key, count in data.class_counts.items():
+        counts[int(key)] = count
+    for label, (count, have) in enumerate(zip(counts, available)):
+        if count > have:
+            raise ConfigError(f"data.class_counts.{label}: class {label} has {have} training samples, "
+                              f"{count} requested")
+    return counts
+
+
+def build_data(config: ExperimentConfig) -> ExperimentData:
+    data = config.data
+    if data.dataset == "gmm":
+        counts = class_counts(config, [data.per_class or 0] * len(data.means))
+        mixture = GaussianMixture.from_lists(data.means, std=data.std)
+        reference_counts = [max(counts)] * len(counts)
+        return ExperimentData(gaussian_mixture_dataset(data.means, data.std, counts, data.seed), None, None,
+                              gaussian_mixture_dataset(data.means, data.std, reference_counts, data.seed + 1),
+                              mixture)
+    full = load_digits_dataset()
+    pool, held_out = split_per_class(full, data.held_out_per_class, data.seed)
+    counts = class_counts(config, pool.class_counts())
+    return ExperimentData(take_per_class(pool, counts, data.seed), take_per_class(pool, balanced_counts(pool)),
+                          held_out, take_per_class(full, balanced_counts(full)), None)
+
+
+def build_noise_scheduler(config: ExperimentConfig, image_data: bool) -> DDPMScheduler:
+    d = config.diffusion
+    clip = image_data if d.clip_sample is None else d.clip_sample
+    return DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
+                         beta_start=d.beta_start, beta_end=d.beta_end, clip_sample=clip)
+
+
+def build_constraints(config: ExperimentConfig, train_set: LabelledDataset, noise_scheduler) -> list[Constraint]:
+    """One constraint per listed class: its denoising loss on that class's training samples."""
+    cons = config.constraints
+    if not cons.classes:
+        return []
+    m = len(cons.classes)
+    thresholds = cons.thresholds or [0.0] * m
+    if cons.gamma is not None:
+        gammas = [cons.gamma] * m
+    elif cons.thresholds is not None:
+        gammas = [0.0] * m
+    else:
+        shares = np.asarray(train_set.class_counts()) / len(train_set)
+        target = (multipliers_for_target_shares(shares, cons.classes, cons.target_shares)
+                  if cons.target_shares is not None else multipliers_from_kl_bounds(cons.kl_bounds))
+        gammas = relaxation_costs_for_multipliers(cons.reference_loss, target).tolist()
+    return [Constraint(DatasetTerm(f"class {c}", train_set.of_class(c), noise_scheduler), b, g)
+            for c, b, g in zip(cons.classes, thresholds, gammas)]
+
+
+def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two nested config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differing_fields(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def run_directory(config: ExperimentConfig) -> Path:
+    return Path(config.output_dir)
+
+
+def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, on_step=None,
+              accelerator=None) -> Path:
+    """Train the model a config describes into its run directory; returns the directory."""
+    from accelerate import Accelerator
+
+    run_dir = run_directory(config)
+    accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
+    if accelerator.is_main_process:
+        prepare_run_directory(run_dir, resume=resume, overwrite=overwrite)
+        if resume:
+            changed = differing_fields(load_run_config(run_dir).to_dict(), config.to_dict())
+            if changed:
+                raise ConfigError(f"{run_dir / 'config.toml'}: cannot resume with a different config "
+                                  f"(changed: {', '.join(changed)})")
+        else:
+            write_text_atomic(run_dir / "config.toml", tomli_w.dumps(config.to_dict()))
+    accelerator.wait_for_everyone()
+
+    data = build_data(config)
+    image_data = len(data.train.sample_shape) == 3
+    noise_scheduler = build_noise_scheduler(config, image_data)
+    torch.manual_seed(config.train.seed)
+    model_options = ({"hidden": config.model.hidden, "layers": config.model.layers} if config.model.kind == "mlp"
+                     else {"block_out_channels": config.model.block_out_channels})
+    try:
+        model = build_model(config.model.kind, data.train.sample_shape, **model_options)
+    except ValueError as err:
+        raise ConfigError(f"model.kind: {err}") from None
+    constraints = build_constraints(config, data.train, noise_scheduler)
+    objective = DatasetTerm("data", data.train, noise_scheduler)
+
+    result = train(model, noise_scheduler, objective, constraints, config.train, config.dual, run_dir,
+                   resume=resume, on_step=on_step, accelerator=accelerator)
+    if accelerator.is_main_process:
+        DDPMPipeline(unet=result.model, scheduler=noise_scheduler).save_pretrained(run_dir / "model")
+        shares = np.asarray(data.train.class_counts()) / len(data.train)
+        lam = dict(zip(config.constraints.classes, result.multipliers))
+        summary = {"steps": result.step, "data_class_shares": shares.tolist(),
+                   "constraints": [{"name": c.name, "threshold": c.threshold, "relaxation_cost": c.relaxation_cost,
+                                    "multiplier": l} for c, l in zip(constraints, result.multipliers)],
+                   "predicted_class_shares": predicted_shares(shares, lam).tolist()}
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    import tomllib
+
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a condiff run directory (config.toml missing)")
+    return config_from_dict(tomllib.loads(path.read_text()), str(path))
+
+
+def load_pipeline(run_dir: Path) -> DDPMPipeline:
+    path = Path(run_dir) / "model"
+    if not (path / "model_index.json").is_file():
+        raise RunDirectoryError(f"{run_dir}: no trained model (model/model_index.json missing); "
+                                "train it first or resume it with condiff train --resume")
+    return DDPMPipeline.from_pretrained(path, use_safetensors=True)
+
+
+def sample_run(run_dir: Path, *, num_samples: int | None = None, method: str | None = None,
+               steps: int | None = None, seed: int | None = None, batch_size: int | None = None,
+               record_x0: bool = False, progress: bool = True) -> Path:
+    """Sample a trained run into RUN/samples.npz and a PNG grid RUN/samples.png; returns the .npz path."""
+    config = load_run_config(run_dir).sample
+    pipeline = load_pipeline(run_dir)
+    output = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, method or config.method),
+                      num_samples or config.num_samples, num_inference_steps=steps or config.steps,
+                      batch_size=batch_size or config.batch_size, seed=config.seed if seed is None else seed,
+                      record_x0=record_x0, progress=progress)
+    path = Path(run_dir) / "samples.npz"
+    output.save_npz(path)
+    save_sample_grid(output.samples[:256], path.with_suffix(".png"), title=f"{Path(run_dir).name}: samples")
+    return path
+
+
+class MixtureBayesClassifier(torch.nn.Module):
+    """The exact Bayes classifier of a Gaussian mixture behind the learned classifiers' interface:
+    features are the raw coordinates, logits the exact log posterior."""
+
+    def __init__(self, mixture: GaussianMixture):
+        super().__init__()
+        self.mixture = mixture
+        self.register_buffer("anchor", torch.zeros(0))  # gives the module a device
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).double()
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mixture.log_posterior(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def evaluation_classifier(config: ExperimentConfig, data: ExperimentData, progress: bool = True):
+    """(classifier, held-out accuracy): the exact Bayes classifier for mixtures, else condiff's own
+    classifier trained on balanced data and cached."""
+    if data.mixture is not None:
+        classifier = MixtureBayesClassifier(data.mixture)
+        accuracy = float((predict_labels(classifier, data.reference.data) == data.reference.labels.numpy()).mean())
+        return classifier, accuracy
+    key = f"{config.data.dataset}-heldout{config.data.held_out_per_class}-seed{config.data.seed}"
+    return load_or_train_classifier(key, data.classifier_train, data.held_out,
+                                    epochs=config.evaluate.classifier_epochs)
+
+
+def evaluate_run(run_dir: Path, *, num_samples: int | None = None, progress: bool = True) -> dict:
+    """Sample (unless RUN/samples.npz already holds `num_samples`), classify and compare with the data:
+    class frequencies, TV to uniform and to Theorem 1's prediction, Frechet distance to a balanced
+    reference in the classifier's feature space. Writes RUN/evaluation.json, plots and RUN/report.md."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    num_samples = num_samples or config.sample.num_samples
+    samples_path = run_dir / "samples.npz"
+    if not samples_path.is_file() or len(np.load(samples_path)["samples"]) != num_samples:
+        sample_run(run_dir, num_samples=num_samples, progress=progress)
+    samples = torch.from_numpy(np.load(samples_path)["samples"])
+    data = build_data(config)
+    classifier, accuracy = evaluation_classifier(config, data, progress)
+    features, labels = features_and_labels(classifier, samples)
+    reference_features, _ = features_and_labels(classifier, data.reference.data)
+    num_classes = data.train.num_classes
+    intervals = class_frequency_intervals(labels, num_classes)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    uniform = np.full(num_classes, 1.0 / num_classes)
+    result = {
+        "num_samples": num_samples, "classifier_accuracy": accuracy,
+        "tv_to_uniform": total_variation(intervals.freq, uniform),
+        "tv_to_predicted": total_variation(intervals.freq, summary["predicted_class_shares"]),
+        "frechet_distance": frechet_distance(features, reference_features),
+        "class_frequencies": intervals.freq.tolist(), "class_frequencies_low": intervals.low.tolist(),
+        "class_frequencies_high": intervals.high.tolist(),
+        "predicted_class_shares": summary["predicted_class_shares"],
+        "data_class_shares": summary["data_class_shares"],
+        "multipliers": [c["multiplier"] for c in summary["constraints"]],
+    }
+    write_text_atomic(run_dir / "evaluation.json", json.dumps(result, indent=1))
+    write_run_report(run_dir, config, result)
+    return result
+
+
+def class_share_rows(result: dict) -> list[list]:
+    return [[c, result["data_class_shares"][c], result["predicted_class_shares"][c], result["class_frequencies"][c],
+             f"[{result['class_frequencies_low'][c]:.3f}, {result['class_frequencies_high'][c]:.3f}]"]
+            for c in range(len(result["class_frequencies"]))]
+
+
+def write_run_report(run_dir: Path, config: ExperimentConfig, result: dict) -> Path:
+    """RUN/report.md with the samples, class frequencies, training curves and a table of metrics."""
+    num_classes = len(result["class_frequencies"])
+    plot_class_frequencies({config.name: result["class_frequencies"]}, run_dir / "class_frequencies.png",
+                           target=[1.0 / num_classes] * num_classes,
+                           intervals={config.name: (result["class_frequencies_low"],
+                                                    result["class_frequencies_high"])},
+                           title="generated class frequencies (95% Wilson intervals); line: uniform")
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    plot_training_curves({config.name: metrics}, run_dir / "training_curves.png",
+                         constraint_names=[f"class {c}" for c in config.constraints.classes])
+    overview = markdown_table(
+        ["samples", "classifier held-out accuracy", "TV to uniform", "TV to Theorem 1 prediction", "Frechet distance (FD)"],
+        [[result["num_samples"], result["classifier_accuracy"], result["tv_to_uniform"], result["tv_to_predicted"],
+          result["frechet_distance"]]])
+    per_class = markdown_table(["class", "data share", "Theorem 1 share", "sampled share", "95% interval"],
+                               class_share_rows(result))
+    multipliers = ", ".join(f"class {c}: {m:.4f}" for c, m in zip(config.constraints.classes, result["multipliers"]))
+    return write_report(run_dir / "report.md", f"condiff run: {config.name}", [
+        ("Metrics", overview + "\n\nFD is a Frechet distance on the features of condiff's own classifier "
+         "against a class-balanced reference set (not Inception FID)."),
+        ("Class shares", per_class + (f"\n\nFinal multipliers: {multipliers}." if multipliers else "")
+         + "\n\n" + image_md("class_frequencies.png", "class frequencies")),
+        ("Samples", image_md("samples.png", "samples")),
+        ("Training", image_md("training_curves.png", "training curves")),
+    ])

@@ -1,0 +1,120 @@
+"""Noise predictors: diffusers UNet2DModel presets for small images and an MLP for vector data.
+
+Both are diffusers `ModelMixin`s called as `model(x_t, t, class_labels=None).sample`, so the trainer,
+the samplers and `save_pretrained` / `from_pretrained` treat them alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+# Image presets: resolution -> (block_out_channels, down blocks, up blocks). Two downsamplings on
+# 8x8 would leave 2x2 maps, so the 8x8 preset has two levels; no attention keeps CPU steps cheap.
+UNET_PRESETS: dict[str, dict] = {
+    "unet8": dict(sample_size=8, block_out_channels=(32, 64),
+                  down_block_types=("DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D")),
+    "unet28": dict(sample_size=28, block_out_channels=(32, 64, 64),
+                   down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D")),
+    "unet32": dict(sample_size=32, block_out_channels=(32, 64, 64),
+                   down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D")),
+}
+
+
+def build_unet(preset: str, in_channels: int = 1, num_class_embeds: int | None = None,
+               block_out_channels: tuple[int, ...] | None = None) -> UNet2DModel:
+    """A UNet2DModel from a preset; group norms use 16 groups, which divides every preset width."""
+    spec = dict(UNET_PRESETS[preset])
+    if block_out_channels is not None:
+        if len(block_out_channels) != len(spec["block_out_channels"]):
+            raise ValueError(f"{preset} needs {len(spec['block_out_channels'])} block_out_channels")
+        spec["block_out_channels"] = tuple(block_out_channels)
+    groups = math.gcd(16, *spec["block_out_channels"])
+    return UNet2DModel(in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
+                       norm_num_groups=groups, num_class_embeds=num_class_embeds, **spec)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in DDPM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                           device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPDenoiser(ModelMixin, ConfigMixin):
+    """Noise predictor for vectors: residual SiLU MLP with a sinusoidal timestep embedding
+    (and an optional class embedding, index `num_class_embeds` meaning "no class")."""
+
+    @register_to_config
+    def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, time_embed_dim: int = 64,
+                 num_class_embeds: int | None = None):
+        super().__init__()
+        self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.class_embedding = nn.Embedding(num_class_embeds + 1, hidden) if num_class_embeds else None
+        self.input = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            for _ in range(layers))
+        self.output = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
+                class_labels: torch.Tensor | None = None) -> UNet2DOutput:
+        if not torch.is_tensor(timestep) or timestep.ndim == 0:
+            timestep = torch.full((len(sample),), float(timestep), device=sample.device)
+        cond = self.time_mlp(timestep_embedding(timestep, self.config.time_embed_dim))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                class_labels = torch.full((len(sample),), self.config.num_class_embeds, device=sample.device)
+            cond = cond + self.class_embedding(class_labels)
+        h = self.input(sample)
+        for block in self.blocks:
+            h = h + block(h + cond)
+        return UNet2DOutput(sample=self.output(h))
+
+
+def build_model(kind: str, sample_shape: tuple[int, ...], **options) -> ModelMixin:
+    """The noise predictor named by `kind` ("mlp" or a UNet preset) for samples of `sample_shape`."""
+    if kind == "mlp":
+        if len(sample_shape) != 1:
+            raise ValueError(f"the mlp model is for vector data, not samples of shape {sample_shape}")
+        return MLPDenoiser(dim=sample_shape[0], **options)
+    if kind not in UNET_PRESETS:
+        raise ValueError(f"unknown model kind {kind!r}; choose mlp or one of {sorted(UNET_PRESETS)}")
+    size = UNET_PRESETS[kind]["sample_size"]
+    if len(sample_shape) != 3 or sample_shape[1:] != (size, size):
+        raise ValueError(f"{kind} expects images of {size}x{size}, not samples of shape {sample_shape}")
+    return build_unet(kind, in_channels=sample_shape[0], **options)
+
+
+def sample_shape_of(model: ModelMixin) -> tuple[int, ...]:
+    """The shape of one sample the model denoises."""
+    if isinstance(model, MLPDenoiser):
+        return (model.config.dim,)
+    if not isinstance(model, UNet2DModel):
+        return tuple(model.sample_shape)
+    size = model.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (model.config.in_channels, *size)
+
+
+def load_model(path) -> ModelMixin:
+    """Load a model saved by `save_pretrained` (safetensors), whichever class it is."""
+    import json
+    from pathlib import Path
+
+    class_name = json.loads((Path(path) / "config.json").read_text())["_class_name"]
+    model_class = {"MLPDenoiser": MLPDenoiser, "UNet2DModel": UNet2DModel}.get(class_name)
+    if model_class is None:
+        raise ValueError(f"{path}/config.json: unsupported model class {class_name!r}")
+    return model_class.from_pretrained(path, use_safetensors=True)

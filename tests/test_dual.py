@@ -1,0 +1,75 @@
+"""The dual update rules and the closed-form facts of constrained diffusion (Theorems 1 and 2)."""
+
+import numpy as np
+import pytest
+import torch
+
+from condiff.dual import (InfeasibleConstraints, check_kl_feasibility, multipliers_for_target_shares,
+                          multipliers_from_kl_bounds, predicted_shares, projected_ascent,
+                          relaxation_costs_for_multipliers, resilient_ascent)
+
+
+def test_projected_ascent_moves_along_the_violation():
+    lam = projected_ascent(torch.tensor([0.5, 0.5]), torch.tensor([0.3, 0.1]), torch.tensor([0.2, 0.2]), 2.0)
+    assert torch.allclose(lam, torch.tensor([0.7, 0.3]))
+
+
+def test_projected_ascent_projects_onto_zero():
+    lam = projected_ascent(torch.tensor([0.05, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]), 1.0)
+    assert torch.equal(lam, torch.zeros(2))
+
+
+def test_resilient_rule_is_projected_ascent_when_gamma_is_zero():
+    lam, l, b = torch.rand(5), torch.rand(5), torch.rand(5)
+    assert torch.equal(resilient_ascent(lam, l, b, 0.3, 0.0), projected_ascent(lam, l, b, 0.3))
+
+
+@pytest.mark.parametrize("gamma", [0.085, 0.35, 1.0])
+def test_resilient_rule_fixed_point_is_loss_over_two_gamma(gamma):
+    losses = torch.tensor([0.07, 0.2, 0.0])
+    lam = torch.zeros(3)
+    for _ in range(5000):
+        lam = resilient_ascent(lam, losses, torch.zeros(3), 0.1, gamma)
+    assert torch.allclose(lam, losses / (2 * gamma), atol=1e-6)
+    # and it is a fixed point: one more step changes nothing
+    assert torch.allclose(resilient_ascent(lam, losses, torch.zeros(3), 0.1, gamma), lam, atol=1e-7)
+
+
+def test_resilient_fixed_point_with_a_threshold_is_the_excess_over_two_gamma():
+    lam = torch.zeros(2)
+    for _ in range(5000):
+        lam = resilient_ascent(lam, torch.tensor([0.3, 0.1]), torch.tensor([0.1, 0.2]), 0.1, 0.5)
+    assert torch.allclose(lam, torch.tensor([0.2, 0.0]), atol=1e-6)
+
+
+def test_kl_feasibility_check_refuses_infeasible_bounds_with_the_sum_in_the_message():
+    with pytest.raises(InfeasibleConstraints, match=r"sum of exp\(-b_i\) = 1\.7"):
+        check_kl_feasibility([0.1, 0.2])
+    check_kl_feasibility([1.0, 2.0])  # exp(-1) + exp(-2) = 0.50 < 1
+
+
+def test_theorem_2_multipliers_reproduce_the_kl_bounds():
+    bounds = np.array([1.0, 2.0, 3.0])
+    lam = multipliers_from_kl_bounds(bounds)
+    assert np.allclose(lam / (1 + lam.sum()), np.exp(-bounds))
+
+
+def test_theorem_1_shares_sum_to_one_and_leave_unconstrained_classes_scaled_down():
+    pi = np.array([0.4, 0.4, 0.1, 0.1])
+    shares = predicted_shares(pi, {2: 0.3, 3: 0.1})
+    assert shares.sum() == pytest.approx(1.0)
+    assert shares[0] == pytest.approx(0.4 / 1.4) and shares[2] == pytest.approx(0.4 / 1.4)
+
+
+def test_target_shares_invert_theorem_1():
+    pi = np.array([0.129] * 7 + [0.032] * 3)
+    pi = pi / pi.sum()
+    lam = multipliers_for_target_shares(pi, [7, 8, 9], [0.1, 0.1, 0.1])
+    assert np.allclose(predicted_shares(pi, dict(zip([7, 8, 9], lam)))[7:], 0.1)
+    gammas = relaxation_costs_for_multipliers(0.07, lam)
+    assert np.allclose(0.07 / (2 * gammas), lam)
+
+
+def test_target_shares_below_the_data_share_are_refused():
+    with pytest.raises(InfeasibleConstraints, match="already exceed"):
+        multipliers_for_target_shares(np.array([0.5, 0.3, 0.2]), [1], [0.1])

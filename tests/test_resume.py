@@ -1,0 +1,86 @@
+"""A run killed mid-training and resumed ends exactly where an uninterrupted run does."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from condiff.checkpoint import RunDirectoryError
+from condiff.config import config_from_dict
+from condiff.experiment import train_run
+from condiff.train import StopTraining
+
+
+def tiny_config(output_dir, estimator):
+    return config_from_dict({
+        "name": "resume", "output_dir": str(output_dir),
+        "data": {"dataset": "gmm", "means": [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.5]], "std": 0.2,
+                 "per_class": 40, "class_counts": {"2": 10}},
+        "model": {"kind": "mlp", "hidden": 32, "layers": 1},
+        "train": {"steps": 40, "batch_size": 16, "lr": 1e-3, "warmup_steps": 5, "checkpoint_every": 10,
+                  "ema_decay": 0.9},
+        "constraints": {"classes": [2], "gamma": 0.3},
+        "dual": {"estimator": estimator, "batch_size": 8, "primal_steps_per_dual": 3, "lr": 1.0,
+                 "lr_relative": False},
+    })
+
+
+def weights(run_dir):
+    return load_file(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def crash_at(step):
+    def on_step(current):
+        if current == step:
+            raise StopTraining(f"simulated crash after step {step}")
+    return on_step
+
+
+@pytest.mark.parametrize("estimator", ["stratified", "mixture"])
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, estimator):
+    reference = train_run(tiny_config(tmp_path / "reference", estimator))
+    config = tiny_config(tmp_path / "interrupted", estimator)
+    # step 25 is mid-window (N = 3) and after the step-20 checkpoint: steps 21-25 are redone
+    with pytest.raises(StopTraining):
+        train_run(config, on_step=crash_at(25))
+    assert (tmp_path / "interrupted" / "checkpoints" / "latest").read_text() == "step-0000020"
+    resumed = train_run(config, resume=True)
+
+    ref_summary = json.loads((reference / "summary.json").read_text())
+    res_summary = json.loads((resumed / "summary.json").read_text())
+    assert res_summary["constraints"][0]["multiplier"] == ref_summary["constraints"][0]["multiplier"] > 0
+    ref_w, res_w = weights(reference), weights(resumed)
+    assert ref_w.keys() == res_w.keys()
+    assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
+    assert (resumed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    config = tiny_config(tmp_path / "run", "stratified")
+    with pytest.raises(StopTraining):
+        train_run(config, on_step=crash_at(12))
+    config.train.lr = 5e-3
+    with pytest.raises(Exception, match="train.lr"):
+        train_run(config, resume=True)
+
+
+def test_existing_run_directory_is_never_overwritten_silently(tmp_path):
+    config = tiny_config(tmp_path / "run", "stratified")
+    config.train.steps = 5
+    train_run(config)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirectoryError, match="--overwrite"):
+        train_run(config)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    train_run(config, overwrite=True)
+
+
+def test_an_unfinished_checkpoint_write_leaves_the_previous_one_in_use(tmp_path):
+    config = tiny_config(tmp_path / "run", "mixture")
+    with pytest.raises(StopTraining):
+        train_run(config, on_step=crash_at(15))
+    # a crash while writing step 20 leaves a temporary folder, never a half-written step-0000020
+    (tmp_path / "run" / "checkpoints" / ".tmp-step-0000020").mkdir()
+    train_run(config, resume=True)
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000040"
