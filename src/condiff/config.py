@@ -206,8 +206,10 @@ def _check_consistency(config: ExperimentConfig) -> None:
             raise ConfigError("data.means: required for the gmm dataset")
         if len({len(m) for m in data.means}) != 1:
             raise ConfigError("data.means: every mean must have the same dimension")
-        if data.per_class is None and not data.class_counts:
-            raise ConfigError("data.per_class: required for the gmm dataset (samples per component)")
+        missing = [k for k in range(len(data.means)) if str(k) not in data.class_counts]
+        if data.per_class is None and missing:
+            raise ConfigError(f"data.per_class: required for the gmm dataset (samples per component; "
+                              f"data.class_counts leaves component {missing[0]} without a count)")
     num_classes = dataset_num_classes(data)
     for key, count in data.class_counts.items():
         if not key.isdigit() or int(key) >= num_classes:
@@ -232,6 +234,9 @@ def _check_consistency(config: ExperimentConfig) -> None:
     if (cons.target_shares is not None or cons.kl_bounds is not None) and cons.reference_loss is None:
         raise ConfigError("constraints.reference_loss: required with target_shares or kl_bounds "
                           "(the constraints' expected denoising loss, e.g. 0.07 on digits)")
+    if cons.target_shares is not None and (min(cons.target_shares) <= 0 or sum(cons.target_shares) >= 1):
+        raise ConfigError(f"constraints.target_shares: each share must be positive and together below 1 "
+                          f"(they sum to {sum(cons.target_shares):.4g})")
     if cons.kl_bounds is not None:
         from condiff.dual import InfeasibleConstraints, check_kl_feasibility
         try:
@@ -269,7 +274,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentCo
     for dotted, value in (overrides or {}).items():
         *parents, leaf = dotted.split(".")
         node = table
-        for key in parents:
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: --set {dotted}: {'.'.join(parents[:depth + 1])} is not a table")
         node[leaf] = value
     return config_from_dict(table, str(path))

@@ -22,7 +22,7 @@ from condiff.data import (LabelledDataset, balanced_counts, gaussian_mixture_dat
                           split_per_class, take_per_class)
 from condiff.evaluate import (class_frequency_intervals, features_and_labels, frechet_distance,
                               load_or_train_classifier, predict_labels, total_variation)
-from condiff.dual import (multipliers_for_target_shares, multipliers_from_kl_bounds, predicted_shares,
+from condiff.dual import (InfeasibleConstraints, multipliers_for_target_shares, multipliers_from_kl_bounds, predicted_shares,
                           relaxation_costs_for_multipliers)
 from condiff.gmm import GaussianMixture
 from condiff.models import build_model
@@ -56,7 +56,7 @@ def class_counts(config: ExperimentConfig, available: list[int]) -> list[int]:
 def build_data(config: ExperimentConfig) -> ExperimentData:
     data = config.data
     if data.dataset == "gmm":
-        counts = class_counts(config, [data.per_class or 0] * len(data.means))
+        counts = [data.class_counts.get(str(k), data.per_class) for k in range(len(data.means))]
         mixture = GaussianMixture.from_lists(data.means, std=data.std)
         reference_counts = [max(counts)] * len(counts)
         return ExperimentData(gaussian_mixture_dataset(data.means, data.std, counts, data.seed), None, None,
@@ -88,10 +88,14 @@ def build_constraints(config: ExperimentConfig, train_set: LabelledDataset, nois
     elif cons.thresholds is not None:
         gammas = [0.0] * m
     else:
+        mode = "target_shares" if cons.target_shares is not None else "kl_bounds"
         shares = np.asarray(train_set.class_counts()) / len(train_set)
-        target = (multipliers_for_target_shares(shares, cons.classes, cons.target_shares)
-                  if cons.target_shares is not None else multipliers_from_kl_bounds(cons.kl_bounds))
-        gammas = relaxation_costs_for_multipliers(cons.reference_loss, target).tolist()
+        try:
+            target = (multipliers_for_target_shares(shares, cons.classes, cons.target_shares)
+                      if cons.target_shares is not None else multipliers_from_kl_bounds(cons.kl_bounds))
+            gammas = relaxation_costs_for_multipliers(cons.reference_loss, target).tolist()
+        except InfeasibleConstraints as err:
+            raise ConfigError(f"constraints.{mode}: {err}") from None
     return [Constraint(DatasetTerm(f"class {c}", train_set.of_class(c), noise_scheduler), b, g)
             for c, b, g in zip(cons.classes, thresholds, gammas)]
 
@@ -118,18 +122,6 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     from accelerate import Accelerator
 
     run_dir = run_directory(config)
-    accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
-    if accelerator.is_main_process:
-        prepare_run_directory(run_dir, resume=resume, overwrite=overwrite)
-        if resume:
-            changed = differing_fields(load_run_config(run_dir).to_dict(), config.to_dict())
-            if changed:
-                raise ConfigError(f"{run_dir / 'config.toml'}: cannot resume with a different config "
-                                  f"(changed: {', '.join(changed)})")
-        else:
-            write_text_atomic(run_dir / "config.toml", tomli_w.dumps(config.to_dict()))
-    accelerator.wait_for_everyone()
-
     data = build_data(config)
     image_data = len(data.train.sample_shape) == 3
     noise_scheduler = build_noise_scheduler(config, image_data)
@@ -142,6 +134,19 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
         raise ConfigError(f"model.kind: {err}") from None
     constraints = build_constraints(config, data.train, noise_scheduler)
     objective = DatasetTerm("data", data.train, noise_scheduler)
+
+    # Only now, with everything built and checked, is anything written.
+    accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
+    if accelerator.is_main_process:
+        prepare_run_directory(run_dir, resume=resume, overwrite=overwrite)
+        if resume:
+            changed = differing_fields(load_run_config(run_dir).to_dict(), config.to_dict())
+            if changed:
+                raise ConfigError(f"{run_dir / 'config.toml'}: cannot resume with a different config "
+                                  f"(changed: {', '.join(changed)})")
+        else:
+            write_text_atomic(run_dir / "config.toml", tomli_w.dumps(config.to_dict()))
+    accelerator.wait_for_everyone()
 
     result = train(model, noise_scheduler, objective, constraints, config.train, config.dual, run_dir,
                    resume=resume, on_step=on_step, accelerator=accelerator)
