@@ -15,9 +15,10 @@ same primal batch size B:
 tqdm, dual steps every N primal steps) into a temporary run directory. Step times come from the
 `on_step` callback: the time between consecutive callbacks is one whole loop iteration. Step 1 (no
 start stamp), the next warm-up steps and the last step (which also writes train()'s final
-checkpoint) are dropped; the kept window is a whole number of N-step dual periods, so its mean is
-the per-step cost with the dual step amortised (for `mixture` that includes the forward-only dual
-batch of every constraint).
+checkpoint) are dropped; the kept window is a whole number of N-step dual periods. Per run, the
+per-step cost with the dual step amortised is ((N - 1) x median step without a dual step + median
+step with one) / N: the mean over a dual period, but robust to a single disturbed step. For
+`mixture` the dual step includes the forward-only dual batch of every constraint.
 
 The constrained variants start with every multiplier at --multiplier (0.1) by wrapping
 condiff.train.DualState in this process (no file is changed), and the dual step size is 0 by
@@ -25,8 +26,8 @@ default so the multipliers stay there: the mixture batch then really mixes data 
 samples in fixed proportions. The dual step itself still runs every N steps.
 
 Variants are interleaved: every round runs each variant once (S steps, rotating the order), and
-the table reports medians over rounds of the per-round mean step time, and medians of the per-round
-ratios (paired within a round, so slow drifts of machine load cancel).
+the table reports medians over rounds of the per-round amortised step time, and medians of the
+per-round ratios (paired within a round, so slow drifts of machine load cancel).
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def main(argv=None) -> None:
         v.run(window[0] + period)
     print(f"  warm-up pass: {time.perf_counter() - t0:.1f} s", flush=True)
 
-    per_round: dict[str, list[float]] = {v.key: [] for v in variants}        # mean s/step per round
+    per_round: dict[str, list[float]] = {v.key: [] for v in variants}        # amortised s/step per round
     steps_by_kind: dict[str, dict[str, list[float]]] = {v.key: {"dual": [], "primal": []} for v in variants}
     final_step: dict[str, list[float]] = {v.key: [] for v in variants}     # extra time of the last step
     raw: dict[str, list[list[float]]] = {v.key: [] for v in variants}
@@ -280,14 +281,24 @@ def main(argv=None) -> None:
         for v in order:
             stamps = v.run(args.steps)
             durations = step_durations(stamps, window)
-            per_round[v.key].append(statistics.fmean(durations.values()))
+            has_dual = bool(getattr(v, "classes", None))
+            kinds = {"dual": [], "primal": []}
             for k, d in durations.items():
-                is_dual = v.key in ("b", "c") and k % period == 0
-                steps_by_kind[v.key]["dual" if is_dual else "primal"].append(d)
-            final_is_dual = v.key in ("b", "c") and args.steps % period == 0
-            same_kind = [d for k, d in durations.items()
-                         if (v.key in ("b", "c") and k % period == 0) == final_is_dual]
-            final_step[v.key].append(stamps[-1] - stamps[-2] - statistics.median(same_kind))
+                kinds["dual" if has_dual and k % period == 0 else "primal"].append(d)
+            # Robust amortised cost: per-kind medians (one disturbed step does not move them),
+            # weighted by how often each kind occurs (N - 1 primal-only steps per dual step).
+            if not kinds["dual"]:
+                amortised = statistics.median(kinds["primal"])
+            elif not kinds["primal"]:                  # N = 1: every step is a dual step
+                amortised = statistics.median(kinds["dual"])
+            else:
+                amortised = (statistics.median(kinds["primal"]) * (period - 1)
+                             + statistics.median(kinds["dual"])) / period
+            per_round[v.key].append(amortised)
+            for kind, values in kinds.items():
+                steps_by_kind[v.key][kind].extend(values)
+            last_kind = "dual" if has_dual and args.steps % period == 0 else "primal"
+            final_step[v.key].append(stamps[-1] - stamps[-2] - statistics.median(kinds[last_kind]))
             raw[v.key].append(stamps)
         line = "  ".join(f"{v.key} {per_round[v.key][-1] * 1e3:7.1f}" for v in variants)
         print(f"  round {r + 1:2d}/{args.rounds}: ms/step  {line}", flush=True)
@@ -296,8 +307,9 @@ def main(argv=None) -> None:
 
     med = {k: statistics.median(vals) for k, vals in per_round.items()}
     print()
-    print(f"Time per training step, median over {args.rounds} rounds of the per-round mean "
-          f"(dual step amortised over N={period}); [min .. max] over rounds")
+    print(f"Time per training step, dual step amortised over N={period} "
+          f"((N-1) x median step without + median step with a dual step, per round);")
+    print(f"median over {args.rounds} rounds, [min .. max] over rounds")
     print(f"  {'variant':<36} {'ms/step':>9}  {'range':<19} {'samples/step (data + constr.)':>30}")
     for v in variants:
         samples = f"{v.info['data_samples_per_step']:.1f} + {v.info['constraint_samples_per_step']:.1f}"
@@ -316,7 +328,9 @@ def main(argv=None) -> None:
     print("Breakdown (medians over all timed steps of all rounds)")
     for v in variants:
         kinds = steps_by_kind[v.key]
-        parts = [f"steps without dual step {statistics.median(kinds['primal']) * 1e3:7.1f} ms"]
+        parts = []
+        if kinds["primal"]:
+            parts.append(f"steps without dual step {statistics.median(kinds['primal']) * 1e3:7.1f} ms")
         if kinds["dual"]:
             parts.append(f"steps with dual step {statistics.median(kinds['dual']) * 1e3:7.1f} ms")
         print(f"  {v.label:<36} " + ", ".join(parts))

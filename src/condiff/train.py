@@ -73,9 +73,14 @@ class DualState:
 
 def stratified_lagrangian(model, objective: DatasetTerm, constraints: list[Constraint], dual: DualState,
                           batch_size: int, dual_batch_size: int, generator, device):
-    """The paper's estimator: one minibatch of the data and one of every constraint set."""
-    objective_loss = per_sample_loss(model, objective.draw(batch_size, generator).to(device)).mean()
-    constraint_losses = [c.loss(model, c.term.draw(dual_batch_size, generator).to(device)) for c in constraints]
+    """The paper's estimator: one minibatch of the data and one of every constraint set.
+
+    The batches go through the network as one concatenated batch: the same losses as separate
+    passes (the networks have no batch statistics), and one forward per backward, as DDP requires.
+    """
+    batches = [objective.draw(batch_size, generator)] + [c.term.draw(dual_batch_size, generator) for c in constraints]
+    losses = per_sample_loss(model, DenoisingBatch.concatenate(batches).to(device))
+    objective_loss, *constraint_losses = [part.mean() for part in losses.split([len(b) for b in batches])]
     lagrangian = objective_loss + sum(float(lam) * l for lam, l in zip(dual.multipliers, constraint_losses))
     measured = torch.stack([l.detach() for l in constraint_losses]) if constraints else None
     return lagrangian, objective_loss.detach(), measured
