@@ -84,3 +84,22 @@ def test_an_unfinished_checkpoint_write_leaves_the_previous_one_in_use(tmp_path)
     (tmp_path / "run" / "checkpoints" / ".tmp-step-0000020").mkdir()
     train_run(config, resume=True)
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000040"
+
+
+def test_one_concatenated_pass_gives_each_constraint_its_own_loss():
+    """The trainer sends data and constraint batches through the network together; each part's
+    loss must equal the constraint's loss on its batch alone."""
+    from condiff.constraints import DenoisingBatch, per_sample_loss
+    from condiff.experiment import build_constraints, build_data, build_noise_scheduler
+    from condiff.models import build_model
+
+    config = tiny_config("unused", "stratified")
+    config.constraints.classes, config.constraints.gamma = [0, 2], 0.3
+    data = build_data(config)
+    constraints = build_constraints(config, data.train, build_noise_scheduler(config, False))
+    model = build_model("mlp", (2,), hidden=32, layers=1)
+    generator = torch.Generator().manual_seed(0)
+    batches = [c.term.draw(n, generator) for c, n in zip(constraints, (5, 9))]
+    joint = per_sample_loss(model, DenoisingBatch.concatenate(batches)).split([5, 9])
+    for constraint, batch, part in zip(constraints, batches, joint):
+        assert torch.allclose(constraint.loss(model, batch), part.mean(), rtol=1e-5)

@@ -38,10 +38,12 @@ class DenoisingBatch:
 
 
 def per_sample_loss(model: torch.nn.Module, batch: DenoisingBatch) -> torch.Tensor:
-    """Mean squared error per sample between the network output and the batch's target."""
-    conditional = getattr(model, "config", {}).get("num_class_embeds") if hasattr(model, "config") else None
-    output = model(batch.noisy, batch.timesteps,
-                   class_labels=batch.class_labels if conditional else None).sample
+    """Mean squared error per sample between the network output and the batch's target.
+
+    Labels are always passed: unconditional diffusers UNets and MLPs ignore them, and asking the
+    (possibly DDP-wrapped) model whether it is conditional would need unwrapping.
+    """
+    output = model(batch.noisy, batch.timesteps, class_labels=batch.class_labels).sample
     return (output.float() - batch.target.float()).pow(2).flatten(1).mean(dim=1)
 
 

@@ -101,13 +101,16 @@ def mixture_lagrangian(model, objective: DatasetTerm, constraints: list[Constrai
     batch = DenoisingBatch.concatenate([t.draw(n, generator) for t, n in zip(terms, counts) if n > 0])
     losses = per_sample_loss(model, batch.to(device))
     lagrangian = weights.sum().item() * losses.mean()
-    objective_loss = losses[:counts[0]].detach().mean() if counts[0] else torch.tensor(float("nan"))
+    objective_loss = losses[:counts[0]].detach().mean() if counts[0] else torch.full((), float("nan"), device=device)
     return lagrangian, objective_loss, None
 
 
 @torch.no_grad()
 def measure_constraint_losses(model, constraints: list[Constraint], batch_size: int, generator, device):
-    return torch.stack([c.loss(model, c.term.draw(batch_size, generator).to(device)) for c in constraints])
+    """Forward-only estimate of every constraint's loss, all constraints in one batch."""
+    batch = DenoisingBatch.concatenate([c.term.draw(batch_size, generator) for c in constraints])
+    losses = per_sample_loss(model, batch.to(device))
+    return torch.stack([part.mean() for part in losses.split(batch_size)])
 
 
 def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: DatasetTerm,
@@ -163,6 +166,7 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
     try:
         for step in progress:
             model.train()
+            lr = lr_schedule.get_last_lr()[0]  # the rate this step uses
             if dual_config.estimator == "stratified":
                 lagrangian, objective_loss, measured = stratified_lagrangian(
                     model, objective, constraints, dual, config.batch_size, dual_config.batch_size,
@@ -181,7 +185,6 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
             if ema is not None:
                 ema.step(model.parameters())
 
-            lr = lr_schedule.get_last_lr()[0]
             dual_lr = dual_config.lr * lr if dual_config.lr_relative else dual_config.lr
             dual_step = bool(constraints) and (step + 1) % dual_config.primal_steps_per_dual == 0
             estimates = None
