@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler
 
 from condiff.data import EpochSampler, LabelledDataset
@@ -40,10 +41,11 @@ class DenoisingBatch:
 def per_sample_loss(model: torch.nn.Module, batch: DenoisingBatch) -> torch.Tensor:
     """Mean squared error per sample between the network output and the batch's target.
 
-    Labels are always passed: unconditional diffusers UNets and MLPs ignore them, and asking the
-    (possibly DDP-wrapped) model whether it is conditional would need unwrapping.
+    Labels go to class-conditional models only (diffusers UNets refuse them otherwise); the model
+    may be wrapped by DDP, so its config is read from the unwrapped module.
     """
-    output = model(batch.noisy, batch.timesteps, class_labels=batch.class_labels).sample
+    conditional = extract_model_from_parallel(model).config.get("num_class_embeds")
+    output = model(batch.noisy, batch.timesteps, class_labels=batch.class_labels if conditional else None).sample
     return (output.float() - batch.target.float()).pow(2).flatten(1).mean(dim=1)
 
 
