@@ -199,7 +199,9 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
             logged = accelerator.reduce(torch.stack([objective_loss.float(), lagrangian.detach().float()]), "mean")
             losses = measured if measured is not None else estimates
             losses = None if losses is None else [float(l) for l in losses]
-            record = {"step": step + 1, "lr": lr, "dual_lr": dual_lr, "objective_loss": float(logged[0]),
+            objective_value = float(logged[0])  # NaN when a mixture batch drew no data sample
+            record = {"step": step + 1, "lr": lr, "dual_lr": dual_lr,
+                      "objective_loss": None if objective_value != objective_value else objective_value,
                       "lagrangian": float(logged[1]), "multipliers": dual.multipliers.tolist(),
                       "constraint_losses": losses,
                       "slacks": None if losses is None else [
@@ -208,7 +210,7 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                progress.set_postfix({"loss": f"{record['objective_loss']:.4f}",
+                progress.set_postfix({"loss": f"{objective_value:.4f}",
                                       **{f"λ[{n}]": f"{float(v):.3f}" for n, v in zip(names, dual.multipliers)}})
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 checkpoint(step + 1)
