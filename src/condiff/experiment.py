@@ -215,7 +215,7 @@ class MixtureBayesClassifier(torch.nn.Module):
         return self.head(self.features(x))
 
 
-def evaluation_classifier(config: ExperimentConfig, data: ExperimentData, progress: bool = True):
+def evaluation_classifier(config: ExperimentConfig, data: ExperimentData):
     """(classifier, held-out accuracy): the exact Bayes classifier for mixtures, else condiff's own
     classifier trained on balanced data and cached."""
     if data.mixture is not None:
@@ -239,7 +239,7 @@ def evaluate_run(run_dir: Path, *, num_samples: int | None = None, progress: boo
         sample_run(run_dir, num_samples=num_samples, progress=progress)
     samples = torch.from_numpy(np.load(samples_path)["samples"])
     data = build_data(config)
-    classifier, accuracy = evaluation_classifier(config, data, progress)
+    classifier, accuracy = evaluation_classifier(config, data)
     features, labels = features_and_labels(classifier, samples)
     reference_features, _ = features_and_labels(classifier, data.reference.data)
     num_classes = data.train.num_classes
