@@ -172,7 +172,7 @@ class CondiffVariant:
                 open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
             # tqdm's bar is drawn (to /dev/null), so its cost stays in the measurement.
             condiff_train.train(model, self.scheduler, objective, constraints, config, dual_config, Path(tmp),
-                                on_step=lambda step: stamps.append(time.perf_counter()))
+                                on_step=lambda record: stamps.append(time.perf_counter()))
             records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         self.info = {"multipliers_end": records[-1]["multipliers"],
                      "dual_steps": sum(r["dual_step"] for r in records),

@@ -31,8 +31,8 @@ def weights(run_dir):
 
 
 def crash_at(step):
-    def on_step(current):
-        if current == step:
+    def on_step(record):
+        if record["step"] == step:
             raise StopTraining(f"simulated crash after step {step}")
     return on_step
 

@@ -21,16 +21,22 @@ class RunDirectoryError(RuntimeError):
     """A run directory is missing, or exists where a new run would overwrite it."""
 
 
-def prepare_run_directory(path: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create a run directory, refusing to clobber an existing one unless told to."""
+def check_run_directory(path: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written, to resume without a checkpoint or to clobber a run."""
     if resume:
         if not (path / "checkpoints" / "latest").is_file():
             raise RunDirectoryError(f"{path}: no checkpoint to resume from")
+    elif path.exists() and any(path.iterdir()) and not overwrite:
+        raise RunDirectoryError(f"{path}: run directory exists; pass --resume to continue it "
+                                "or --overwrite to replace it")
+
+
+def prepare_run_directory(path: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create a run directory, refusing to clobber an existing one unless told to."""
+    check_run_directory(path, resume=resume, overwrite=overwrite)
+    if resume:
         return
     if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise RunDirectoryError(f"{path}: run directory exists; pass --resume to continue it "
-                                    "or --overwrite to replace it")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
 

@@ -15,7 +15,7 @@ import tomli_w
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from condiff.checkpoint import RunDirectoryError, prepare_run_directory, write_text_atomic
+from condiff.checkpoint import RunDirectoryError, check_run_directory, prepare_run_directory, write_text_atomic
 from condiff.config import ConfigError, ExperimentConfig, config_from_dict
 from condiff.constraints import Constraint, DatasetTerm
 from condiff.data import (LabelledDataset, balanced_counts, gaussian_mixture_dataset, load_digits_dataset,
@@ -137,14 +137,18 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
 
     # Only now, with everything built and checked, is anything written.
     accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
+    # Every process checks (so a refusal exits all of them instead of leaving some at a barrier);
+    # then the main process alone writes.
+    check_run_directory(run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        changed = differing_fields(load_run_config(run_dir).to_dict(), config.to_dict())
+        if changed:
+            raise ConfigError(f"{run_dir / 'config.toml'}: cannot resume with a different config "
+                              f"(changed: {', '.join(changed)})")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prepare_run_directory(run_dir, resume=resume, overwrite=overwrite)
-        if resume:
-            changed = differing_fields(load_run_config(run_dir).to_dict(), config.to_dict())
-            if changed:
-                raise ConfigError(f"{run_dir / 'config.toml'}: cannot resume with a different config "
-                                  f"(changed: {', '.join(changed)})")
-        else:
+        if not resume:
             write_text_atomic(run_dir / "config.toml", tomli_w.dumps(config.to_dict()))
     accelerator.wait_for_everyone()
 

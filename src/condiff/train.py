@@ -117,7 +117,8 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
           constraints: list[Constraint], config: TrainConfig, dual_config: DualConfig, run_dir: Path,
           *, resume: bool = False, on_step=None, accelerator: Accelerator | None = None) -> TrainResult:
     """Train `model` on `objective` subject to `constraints`, logging to run_dir/metrics.jsonl and
-    checkpointing to run_dir/checkpoints. `on_step(step)` is called after every completed step."""
+    checkpointing to run_dir/checkpoints. `on_step(record)` is called after every completed step
+    on every process with that step's metrics record (its multipliers are this process's own)."""
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     device = accelerator.device
     generator = torch.Generator().manual_seed(config.seed * 7919 + accelerator.process_index)
@@ -215,7 +216,7 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 checkpoint(step + 1)
             if on_step is not None:
-                on_step(step + 1)
+                on_step(record)
     finally:
         if metrics_file is not None:
             metrics_file.close()

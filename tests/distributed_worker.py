@@ -1,0 +1,23 @@
+"""Run by test_distributed.py under torchrun: trains a config and records, on every process, the
+multipliers it holds after each dual step (rank{R}.jsonl beside the run directory)."""
+
+import json
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from condiff.config import load_config
+from condiff.experiment import train_run
+
+config_path, record_dir = sys.argv[1], Path(sys.argv[2])
+# Accelerator, not a bare PartialState: only Accelerator reads ACCELERATE_USE_CPU, and without it the
+# processes would each run alone as rank 0.
+accelerator = Accelerator()
+rank = accelerator.process_index
+assert accelerator.num_processes == 2, accelerator.num_processes
+with open(record_dir / f"rank{rank}.jsonl", "w") as out:
+    def record_multipliers(record):
+        if record["dual_step"]:
+            out.write(json.dumps({"step": record["step"], "multipliers": record["multipliers"]}) + "\n")
+    train_run(load_config(config_path), on_step=record_multipliers, accelerator=accelerator)
