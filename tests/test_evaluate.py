@@ -1,7 +1,10 @@
 """Tests for condiff.evaluate: metrics against closed forms, the digits classifier, and its cache."""
 
+import importlib.util
 import json
 import os
+import sys
+import types
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -12,16 +15,25 @@ import torch
 
 from condiff import evaluate
 from condiff.data import gaussian_mixture_dataset, load_digits_dataset, split_per_class
+from condiff.config import ConfigError, EvaluateConfig, config_from_dict
 from condiff.evaluate import (
+    INCEPTION_WEIGHTS_NAME,
     Classifier,
+    InceptionFIDUnavailable,
+    PrecisionRecall,
     SampleEvaluation,
+    check_inception_fid,
     class_frequency_intervals,
     dataset_fingerprint,
     default_cache_dir,
     evaluate_samples,
     extract_features,
     frechet_distance,
+    in_manifold,
+    inception_fid,
+    knn_radii,
     load_or_train_classifier,
+    precision_recall,
     predict_labels,
     total_variation,
     train_classifier,
@@ -288,10 +300,24 @@ def test_evaluate_samples_counts_and_distances(gmm_split):
     assert result.class_frequencies == pytest.approx([2 / 3, 1 / 3, 0.0])
     assert result.tv_to_target == pytest.approx(1 / 3)
     assert result.num_samples == 75 and result.classifier_accuracy == 1.0
+    assert result.num_reference == len(train) and result.nearest_neighbours == 3 and result.confidence == 0.95
+    intervals = class_frequency_intervals(np.array([0] * 50 + [1] * 25), 3)
+    assert result.class_frequencies_low == pytest.approx(intervals.low.tolist())
+    assert result.class_frequencies_high == pytest.approx(intervals.high.tolist())
+    # Samples from two of three classes: good samples (precision) that miss a third of the data (recall).
+    assert result.precision > 0.9
+    assert result.recall < 0.7
 
     matched = evaluate_samples(held_out.data, classifier, accuracy, reference, np.full(3, 1 / 3), 3)
     assert matched.tv_to_target == pytest.approx(0.0)
     assert matched.frechet_distance < result.frechet_distance
+    assert matched.recall > result.recall + 0.2 and matched.precision > 0.9
+    assert (matched.precision, matched.recall) == pytest.approx(
+        precision_recall(reference, extract_features(classifier, held_out.data), 3))
+    wider = evaluate_samples(held_out.data, classifier, accuracy, reference, np.full(3, 1 / 3), 3,
+                             nearest_neighbours=10, confidence=0.99, block_rows=16)
+    assert wider.nearest_neighbours == 10 and wider.recall >= matched.recall
+    assert all(w <= m for w, m in zip(wider.class_frequencies_low, matched.class_frequencies_low))
     assert json.loads(json.dumps(result.to_dict())) == result.to_dict()
     with pytest.raises(ValueError):
         evaluate_samples(samples, classifier, accuracy, reference, np.full(2, 0.5), 3)
@@ -306,3 +332,279 @@ def test_evaluate_samples_on_digits(digits_split, digits_classifier):
     fake = evaluate_samples(noise, classifier, accuracy, reference, np.full(10, 0.1), 10)
     assert real.tv_to_target <= 1 - accuracy + 1e-9  # each mistake moves at most 1/N of mass
     assert real.frechet_distance < 0.2 * fake.frechet_distance
+    assert real.precision > 0.8 and real.recall > 0.5
+    assert fake.precision < 0.2 and fake.recall < 0.2
+
+
+# Precision and recall (Kynkaanniemi et al., 2019)
+
+def brute_force_precision_recall(real: np.ndarray, generated: np.ndarray, k: int):
+    """The definition, with full distance matrices in numpy."""
+    def distances(a, b):
+        return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=-1))
+
+    real_radii = np.sort(distances(real, real), axis=1)[:, k]  # column 0 is the point itself
+    generated_radii = np.sort(distances(generated, generated), axis=1)[:, k]
+    precision_mask = (distances(generated, real) <= real_radii[None, :]).any(axis=1)
+    recall_mask = (distances(real, generated) <= generated_radii[None, :]).any(axis=1)
+    return real_radii, generated_radii, precision_mask, recall_mask
+
+
+def test_knn_radii_and_precision_recall_hand_example():
+    real = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    generated = np.array([[-0.5], [5.0], [2.5], [20.0]])
+    np.testing.assert_allclose(knn_radii(real, k=1), [1, 1, 1, 1, 7])
+    np.testing.assert_allclose(knn_radii(real, k=2), [2, 1, 1, 2, 8])
+    # -0.5 and 2.5 lie within 1 of a real point, 5 within the outlier 10's radius 7; 20 nowhere.
+    np.testing.assert_array_equal(in_manifold(generated, real, knn_radii(real, k=1)), [True, True, True, False])
+    # Generated radii (k=1): 3, 2.5, 2.5, 15; the generated outlier 20 covers the real outlier 10.
+    assert precision_recall(real, generated, k=1) == PrecisionRecall(0.75, 1.0)
+
+
+def test_precision_recall_of_identical_sets_is_one():
+    features = np.random.default_rng(6).standard_normal((300, 8))
+    assert precision_recall(features, features) == (1.0, 1.0)
+    assert precision_recall(features, features[::-1].copy(), k=1) == (1.0, 1.0)
+
+
+def two_clusters(n: int, rng: np.random.Generator, dim: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    # Unit-scale clusters 100 apart: no ball of one cluster's k-NN manifold reaches the other.
+    return rng.standard_normal((n, dim)), rng.standard_normal((n, dim)) + 100.0
+
+
+def test_precision_recall_of_half_the_modes():
+    rng = np.random.default_rng(7)
+    cluster_a, cluster_b = two_clusters(400, rng)
+    real = np.vstack([cluster_a, cluster_b])
+    # A copy of one cluster: every generated point is a real point (precision exactly 1) and covers
+    # exactly the real points of its own cluster (recall exactly 1/2).
+    assert precision_recall(real, cluster_a.copy()) == (1.0, 0.5)
+    # Fresh samples of one cluster: precision near 1 (only tail points fall outside), recall near 1/2.
+    fresh = rng.standard_normal((400, 4))
+    precision, recall = precision_recall(real, fresh)
+    assert precision > 0.85
+    assert 0.4 < recall <= 0.5
+
+
+def test_precision_recall_of_a_distant_set_is_zero():
+    real = np.random.default_rng(8).standard_normal((200, 3))
+    assert precision_recall(real, real + 50.0) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("block_rows", [None, 1, 7])
+def test_precision_recall_matches_brute_force(k, block_rows):
+    rng = np.random.default_rng(k)
+    # Overlapping but shifted distributions, so that both metrics are strictly between 0 and 1.
+    real = rng.standard_normal((57, 5))
+    generated = rng.standard_normal((43, 5)) + np.array([2.0, 0, 0, 0, 0])
+    real_radii, generated_radii, precision_mask, recall_mask = brute_force_precision_recall(real, generated, k)
+    np.testing.assert_allclose(knn_radii(real, k, block_rows=block_rows), real_radii, rtol=1e-10)
+    np.testing.assert_allclose(knn_radii(generated, k, block_rows=block_rows), generated_radii, rtol=1e-10)
+    np.testing.assert_array_equal(in_manifold(generated, real, real_radii, block_rows=block_rows), precision_mask)
+    np.testing.assert_array_equal(in_manifold(real, generated, generated_radii, block_rows=block_rows), recall_mask)
+    precision, recall = precision_recall(real, generated, k, block_rows=block_rows)
+    assert precision == precision_mask.mean() and recall == recall_mask.mean()
+    assert 0 < precision < 1 and 0 < recall < 1
+
+
+def test_precision_recall_duplicates_count_as_neighbours():
+    # Three copies of each point: with k=2 every radius is 0 and a set still covers itself.
+    base = np.random.default_rng(9).standard_normal((20, 3))
+    real = np.repeat(base, 3, axis=0)
+    np.testing.assert_array_equal(knn_radii(real, k=2), 0.0)
+    assert precision_recall(real, real, k=2) == (1.0, 1.0)
+    assert precision_recall(real, real + 1e-3, k=2) == (0.0, 0.0)
+
+
+def test_precision_recall_rejects_bad_input():
+    features = np.zeros((5, 2))
+    with pytest.raises(ValueError, match="k = 5"):
+        precision_recall(features, features, k=5)
+    with pytest.raises(ValueError, match="k = 0"):
+        knn_radii(features, k=0)
+    with pytest.raises(ValueError, match="dimension"):
+        precision_recall(features, np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="non-empty"):
+        precision_recall(np.zeros((0, 2)), features)
+    with pytest.raises(ValueError, match="block_rows"):
+        knn_radii(np.random.default_rng(0).standard_normal((5, 2)), k=1, block_rows=0)
+    with pytest.raises(ValueError, match="fit together"):
+        in_manifold(features, features, np.zeros(4))
+
+
+def test_default_blocks_bound_memory_at_paper_scale():
+    # 15,000 x 15,000 (the paper's sample count) must go in blocks of at most 2**24 float64 distances.
+    rows = evaluate._block_rows(15_000, None)
+    assert 1 <= rows < 15_000 and rows * 15_000 <= 2**24
+
+
+# Inception FID: error paths, the wiring (with a stand-in network) and, given weights, the real thing
+
+def pretend_torch_fidelity_installed(monkeypatch, installed: bool) -> None:
+    """Make importlib.util.find_spec report torch-fidelity (only it) as installed or not."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name.split(".")[0] == "torch_fidelity":
+            return object() if installed else None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+@pytest.fixture
+def without_torch_fidelity(monkeypatch):
+    pretend_torch_fidelity_installed(monkeypatch, False)
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    path = tmp_path / INCEPTION_WEIGHTS_NAME
+    path.write_bytes(b"stand-in weights")
+    return path
+
+
+def images(n: int, channels: int = 1, seed: int = 0, size: int = 8) -> torch.Tensor:
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_inception_fid_without_package_and_weights_says_what_to_do(tmp_path, without_torch_fidelity):
+    missing = tmp_path / "nowhere" / "inception.pth"
+    with pytest.raises(InceptionFIDUnavailable) as info:
+        inception_fid(images(4), images(4), missing)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "pip install 'condiff[fid]'" in message and "torch-fidelity" in message
+    assert str(missing) in message and INCEPTION_WEIGHTS_NAME in message and "https://" in message
+    with pytest.raises(InceptionFIDUnavailable, match="condiff\\[fid\\].*nowhere"):
+        check_inception_fid(missing)  # the same check, without images
+
+
+def test_inception_fid_without_package(weights_file, without_torch_fidelity):
+    with pytest.raises(InceptionFIDUnavailable, match=r"pip install 'condiff\[fid\]'") as info:
+        inception_fid(images(4), images(4), weights_file)
+    assert "weights" not in str(info.value)
+
+
+def test_inception_fid_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+    pretend_torch_fidelity_installed(monkeypatch, True)
+    for path in (tmp_path / "missing.pth", None, tmp_path):  # absent, not given, a directory
+        with pytest.raises(InceptionFIDUnavailable, match=INCEPTION_WEIGHTS_NAME) as info:
+            inception_fid(images(4), images(4), path)
+        assert "pip install" not in str(info.value)
+
+
+def test_inception_fid_with_a_broken_install(weights_file, monkeypatch):
+    # Installed but not importable (as with a torchvision built for another torch).
+    pretend_torch_fidelity_installed(monkeypatch, True)
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
+    with pytest.raises(InceptionFIDUnavailable, match="does not import.*torchvision"):
+        inception_fid(images(4), images(4), weights_file)
+
+
+class StandInInception(torch.nn.Module):
+    """Takes what torch-fidelity's FeatureExtractorInceptionV3 takes (uint8 RGB), returns (features,)."""
+
+    seen: list[torch.Tensor] = []
+
+    def __init__(self, name, features_list, weights_path):
+        super().__init__()
+        assert (name, features_list) == ("inception-v3-compat", ["2048"])
+        if torch.load(weights_path, weights_only=True) != {"ok": torch.ones(1)}:
+            raise RuntimeError("unexpected keys in state_dict")
+
+    def forward(self, x):
+        assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3
+        StandInInception.seen.append(x)
+        return (x.float().flatten(1)[:, :6] / 255,)
+
+
+@pytest.fixture
+def stand_in_torch_fidelity(monkeypatch):
+    module = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+    module.FeatureExtractorInceptionV3 = StandInInception
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", module)
+    pretend_torch_fidelity_installed(monkeypatch, True)
+    StandInInception.seen = []
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # identical images: singular covariance
+def test_inception_fid_feeds_the_network_uint8_rgb(tmp_path, stand_in_torch_fidelity):
+    weights = tmp_path / "w.pth"
+    torch.save({"ok": torch.ones(1)}, weights)
+    gray = torch.tensor([-1.0, -0.5, 0.0, 1.0, 1.5, -3.0]).reshape(1, 1, 1, 6).repeat(3, 1, 6, 1)
+    assert inception_fid(gray, gray, weights, batch_size=2) == pytest.approx(0.0, abs=1e-12)
+    first = StandInInception.seen[0]
+    assert first.shape == (2, 3, 6, 6)
+    # [-1, 1] -> [0, 255], rounded, clipped; the gray channel repeated three times.
+    assert first[0, :, 0].tolist() == [[0, 64, 128, 255, 255, 0]] * 3
+
+    a, b = images(30, channels=3, seed=1), images(20, channels=3, seed=2) * 0.5
+    to_features = lambda x: (((x.clamp(-1, 1) + 1) * 127.5).round().flatten(1)[:, :6] / 255).double().numpy()
+    assert inception_fid(a, b, weights) == pytest.approx(frechet_distance(to_features(a), to_features(b)), rel=1e-12)
+    assert inception_fid(a.numpy(), b.numpy(), str(weights), device="cpu") == inception_fid(a, b, weights)
+
+
+def test_inception_fid_with_unloadable_weights(weights_file, stand_in_torch_fidelity):
+    check_inception_fid(weights_file)  # package and file present: only loading can tell
+    with pytest.raises(InceptionFIDUnavailable, match="could not load Inception weights"):
+        inception_fid(images(4), images(4), weights_file)
+
+
+def test_inception_fid_rejects_bad_images(weights_file):
+    with pytest.raises(ValueError, match="1 or 3"):
+        inception_fid(images(4, channels=2), images(4), weights_file)
+    with pytest.raises(ValueError, match="1 or 3"):
+        inception_fid(torch.zeros(4, 8), images(4), weights_file)
+    with pytest.raises(ValueError, match="two"):
+        inception_fid(images(1), images(4), weights_file)
+
+
+def torch_fidelity_works() -> bool:
+    try:
+        import torch_fidelity.feature_extractor_inceptionv3  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not os.environ.get("CONDIFF_INCEPTION_WEIGHTS") or not torch_fidelity_works(),
+                    reason="needs CONDIFF_INCEPTION_WEIGHTS=path/to/pt_inception-2015-12-05-6726825d.pth "
+                           "and a working torch-fidelity (pip install 'condiff[fid]')")
+def test_inception_fid_with_real_weights(digits_split):
+    train, held_out = digits_split
+    weights = os.environ["CONDIFF_INCEPTION_WEIGHTS"]
+    real, other_real = train.data[::20][:40], held_out.data[:40]
+    noise = images(40, seed=3)
+    assert inception_fid(real, real, weights) == pytest.approx(0.0, abs=1e-3)
+    assert inception_fid(real, other_real, weights) < 0.5 * inception_fid(real, noise, weights)
+
+
+# Config
+
+def test_evaluate_config_defaults_and_round_trip():
+    config = config_from_dict({"evaluate": {"num_samples": 15000, "reference_samples": 5000,
+                                            "nearest_neighbours": 5, "inception_weights": "w.pth"}})
+    assert config.evaluate == EvaluateConfig(30, 15000, 5000, 5, "w.pth")
+    assert config_from_dict(config.to_dict()).evaluate == config.evaluate
+    default = config_from_dict({}).evaluate
+    assert (default.num_samples, default.reference_samples, default.inception_weights) == (None, None, None)
+    assert default.nearest_neighbours == 3
+    assert config_from_dict(config_from_dict({}).to_dict()).evaluate == default
+
+
+@pytest.mark.parametrize("field", ["num_samples", "reference_samples", "nearest_neighbours", "classifier_epochs"])
+@pytest.mark.parametrize("value", [0, -3])
+def test_evaluate_config_refuses_non_positive_counts(field, value):
+    with pytest.raises(ConfigError, match=rf"evaluate\.{field}: must be positive, got {value}"):
+        config_from_dict({"evaluate": {field: value}}, "my.toml")
+
+
+def test_evaluate_config_refuses_bad_types_and_empty_paths():
+    with pytest.raises(ConfigError, match=r"evaluate\.nearest_neighbours: expected int"):
+        config_from_dict({"evaluate": {"nearest_neighbours": 2.5}})
+    with pytest.raises(ConfigError, match=r"evaluate\.inception_weights: empty path"):
+        config_from_dict({"evaluate": {"inception_weights": " "}})

@@ -61,6 +61,14 @@ def cmd_demo(args) -> None:
     print(f"report: {report}")
 
 
+def cmd_reproduce(args) -> None:
+    from condiff.reproduce import reproduce
+
+    output = Path(args.output or f"runs/{args.experiment}-{args.scale}")
+    report = reproduce(args.experiment, output, scale=args.scale, overwrite=args.overwrite, resume=args.resume)
+    print(f"report: {report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="condiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")
     p.add_argument("--steps", type=int, help="training steps per model (default: the demo configs')")
     p.set_defaults(func=cmd_demo)
+
+    from condiff.reproduce import EXPERIMENTS, SCALES
+    p = sub.add_parser("reproduce", help="one of the paper's experiments, both models, with a report")
+    p.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                   help="cpu: reduced, within the hour on 2 cores (default); paper: the authors' settings, for GPUs")
+    p.add_argument("--output", help="where the runs and report.md go (default: runs/EXPERIMENT-SCALE)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    group.add_argument("--resume", action="store_true", help="continue an interrupted reproduction")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

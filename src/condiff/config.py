@@ -19,12 +19,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"                     # digits | gmm
+    dataset: str = "digits"                     # digits | gmm | mnist | fashion-mnist | idx | image-folder | image-csv
     per_class: int | None = None                # training samples of every class (default: all)
     class_counts: dict[str, int] = field(default_factory=dict)  # per-class overrides, e.g. {"4" = 40}
-    held_out_per_class: int = 30                # digits: kept out of training, for the classifier
+    held_out_per_class: int = 30                # image datasets: kept out of training, for the classifier
+    max_per_class: int | None = None            # image datasets: use at most this many samples of every class
+                                                # (drawn at random before anything else; default: all)
     means: list[list[float]] = field(default_factory=list)      # gmm: component means
     std: float = 0.1                            # gmm: component standard deviation
+    # Real datasets. Relative paths are relative to the directory condiff runs in.
+    path: str | None = None                     # idx: images file; image-folder: root (one sub-folder per
+                                                # class); image-csv: image directory; fashion-mnist: directory
+                                                # of its IDX files (default: Debian's dataset-fashion-mnist)
+    labels_path: str | None = None              # idx: labels file; image-csv: the attribute CSV
+    column: str | None = None                   # image-csv: the attribute (0/1 or -1/1) that is the label
+    resolution: int | None = None               # resize images to this; default: 28 for the IDX datasets
+                                                # (mnist, fashion-mnist, idx: native), 32 for image-folder/-csv
+    channels: int | None = None                 # image-folder/-csv: 1 (grayscale) or 3 (RGB, the default)
     seed: int = 0
 
 
@@ -71,6 +82,16 @@ class ConstraintsConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Adapt a pretrained run to the data while staying close to it (fine-tuning without forgetting)."""
+    pretrained: str = ""                        # run directory of the pretrained model: the starting point
+    threshold: float | None = None              # bound on E||eps_pre - eps_theta||^2; unset: unconstrained
+    inputs: str = "gaussian"                    # x_t of that distance: gaussian (pure noise) | trajectory
+    trajectory_samples: int = 256               # trajectory: ancestral sampling paths of the pretrained model
+    states_per_trajectory: int = 50             # trajectory: states kept per path (timesteps spread evenly)
+
+
+@dataclass
 class DualConfig:
     estimator: str = "stratified"               # stratified | mixture
     batch_size: int = 16                        # dual batch: samples of every constraint set
@@ -90,7 +111,16 @@ class SampleConfig:
 
 @dataclass
 class EvaluateConfig:
+    """`condiff evaluate`: class shares, FD and precision/recall in a learned classifier's feature
+    space, and optionally Inception FID."""
     classifier_epochs: int = 30
+    num_samples: int | None = None              # generated samples to evaluate (default: sample.num_samples;
+                                                # the paper evaluates 15,000)
+    reference_samples: int | None = None        # cap on the real reference set, kept class-balanced
+                                                # (default: all of it)
+    nearest_neighbours: int = 3                 # k of the k-NN manifolds of precision and recall
+    inception_weights: str | None = None        # pt_inception-2015-12-05-6726825d.pth: also report Inception
+                                                # FID (needs pip install 'condiff[fid]'); unset: skipped
 
 
 @dataclass
@@ -102,6 +132,7 @@ class ExperimentConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     dual: DualConfig = field(default_factory=DualConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -114,21 +145,34 @@ class ExperimentConfig:
 
 
 CHOICES = {
-    "data.dataset": {"digits", "gmm"},
+    "data.dataset": {"digits", "gmm", "mnist", "fashion-mnist", "idx", "image-folder", "image-csv"},
     "model.kind": {"mlp", "unet8", "unet28", "unet32"},
     "diffusion.beta_schedule": {"linear", "scaled_linear", "squaredcos_cap_v2"},
     "train.mixed_precision": {"no", "fp16", "bf16"},
     "dual.estimator": {"stratified", "mixture"},
+    "finetune.inputs": {"gaussian", "trajectory"},
     "sample.method": {"ddim", "ddpm"},
 }
-POSITIVE = {"data.per_class", "data.std", "diffusion.num_train_timesteps", "diffusion.beta_start",
+POSITIVE = {"data.per_class", "data.max_per_class", "data.std", "data.resolution", "diffusion.num_train_timesteps", "diffusion.beta_start",
             "diffusion.beta_end", "train.steps", "train.batch_size", "train.lr", "train.checkpoint_every",
             "train.keep_checkpoints", "dual.batch_size", "dual.primal_steps_per_dual", "dual.lr",
             "sample.steps", "sample.num_samples", "sample.batch_size", "evaluate.classifier_epochs",
-            "constraints.gamma", "constraints.reference_loss"}
-NON_NEGATIVE = {"data.held_out_per_class", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+            "constraints.gamma", "constraints.reference_loss", "finetune.trajectory_samples", "evaluate.num_samples",
+            "evaluate.reference_samples", "evaluate.nearest_neighbours",
+            "finetune.states_per_trajectory"}
+NON_NEGATIVE = {"finetune.threshold", "data.held_out_per_class", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
                 "train.ema_decay"}
-DATASET_CLASSES = {"digits": 10}
+DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "image-csv": 2}
+IDX_DATASETS = {"mnist", "fashion-mnist", "idx"}           # grayscale, 28x28 unless resized
+IMAGE_DATASETS = {"image-folder", "image-csv"}
+# The fields each real dataset needs ("path" of fashion-mnist is optional) and what each is.
+REQUIRED_FIELDS = {
+    "idx": {"path": "the IDX images file", "labels_path": "the IDX labels file"},
+    "image-folder": {"path": "the image folder (one sub-folder of images per class)"},
+    "image-csv": {"path": "the image directory", "labels_path": "the attribute CSV (e.g. list_attr_celeba.csv)",
+                  "column": "the CSV column that is the 0/1 label"},
+}
+DATA_FIELDS = ("path", "labels_path", "column", "resolution", "channels")
 
 
 def _type_name(tp) -> str:
@@ -196,11 +240,44 @@ def _check_ranges(config: ExperimentConfig) -> None:
 
 
 def dataset_num_classes(data: DataConfig) -> int:
-    return len(data.means) if data.dataset == "gmm" else DATASET_CLASSES[data.dataset]
+    """Classes of the configured dataset; reads an image folder's sub-folders and an IDX labels file."""
+    if data.dataset not in ("image-folder", "idx"):
+        return len(data.means) if data.dataset == "gmm" else DATASET_CLASSES[data.dataset]
+    from condiff.data import DataError, image_folder_classes, load_idx_labels  # torch: only when needed
+
+    try:
+        if data.dataset == "image-folder":
+            return len(image_folder_classes(data.path))
+        return int(load_idx_labels(data.labels_path).max()) + 1
+    except DataError as err:
+        field_name = "path" if data.dataset == "image-folder" else "labels_path"
+        raise ConfigError(f"data.{field_name}: {err}") from None
+
+
+def _check_data_fields(data: DataConfig) -> None:
+    """Real datasets need their paths; fields that the dataset would ignore are refused."""
+    for name, meaning in REQUIRED_FIELDS.get(data.dataset, {}).items():
+        if not getattr(data, name):
+            raise ConfigError(f"data.{name}: required for the {data.dataset} dataset ({meaning})")
+    allowed = set(REQUIRED_FIELDS.get(data.dataset, {}))
+    if data.dataset == "fashion-mnist":
+        allowed.add("path")
+    if data.dataset in IDX_DATASETS | IMAGE_DATASETS:
+        allowed.add("resolution")
+    if data.dataset in IMAGE_DATASETS:
+        allowed.add("channels")
+    if data.channels not in (None, 1, 3):
+        raise ConfigError(f"data.channels: must be 1 (grayscale) or 3 (RGB), got {data.channels}")
+    for name in DATA_FIELDS:
+        if getattr(data, name) is not None and name not in allowed:
+            raise ConfigError(f"data.{name}: not used by the {data.dataset} dataset"
+                              + (" (IDX images are grayscale)" if name == "channels" and data.dataset in IDX_DATASETS
+                                 else ""))
 
 
 def _check_consistency(config: ExperimentConfig) -> None:
     data, cons = config.data, config.constraints
+    _check_data_fields(data)
     if data.dataset == "gmm":
         if not data.means:
             raise ConfigError("data.means: required for the gmm dataset")
@@ -243,6 +320,15 @@ def _check_consistency(config: ExperimentConfig) -> None:
             check_kl_feasibility(cons.kl_bounds)
         except InfeasibleConstraints as err:
             raise ConfigError(f"constraints.kl_bounds: {err}") from None
+    tune = config.finetune
+    if tune.threshold is not None and not tune.pretrained:
+        raise ConfigError("finetune.threshold: constrains the distance to a pretrained model; "
+                          "set finetune.pretrained to its run directory")
+    if tune.pretrained and not (Path(tune.pretrained) / "model" / "model_index.json").is_file():
+        raise ConfigError(f"finetune.pretrained: {tune.pretrained} is not a trained condiff run "
+                          "(model/model_index.json missing)")
+    if config.evaluate.inception_weights is not None and not config.evaluate.inception_weights.strip():
+        raise ConfigError("evaluate.inception_weights: empty path (leave it out to skip Inception FID)")
     if config.diffusion.beta_end <= config.diffusion.beta_start:
         raise ConfigError("diffusion.beta_end: must exceed diffusion.beta_start")
     if not 0 <= config.train.ema_decay < 1:

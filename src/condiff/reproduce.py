@@ -1,0 +1,193 @@
+"""`condiff reproduce EXPERIMENT`: the paper's experiments, end to end, with a report beside its figures.
+
+- mnist-minority / fashion-minority: digits (items) 4, 5, 7 kept at a quarter of the other classes
+  (256 per class, 64 for the minorities, the authors' setting); an unconstrained and a constrained
+  (resilient) model, same budget.
+- mnist-finetune: a model pretrained without digit 9 is adapted to 9 alone, unconstrained and under
+  the constraint "stay close to the pretrained model" (fixed threshold).
+
+Each run is an ordinary condiff run directory under the output folder (so `condiff sample/evaluate`
+work on it); `--resume` continues an interrupted reproduction, finished runs are kept. `--scale cpu`
+runs the configs in configs/ (reduced: a laptop CPU within the hour); `--scale paper` those in
+configs/paper/ (the authors' settings, for GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from condiff.checkpoint import RunDirectoryError, prepare_run_directory
+from condiff.config import ConstraintsConfig, ExperimentConfig, load_config
+from condiff.experiment import evaluate_run, train_run
+from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves, read_metrics,
+                            write_report)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+SCALES = {"cpu": CONFIG_DIR, "paper": CONFIG_DIR / "paper"}
+
+
+@dataclass
+class PaperFigure:
+    unconstrained: float
+    constrained: float
+    metric: str = "FID (Inception, clean-fid), 15,000 samples against a balanced reference"
+
+
+@dataclass
+class Experiment:
+    name: str
+    title: str
+    config: str                              # the constrained run's config file
+    paper: PaperFigure
+    pretrain_config: str | None = None       # fine-tuning: the pretraining run's config
+    new_classes: list[int] = field(default_factory=list)
+
+
+EXPERIMENTS = {e.name: e for e in [
+    Experiment("mnist-minority", "MNIST, digits 4, 5, 7 under-represented", "mnist-minority.toml",
+               PaperFigure(15.9, 13.4)),
+    Experiment("fashion-minority", "Fashion-MNIST, items 4, 5, 7 under-represented", "fashion-minority.toml",
+               PaperFigure(float("nan"), float("nan"), "not reported in the paper")),
+    Experiment("mnist-finetune", "MNIST fine-tuning: pretrained without 9, adapted to 9", "mnist-finetune.toml",
+               PaperFigure(45.9, 25.2), pretrain_config="mnist-pretrain-without-9.toml", new_classes=[9]),
+]}
+
+
+def unconstrained_variant(config: ExperimentConfig) -> ExperimentConfig:
+    """The same run with its constraints dropped: the baseline with an equal budget."""
+    config.constraints = ConstraintsConfig()
+    config.finetune.threshold = None
+    return config
+
+
+def run_once(config: ExperimentConfig, resume: bool, progress: bool) -> dict:
+    """Train (or continue, or keep a finished) run, then evaluate it unless already evaluated."""
+    run_dir = Path(config.output_dir)
+    if not (run_dir / "summary.json").is_file():
+        continuing = resume and (run_dir / "checkpoints" / "latest").is_file()
+        print(f"== {run_dir.name}: {'resuming' if continuing else 'training'} ({config.train.steps} steps)")
+        train_run(config, resume=continuing, overwrite=resume and not continuing)
+    evaluation = run_dir / "evaluation.json"
+    if resume and evaluation.is_file():
+        return json.loads(evaluation.read_text())
+    print(f"== {run_dir.name}: evaluating")
+    return evaluate_run(run_dir, progress=progress)
+
+
+def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = False, resume: bool = False,
+              progress: bool = True) -> Path:
+    """Run experiment `name` into `output` and write output/report.md; returns the report's path."""
+    if name not in EXPERIMENTS:
+        raise RunDirectoryError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    experiment, config_dir = EXPERIMENTS[name], SCALES[scale]
+    output = Path(output)
+    if not resume:
+        prepare_run_directory(output, resume=False, overwrite=overwrite)
+    elif not output.is_dir():
+        raise RunDirectoryError(f"{output}: nothing to resume")
+
+    configs: dict[str, ExperimentConfig] = {}
+    results: dict[str, dict] = {}
+    overrides = {}
+    if experiment.pretrain_config:
+        configs["pretrained"] = load_config(config_dir / experiment.pretrain_config,
+                                            {"output_dir": str(output / "pretrained")})
+        results["pretrained"] = run_once(configs["pretrained"], resume, progress)
+        overrides = {"finetune.pretrained": str(output / "pretrained")}
+    for variant in ("unconstrained", "constrained"):
+        config = load_config(config_dir / experiment.config, {**overrides, "output_dir": str(output / variant)})
+        configs[variant] = unconstrained_variant(config) if variant == "unconstrained" else config
+        results[variant] = run_once(configs[variant], resume, progress)
+    return write_reproduction_report(experiment, scale, output, configs, results)
+
+
+def old_class_coverage(frequencies, reference, new_classes: list[int]) -> float:
+    """Share of the pretrained model's old-class distribution the model still covers:
+    sum over old classes of min(p(c), p_pre(c)) / sum of p_pre(c). 1 keeps all of it; collapsing onto
+    the new classes, or onto a few old ones, lowers it."""
+    old = [c for c in range(len(reference)) if c not in new_classes]
+    p, q = np.asarray(frequencies)[old], np.asarray(reference)[old]
+    return float(np.minimum(p, q).sum() / q.sum())
+
+
+def write_reproduction_report(experiment: Experiment, scale: str, output: Path, configs: dict[str, ExperimentConfig],
+                              results: dict[str, dict]) -> Path:
+    num_classes = len(results["constrained"]["class_frequencies"])
+    plot_class_frequencies({n: r["class_frequencies"] for n, r in results.items()}, output / "class_frequencies.png",
+                           target=[1.0 / num_classes] * num_classes,
+                           intervals={n: (r["class_frequencies_low"], r["class_frequencies_high"])
+                                      for n, r in results.items()},
+                           title=f"{experiment.title}: generated class frequencies")
+    plot_training_curves({n: read_metrics(output / n / "metrics.jsonl") for n in results},
+                         output / "training_curves.png",
+                         constraint_names=results["constrained"]["constraint_names"])
+
+    headers = ["model", "class TV to uniform", "FD (condiff classifier)", "precision", "recall",
+               "classifier held-out accuracy", "samples"]
+    rows = [[n, r["tv_to_uniform"], r["frechet_distance"], r["precision"], r["recall"], r["classifier_accuracy"],
+             r["num_samples"]] for n, r in results.items()]
+    summary = {"scale": scale, **{n: {k: r[k] for k in ("tv_to_uniform", "frechet_distance", "precision", "recall",
+                                                        "classifier_accuracy", "class_frequencies", "multipliers")}
+                                  for n, r in results.items()}}
+    findings = []
+    if experiment.new_classes:
+        reference = results["pretrained"]["class_frequencies"]
+        headers[1:1] = ["new-class share", "old-class coverage"]
+        for row, (n, r) in zip(rows, results.items()):
+            new_share = float(sum(r["class_frequencies"][c] for c in experiment.new_classes))
+            coverage = old_class_coverage(r["class_frequencies"], reference, experiment.new_classes)
+            row[1:1] = [new_share, coverage]
+            summary[n].update(new_class_share=new_share, old_class_coverage=coverage)
+        findings.append("Old-class coverage: sum over the old classes of min(p(c), p_pretrained(c)), divided by "
+                        "the pretrained model's old-class mass (1 = keeps everything it generated).")
+    else:
+        ratio = results["constrained"]["tv_to_uniform"] / max(results["unconstrained"]["tv_to_uniform"], 1e-12)
+        summary["tv_ratio"] = ratio
+        findings.append(f"Constrained / unconstrained class TV to uniform: {ratio:.3f}.")
+    fd_ratio = results["constrained"]["frechet_distance"] / results["unconstrained"]["frechet_distance"]
+    summary["fd_ratio"] = fd_ratio
+    findings.append(f"Constrained / unconstrained FD: {fd_ratio:.3f}.")
+    (output / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    paper = experiment.paper
+    comparison = markdown_table(
+        ["source", "metric", "unconstrained", "constrained", "constrained / unconstrained"],
+        [["paper (Khalafi et al. 2024)", paper.metric, paper.unconstrained, paper.constrained,
+          paper.constrained / paper.unconstrained],
+         [f"condiff, --scale {scale}", "FD on condiff's own classifier features (not Inception FID), "
+          f"{results['constrained']['num_samples']} samples against a balanced reference of "
+          f"{results['constrained']['num_reference']}", results["unconstrained"]["frechet_distance"],
+          results["constrained"]["frechet_distance"], fd_ratio]])
+    constrained = configs["constrained"]
+    lam = ", ".join(f"{n}: {m:.4f}" for n, m in zip(results["constrained"]["constraint_names"],
+                                                    results["constrained"]["multipliers"]))
+    setup = "\n".join(f"- **{n}**: `{c.data.dataset}` data, model `{c.model.kind}`, {c.train.steps} steps of batch "
+                      f"{c.train.batch_size}, lr {c.train.lr:g}, {describe_constraints(c)}; sampled with "
+                      f"{c.sample.method.upper()}-{c.sample.steps}." for n, c in configs.items())
+    return write_report(output / "report.md", f"condiff reproduce {experiment.name} (--scale {scale})", [
+        ("Setup", f"{experiment.title}.\n\n{setup}\n\nConfigs: `{output}/*/config.toml`."),
+        ("Results", markdown_table(headers, rows) + "\n\n" + " ".join(findings)
+         + f"\n\nFinal multipliers of the constrained model: {lam}; Theorem 1's shares from them are in "
+           f"`constrained/report.md`."),
+        ("Beside the paper", comparison + "\n\nThe two metrics differ (different feature extractors, sample "
+         "counts and model scales): compare the direction and the ratios, not the values."),
+        ("Class frequencies", image_md("class_frequencies.png", "class frequencies")),
+        ("Samples", "\n\n".join(f"{n}:\n\n" + image_md(f"{n}/samples.png", f"{n} samples") for n in results)),
+        ("Training curves", image_md("training_curves.png", "losses and multipliers")),
+    ])
+
+
+def describe_constraints(config: ExperimentConfig) -> str:
+    parts = []
+    if config.constraints.classes:
+        parts.append(f"constraints on classes {config.constraints.classes} ({config.dual.estimator} estimator)")
+    if config.finetune.pretrained:
+        parts.append("starts from the pretrained model")
+    if config.finetune.threshold is not None:
+        parts.append(f"distance to the pretrained model <= {config.finetune.threshold:g} "
+                     f"(x_t: {config.finetune.inputs})")
+    return ", ".join(parts) or "unconstrained"

@@ -1,0 +1,127 @@
+"""`condiff reproduce`: the shipped configs are valid, and the whole flow (train, evaluate, report;
+refuse to clobber; resume keeps finished runs) works, on tiny digits stand-ins of the experiments."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from condiff import reproduce as reproduce_module
+from condiff.checkpoint import RunDirectoryError
+from condiff.cli import main
+from condiff.config import load_config
+from condiff.reproduce import EXPERIMENTS, SCALES, old_class_coverage, reproduce
+
+TINY = """
+name = "{name}"
+[data]
+dataset = "digits"
+held_out_per_class = 30
+{data}
+[model]
+kind = "unet8"
+block_out_channels = [16, 16]
+[train]
+steps = 6
+batch_size = 16
+warmup_steps = 1
+checkpoint_every = 3
+[dual]
+batch_size = 4
+{extra}
+[sample]
+steps = 3
+num_samples = 40
+batch_size = 40
+[evaluate]
+classifier_epochs = 1
+"""
+MINORITY = TINY.format(name="m", data="per_class = 40\nclass_counts = { 4 = 10 }",
+                       extra="[constraints]\nclasses = [4]\ngamma = 0.5")
+PRETRAIN = TINY.format(name="p", data="class_counts = { 9 = 0 }", extra="")
+FINETUNE = TINY.format(name="f", data="class_counts = { " + ", ".join(f"{c} = 0" for c in range(9)) + " }",
+                       extra='[finetune]\nthreshold = 0.01\ninputs = "gaussian"')
+
+
+@pytest.fixture
+def tiny_configs(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    for file, text in {"mnist-minority.toml": MINORITY, "mnist-pretrain-without-9.toml": PRETRAIN,
+                       "mnist-finetune.toml": FINETUNE}.items():
+        (folder / file).write_text(text)
+    monkeypatch.setitem(SCALES, "cpu", folder)
+    return folder
+
+
+@pytest.mark.parametrize("scale", sorted(SCALES))
+def test_every_shipped_config_is_valid(scale, tmp_path):
+    fake_run = tmp_path / "pretrained"
+    (fake_run / "model").mkdir(parents=True)
+    (fake_run / "model" / "model_index.json").write_text("{}")
+    for experiment in EXPERIMENTS.values():
+        for file in filter(None, [experiment.config, experiment.pretrain_config]):
+            config = load_config(SCALES[scale] / file, {"finetune.pretrained": str(fake_run)}
+                                 if "finetune" in file else None)
+            assert config.name == Path(file).stem
+
+
+def test_minority_experiment_trains_evaluates_and_reports(tiny_configs, tmp_path):
+    out = tmp_path / "out"
+    report = reproduce("mnist-minority", out, progress=False)
+    text = report.read_text()
+    assert "15.9" in text and "13.4" in text and "not Inception FID" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"unconstrained", "constrained", "tv_ratio", "fd_ratio"}
+    assert summary["unconstrained"]["multipliers"] == [] and len(summary["constrained"]["multipliers"]) == 1
+    for png in ("class_frequencies.png", "training_curves.png", "constrained/samples.png"):
+        assert (out / png).stat().st_size > 0
+
+    with pytest.raises(RunDirectoryError, match="exists"):
+        reproduce("mnist-minority", out, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    reproduce("mnist-minority", out, resume=True, progress=False)          # finished runs are kept
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+
+
+def test_resume_continues_an_interrupted_run(tiny_configs, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_train_run = reproduce_module.train_run
+
+    def crash_in_constrained(config, **kwargs):
+        if config.name == "m" and not config.constraints.classes:
+            return real_train_run(config, **kwargs)
+        from condiff.train import StopTraining
+        raise StopTraining("killed")
+    monkeypatch.setattr(reproduce_module, "train_run", crash_in_constrained)
+    with pytest.raises(Exception, match="killed"):
+        reproduce("mnist-minority", out, progress=False)
+    monkeypatch.setattr(reproduce_module, "train_run", real_train_run)
+    reproduce("mnist-minority", out, resume=True, progress=False)
+    assert (out / "constrained" / "evaluation.json").is_file() and (out / "report.md").is_file()
+
+
+def test_finetune_experiment_reports_new_class_share_and_old_class_coverage(tiny_configs, tmp_path):
+    out = tmp_path / "ft"
+    assert main(["reproduce", "mnist-finetune", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"pretrained", "unconstrained", "constrained"}
+    for name in ("pretrained", "unconstrained", "constrained"):
+        assert 0 <= summary[name]["new_class_share"] <= 1 and 0 <= summary[name]["old_class_coverage"] <= 1
+    assert summary["pretrained"]["old_class_coverage"] == 1.0
+    assert json.loads((out / "constrained" / "summary.json").read_text())["constraints"][0]["name"] == "pretrained"
+    assert "45.9" in (out / "report.md").read_text()
+
+
+def test_old_class_coverage():
+    pre = [0.5, 0.5, 0.0]
+    assert old_class_coverage([0.5, 0.5, 0.0], pre, [2]) == 1.0
+    assert old_class_coverage([0.0, 0.0, 1.0], pre, [2]) == 0.0
+    assert old_class_coverage([0.8, 0.0, 0.2], pre, [2]) == 0.5     # collapsed onto one old class
+    assert old_class_coverage([0.25, 0.25, 0.5], pre, [2]) == 0.5
+
+
+def test_unknown_experiment_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "cifar-minority"])
+    assert "invalid choice" in capsys.readouterr().err
