@@ -239,7 +239,7 @@ def main(argv=None) -> None:
     window = kept_window(args.steps, args.warmup, period)
 
     dataset = make_dataset(preset)
-    scheduler = build_noise_scheduler(ExperimentConfig(), image_data=True)
+    scheduler = build_noise_scheduler(ExperimentConfig(), pixels=True)
     torch.manual_seed(0)
     init_state = {k: v.clone() for k, v in build_model(preset, dataset.sample_shape).state_dict().items()}
     n_params = sum(v.numel() for v in init_state.values())

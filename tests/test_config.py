@@ -38,13 +38,20 @@ def test_configs_are_shipped():
 
 
 def load_shipped(path: Path, tmp_path: Path):
-    """A shipped config; a fine-tuning one gets a stand-in for the pretrained run it names."""
-    if "finetune" not in tomllib.loads(path.read_text()):
-        return load_config(path)
-    fake_run = tmp_path / "pretrained"
-    (fake_run / "model").mkdir(parents=True, exist_ok=True)
-    (fake_run / "model" / "model_index.json").write_text("{}")
-    return load_config(path, {"finetune.pretrained": str(fake_run)})
+    """A shipped config, with stand-ins for the runs it builds on: the pretrained run of a fine-tuning
+    config, the autoencoder (as `condiff autoencoder` makes it by default) of a latent one."""
+    table = tomllib.loads(path.read_text())
+    overrides = {}
+    if "finetune" in table:
+        fake_run = tmp_path / "pretrained"
+        (fake_run / "model").mkdir(parents=True, exist_ok=True)
+        (fake_run / "model" / "model_index.json").write_text("{}")
+        overrides["finetune.pretrained"] = str(fake_run)
+    if "latent" in table:
+        from condiff.latent import build_small_autoencoder, save_autoencoder
+
+        overrides["latent.autoencoder"] = str(save_autoencoder(build_small_autoencoder((1, 8, 8)), tmp_path / "vae"))
+    return load_config(path, overrides)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -57,13 +64,16 @@ def test_shipped_config_loads_and_validates(path, tmp_path):
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_config_builds_its_data_model_and_constraints(path, tmp_path):
     """Validation is not the last word: what train_run builds from the config must also succeed."""
-    from condiff.experiment import build_constraints, build_data, build_noise_scheduler
+    from condiff.experiment import build_constraints, build_data, build_noise_scheduler, load_latent_autoencoder
+    from condiff.latent import latent_shape
     from condiff.models import build_model
 
     config = load_shipped(path, tmp_path)
     data = build_data(config)
-    build_model(config.model.kind, data.train.sample_shape, block_out_channels=config.model.block_out_channels)
-    constraints = build_constraints(config, data.train, build_noise_scheduler(config, image_data=True))
+    autoencoder = load_latent_autoencoder(config)
+    shape = data.train.sample_shape if autoencoder is None else latent_shape(autoencoder, data.train.sample_shape)
+    build_model(config.model.kind, shape, block_out_channels=config.model.block_out_channels)
+    constraints = build_constraints(config, data.train, build_noise_scheduler(config, pixels=True))
     assert [c.name for c in constraints] == [f"class {k}" for k in config.constraints.classes]
     assert all(c.relaxation_cost > 0 for c in constraints)
 

@@ -65,6 +65,22 @@ def test_unet_presets_run_at_their_resolution(preset):
     assert sample_shape_of(model) == (1, size, size)
 
 
+@pytest.mark.parametrize("shape, widths", [((4, 4, 4), None), ((4, 14, 14), (32, 64)), ((3, 32, 32), (16, 32, 32, 64))])
+def test_unet_sized_to_the_data_runs_at_any_square_size_its_levels_divide(shape, widths):
+    model = build_model("unet", shape, block_out_channels=widths)
+    x = torch.randn(2, *shape)
+    assert model(x, torch.tensor([3, 900])).sample.shape == x.shape
+    assert sample_shape_of(model) == shape
+    assert tuple(model.config.block_out_channels) == (widths or (32, 64))
+
+
+def test_unet_refuses_sizes_its_levels_cannot_halve():
+    with pytest.raises(ValueError, match="divisible by 4, not 7"):
+        build_model("unet", (4, 7, 7), block_out_channels=(32, 64, 64))
+    with pytest.raises(ValueError, match="square images"):
+        build_model("unet", (64,))
+
+
 def test_wrong_shapes_are_refused():
     with pytest.raises(ValueError, match="8x8"):
         build_model("unet8", (1, 28, 28))

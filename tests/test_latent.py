@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -11,13 +12,7 @@ from condiff.latent import (AutoencoderLoadError, build_small_autoencoder, decod
                             latent_shape, load_autoencoder, save_autoencoder, train_autoencoder)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The autoencoder is tiny: extra intra-op threads only contend with other processes for the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +148,111 @@ def test_sampling_in_latent_space_decodes_to_images(vae, digits):
     assert latents.shape == (6, *latent_shape(vae, pool.sample_shape))
     images = decode_latents(vae, latents)
     assert images.shape == (6, *pool.sample_shape) and images.abs().max() <= 1
+
+
+# Latent diffusion runs: [latent] autoencoder = PATH in a config
+
+@pytest.fixture(scope="module")
+def saved_vae(vae, tmp_path_factory):
+    return save_autoencoder(vae, tmp_path_factory.mktemp("latent") / "vae")
+
+
+def latent_config(tmp_path, autoencoder, **sections):
+    from condiff.config import config_from_dict
+
+    table = {
+        "name": "latent", "output_dir": str(tmp_path / "run"),
+        "data": {"dataset": "digits", "per_class": 100, "held_out_per_class": 30, "class_counts": {"4": 25}},
+        "latent": {"autoencoder": str(autoencoder)},
+        "model": {"kind": "unet", "block_out_channels": [32, 64]},
+        "train": {"steps": 400, "batch_size": 64, "lr": 2e-3, "warmup_steps": 40, "checkpoint_every": 400},
+        "constraints": {"classes": [4], "gamma": 1.0},
+        "dual": {"estimator": "mixture", "batch_size": 16, "lr": 1.0, "lr_relative": False},
+        "sample": {"steps": 20, "num_samples": 400, "batch_size": 400},
+        "evaluate": {"classifier_epochs": 10},
+        **sections,
+    }
+    return config_from_dict(table)
+
+
+def test_latent_run_trains_on_latents_and_samples_decoded_images(saved_vae, vae, tmp_path):
+    """A constrained run in the 4x4x4 latent space: the saved pipeline denoises latents (no clipping:
+    they have unit variance), samples come back as 8x8 images beside their latents, and the decoded
+    samples are far closer to the digits (FD of the pixel-space classifier) than decoded prior noise."""
+    from diffusers import DDPMPipeline
+
+    from condiff.evaluate import extract_features, frechet_distance
+    from condiff.experiment import build_data, evaluate_run, evaluation_classifier, train_run
+
+    config = latent_config(tmp_path, saved_vae)
+    run = train_run(config)
+    pipeline = DDPMPipeline.from_pretrained(run / "model")
+    assert pipeline.unet.config.sample_size == 4 and pipeline.unet.config.in_channels == 4
+    assert pipeline.scheduler.config.clip_sample is False
+    multipliers = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["multipliers"]
+    assert multipliers[0] > 0
+
+    result = evaluate_run(run, progress=False)
+    saved = np.load(run / "samples.npz")
+    assert saved["samples"].shape == (400, 1, 8, 8) and np.abs(saved["samples"]).max() <= 1
+    assert saved["latents"].shape == (400, 4, 4, 4)
+    torch.testing.assert_close(decode_latents(vae, torch.from_numpy(saved["latents"][:20])),
+                               torch.from_numpy(saved["samples"][:20]))
+
+    data = build_data(config)
+    classifier, _ = evaluation_classifier(config, data)
+    reference = extract_features(classifier, data.reference.data)
+    prior = decode_latents(vae, torch.randn(400, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
+    prior_fd = frechet_distance(extract_features(classifier, prior), reference)
+    assert result["frechet_distance"] < 0.5 * prior_fd, (result["frechet_distance"], prior_fd)
+
+
+def test_latent_config_errors_name_the_field(saved_vae, tmp_path):
+    from condiff.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"latent\.autoencoder: .*missing-vae.*not found.*condiff autoencoder"):
+        latent_config(tmp_path, tmp_path / "missing-vae")
+    with pytest.raises(ConfigError, match=r"latent\.autoencoder: empty path"):
+        latent_config(tmp_path, " ")
+    rgb = save_autoencoder(build_small_autoencoder((3, 8, 8)), tmp_path / "rgb-vae")
+    with pytest.raises(ConfigError, match=r"latent\.autoencoder: it takes 3-channel images, the digits data have 1"):
+        latent_config(tmp_path, rgb)
+    unet_folder = tmp_path / "unet"
+    unet_folder.mkdir()
+    (unet_folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(ConfigError, match=r"latent\.autoencoder: .*'UNet2DModel', not an AutoencoderKL"):
+        latent_config(tmp_path, unet_folder)
+    with pytest.raises(ConfigError, match=r"latent\.autoencoder: latent diffusion needs images"):
+        latent_config(tmp_path, saved_vae, data={"dataset": "gmm", "means": [[0.0], [1.0]], "per_class": 5},
+                      constraints={})
+
+
+def test_a_unet_preset_that_does_not_fit_the_latents_is_refused_before_anything_is_written(saved_vae, tmp_path):
+    from condiff.config import ConfigError
+    from condiff.experiment import train_run
+
+    config = latent_config(tmp_path, saved_vae, model={"kind": "unet8"})
+    with pytest.raises(ConfigError, match=r"model\.kind: unet8 expects images of 8x8, not samples of shape \(4, 4, 4\)"):
+        train_run(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_autoencoder_command_trains_into_the_folder_the_config_names(tmp_path, monkeypatch, capsys):
+    from condiff.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latent.toml").write_text('name = "x"\n[data]\nper_class = 40\n[latent]\nautoencoder = "ae"\n')
+    args = ["autoencoder", "latent.toml", "--steps", "2", "--block-out-channels", "8", "16"]
+    assert main(args) == 0
+    loaded = load_autoencoder(tmp_path / "ae")
+    assert tuple(loaded.config.block_out_channels) == (8, 16) and loaded.config.in_channels == 1
+    before = (tmp_path / "ae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert main(args) == 2 and "ae: exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "ae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+    assert main(args + ["--overwrite"]) == 0
+    assert main(["autoencoder", "latent.toml", "--block-out-channels", "8", "0"]) == 2
+    assert "--block-out-channels: must be positive" in capsys.readouterr().err
+    five_levels = ["--block-out-channels", "8", "8", "8", "8", "8"]   # 8x8 halved four times
+    assert main(["autoencoder", "latent.toml", "--output", "odd", "--steps", "2", *five_levels]) == 2
+    assert "does not divide the image size 8" in capsys.readouterr().err
+    assert not (tmp_path / "odd").exists()

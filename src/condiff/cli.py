@@ -38,6 +38,22 @@ def cmd_train(args) -> None:
     print(f"trained: {run_dir}")
 
 
+def cmd_autoencoder(args) -> None:
+    from condiff.config import config_from_dict, read_config_table
+    from condiff.experiment import train_autoencoder_for
+
+    # The autoencoder is what this command makes: the config's [latent] section, which names it,
+    # is set aside rather than checked for a folder that does not exist yet.
+    table = read_config_table(args.config, dict(parse_override(s) for s in args.set))
+    latent = table.pop("latent", {})
+    output = args.output or (latent.get("autoencoder") if isinstance(latent, dict) else None)
+    config = config_from_dict(table, args.config)
+    path = train_autoencoder_for(config, Path(output or f"runs/{config.name}-autoencoder"), steps=args.steps,
+                                 overwrite=args.overwrite, block_out_channels=tuple(args.block_out_channels),
+                                 latent_channels=args.latent_channels)
+    print(f"autoencoder: {path}")
+
+
 def cmd_sample(args) -> None:
     from condiff.experiment import sample_run
 
@@ -81,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.steps=200 (repeatable)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("autoencoder", help="train a small AutoencoderKL on a config's images, for latent diffusion")
+    p.add_argument("config", help="experiment config whose data the autoencoder learns")
+    p.add_argument("--output", help="default: the config's latent.autoencoder, else runs/NAME-autoencoder")
+    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
+    p.add_argument("--block-out-channels", type=int, nargs="+", default=[16, 32],
+                   help="encoder widths; each after the first halves the resolution (default 16 32)")
+    p.add_argument("--latent-channels", type=int, default=4, help="default 4")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing autoencoder folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=cmd_autoencoder)
+
     p = sub.add_parser("sample", help="sample a trained run: RUN/samples.npz and RUN/samples.png")
     p.add_argument("run", help="run directory")
     p.add_argument("--num-samples", type=int, help="default: the config's sample.num_samples")
@@ -117,11 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("num_samples", "steps", "batch_size"):
+    for name in ("num_samples", "steps", "batch_size", "latent_channels"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             print(f"condiff: error: --{name.replace('_', '-')}: must be positive, got {value}", file=sys.stderr)
             return 2
+    if any(width <= 0 for width in getattr(args, "block_out_channels", None) or []):
+        print(f"condiff: error: --block-out-channels: must be positive, got {args.block_out_channels}", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except USER_ERRORS as err:

@@ -41,8 +41,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet8"                         # mlp | unet8 | unet28 | unet32
-    block_out_channels: list[int] | None = None  # UNet widths (default: the preset's)
+    kind: str = "unet8"                         # mlp | unet (sized to the data) | unet8 | unet28 | unet32
+    block_out_channels: list[int] | None = None  # UNet widths, one level each (default: the preset's;
+                                                # unet: [32, 64])
     hidden: int = 128                           # mlp width
     layers: int = 3                             # mlp residual blocks
 
@@ -53,7 +54,15 @@ class DiffusionConfig:
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    clip_sample: bool | None = None             # clip predicted x0 to [-1, 1]; default: for images
+    clip_sample: bool | None = None             # clip predicted x0 to [-1, 1]; default: for pixels
+                                                # (not vectors, not latents)
+
+
+@dataclass
+class LatentConfig:
+    """Latent diffusion: the model is trained on the images' latents under a frozen autoencoder."""
+    autoencoder: str | None = None              # a diffusers AutoencoderKL folder (safetensors), e.g. Stable
+                                                # Diffusion's vae/ or one from `condiff autoencoder`; unset: pixels
 
 
 @dataclass
@@ -130,6 +139,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -146,7 +156,7 @@ class ExperimentConfig:
 
 CHOICES = {
     "data.dataset": {"digits", "gmm", "mnist", "fashion-mnist", "idx", "image-folder", "image-csv"},
-    "model.kind": {"mlp", "unet8", "unet28", "unet32"},
+    "model.kind": {"mlp", "unet", "unet8", "unet28", "unet32"},
     "diffusion.beta_schedule": {"linear", "scaled_linear", "squaredcos_cap_v2"},
     "train.mixed_precision": {"no", "fp16", "bf16"},
     "dual.estimator": {"stratified", "mixture"},
@@ -275,6 +285,40 @@ def _check_data_fields(data: DataConfig) -> None:
                                  else ""))
 
 
+def image_channels(data: DataConfig) -> int | None:
+    """Channels of the configured dataset's images (None for vector data)."""
+    if data.dataset == "gmm":
+        return None
+    return (data.channels or 3) if data.dataset in IMAGE_DATASETS else 1
+
+
+def _check_latent(config: ExperimentConfig) -> None:
+    """The autoencoder must be a diffusers AutoencoderKL folder that takes the data's images."""
+    path = config.latent.autoencoder
+    if path is None:
+        return
+    if not path.strip():
+        raise ConfigError("latent.autoencoder: empty path (leave it out to train on pixels)")
+    channels = image_channels(config.data)
+    if channels is None:
+        raise ConfigError(f"latent.autoencoder: latent diffusion needs images, the {config.data.dataset} data are vectors")
+    import json
+
+    file = Path(path).expanduser() / "config.json"
+    try:
+        vae_config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"latent.autoencoder: {file} not found; give a diffusers AutoencoderKL folder "
+                          "(e.g. Stable Diffusion's vae/) or make one with `condiff autoencoder CONFIG`") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"latent.autoencoder: {file} is unreadable ({err})") from None
+    if vae_config.get("_class_name") != "AutoencoderKL":
+        raise ConfigError(f"latent.autoencoder: {file} describes {vae_config.get('_class_name')!r}, not an AutoencoderKL")
+    if vae_config.get("in_channels") != channels:
+        raise ConfigError(f"latent.autoencoder: it takes {vae_config.get('in_channels')}-channel images, "
+                          f"the {config.data.dataset} data have {channels}")
+
+
 def _check_consistency(config: ExperimentConfig) -> None:
     data, cons = config.data, config.constraints
     _check_data_fields(data)
@@ -327,6 +371,7 @@ def _check_consistency(config: ExperimentConfig) -> None:
     if tune.pretrained and not (Path(tune.pretrained) / "model" / "model_index.json").is_file():
         raise ConfigError(f"finetune.pretrained: {tune.pretrained} is not a trained condiff run "
                           "(model/model_index.json missing)")
+    _check_latent(config)
     if config.evaluate.inception_weights is not None and not config.evaluate.inception_weights.strip():
         raise ConfigError("evaluate.inception_weights: empty path (leave it out to skip Inception FID)")
     if config.diffusion.beta_end <= config.diffusion.beta_start:
@@ -348,8 +393,8 @@ def config_from_dict(table: dict, source: str = "config") -> ExperimentConfig:
     return config
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
-    """Read and validate a TOML experiment config (optionally with nested overrides applied)."""
+def read_config_table(path: str | Path, overrides: dict | None = None) -> dict:
+    """The TOML table of a config file with dotted `overrides` applied, not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -365,4 +410,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentCo
             if not isinstance(node, dict):
                 raise ConfigError(f"{path}: --set {dotted}: {'.'.join(parents[:depth + 1])} is not a table")
         node[leaf] = value
-    return config_from_dict(table, str(path))
+    return table
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    """Read and validate a TOML experiment config (optionally with nested overrides applied)."""
+    return config_from_dict(read_config_table(path, overrides), str(path))

@@ -27,6 +27,8 @@ from condiff.evaluate import (InceptionFIDUnavailable, check_inception_fid, clas
 from condiff.dual import (InfeasibleConstraints, multipliers_for_target_shares, multipliers_from_kl_bounds, predicted_shares,
                           relaxation_costs_for_multipliers)
 from condiff.gmm import GaussianMixture
+from condiff.latent import (AutoencoderLoadError, decode_latents, encode_dataset, load_autoencoder, save_autoencoder,
+                            train_autoencoder)
 from condiff.models import build_model, sample_shape_of
 from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves, read_metrics,
                             save_sample_grid, write_report)
@@ -101,9 +103,11 @@ def build_data(config: ExperimentConfig) -> ExperimentData:
                           held_out, take_per_class(full, balanced_counts(full)), None)
 
 
-def build_noise_scheduler(config: ExperimentConfig, image_data: bool) -> DDPMScheduler:
+def build_noise_scheduler(config: ExperimentConfig, pixels: bool) -> DDPMScheduler:
+    """The training noise schedule; x0 predictions are clipped to [-1, 1] by default only for pixels
+    (vectors and unit-variance latents range wider)."""
     d = config.diffusion
-    clip = image_data if d.clip_sample is None else d.clip_sample
+    clip = pixels if d.clip_sample is None else d.clip_sample
     return DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
                          beta_start=d.beta_start, beta_end=d.beta_end, clip_sample=clip)
 
@@ -130,6 +134,16 @@ def build_constraints(config: ExperimentConfig, train_set: LabelledDataset, nois
             raise ConfigError(f"constraints.{mode}: {err}") from None
     return [Constraint(DatasetTerm(f"class {c}", train_set.of_class(c), noise_scheduler), b, g)
             for c, b, g in zip(cons.classes, thresholds, gammas)]
+
+
+def load_latent_autoencoder(config: ExperimentConfig):
+    """The frozen AutoencoderKL of a latent-diffusion config, or None when the model works on pixels."""
+    if config.latent.autoencoder is None:
+        return None
+    try:
+        return load_autoencoder(Path(config.latent.autoencoder).expanduser())
+    except AutoencoderLoadError as err:
+        raise ConfigError(f"latent.autoencoder: {err}") from None
 
 
 def pretrained_models(config: ExperimentConfig, sample_shape, noise_scheduler: DDPMScheduler):
@@ -171,27 +185,30 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     run_dir = run_directory(config)
     accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
     data = build_data(config)
-    image_data = len(data.train.sample_shape) == 3
-    noise_scheduler = build_noise_scheduler(config, image_data)
+    autoencoder = load_latent_autoencoder(config)
+    # Latent diffusion: the training set (and with it every class constraint's set) is encoded once,
+    # up front; from here on the run is ordinary diffusion on those tensors.
+    train_set = data.train if autoencoder is None else encode_dataset(autoencoder.to(accelerator.device), data.train)
+    noise_scheduler = build_noise_scheduler(config, pixels=len(train_set.sample_shape) == 3 and autoencoder is None)
     torch.manual_seed(config.train.seed)
     if config.finetune.pretrained:
-        model, pretrained = pretrained_models(config, data.train.sample_shape, noise_scheduler)
+        model, pretrained = pretrained_models(config, train_set.sample_shape, noise_scheduler)
     else:
         model_options = ({"hidden": config.model.hidden, "layers": config.model.layers} if config.model.kind == "mlp"
                          else {"block_out_channels": config.model.block_out_channels})
         try:
-            model = build_model(config.model.kind, data.train.sample_shape, **model_options)
+            model = build_model(config.model.kind, train_set.sample_shape, **model_options)
         except ValueError as err:
             raise ConfigError(f"model.kind: {err}") from None
-    constraints = build_constraints(config, data.train, noise_scheduler)
+    constraints = build_constraints(config, train_set, noise_scheduler)
     if config.finetune.threshold is not None:
         tune = config.finetune
         term = PretrainedModelTerm("pretrained", pretrained.to(accelerator.device), noise_scheduler,
-                                   data.train.sample_shape, inputs=tune.inputs,
+                                   train_set.sample_shape, inputs=tune.inputs,
                                    trajectory_samples=tune.trajectory_samples, keep_per_trajectory=tune.states_per_trajectory,
                                    seed=config.train.seed, progress=accelerator.is_main_process)
         constraints.append(Constraint(term, tune.threshold))
-    objective = DatasetTerm("data", data.train, noise_scheduler)
+    objective = DatasetTerm("data", train_set, noise_scheduler)
 
     # Only now, with everything built and checked, is anything written.
     # Every process checks (so a refusal exits all of them instead of leaving some at a barrier);
@@ -230,6 +247,26 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     return run_dir
 
 
+def train_autoencoder_for(config: ExperimentConfig, output: Path, *, steps: int, overwrite: bool = False,
+                          block_out_channels: tuple[int, ...] = (16, 32), latent_channels: int = 4,
+                          progress: bool = True) -> Path:
+    """Train condiff's small AutoencoderKL on the images a config trains on and save it to `output`
+    (diffusers format, safetensors), for `latent.autoencoder`. An existing folder is kept unless
+    `overwrite`; the new one replaces it atomically."""
+    data = build_data(config)
+    if len(data.train.sample_shape) != 3:
+        raise ConfigError(f"data.dataset: an autoencoder needs images, the {config.data.dataset} data are vectors")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise RunDirectoryError(f"{output}: exists; pass --overwrite to replace it")
+    try:
+        vae = train_autoencoder(data.train, steps=steps, seed=config.train.seed, latent_channels=latent_channels,
+                                block_out_channels=tuple(block_out_channels), progress=progress)
+    except ValueError as err:  # widths that cannot halve the image size
+        raise ConfigError(f"autoencoder: {err}") from None
+    return save_autoencoder(vae, output)
+
+
 def load_run_config(run_dir: Path) -> ExperimentConfig:
     import tomllib
 
@@ -250,13 +287,18 @@ def load_pipeline(run_dir: Path) -> DDPMPipeline:
 def sample_run(run_dir: Path, *, num_samples: int | None = None, method: str | None = None,
                steps: int | None = None, seed: int | None = None, batch_size: int | None = None,
                record_x0: bool = False, progress: bool = True) -> Path:
-    """Sample a trained run into RUN/samples.npz and a PNG grid RUN/samples.png; returns the .npz path."""
-    config = load_run_config(run_dir).sample
+    """Sample a trained run into RUN/samples.npz and a PNG grid RUN/samples.png; returns the .npz path.
+    A latent-diffusion run's samples are decoded to images (its latents are kept beside them)."""
+    run_config = load_run_config(run_dir)
+    config = run_config.sample
+    autoencoder = load_latent_autoencoder(run_config)
     pipeline = load_pipeline(run_dir)
     output = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, method or config.method),
                       num_samples or config.num_samples, num_inference_steps=steps or config.steps,
                       batch_size=batch_size or config.batch_size, seed=config.seed if seed is None else seed,
                       record_x0=record_x0, progress=progress)
+    if autoencoder is not None:
+        output.latents, output.samples = output.samples, decode_latents(autoencoder, output.samples)
     path = Path(run_dir) / "samples.npz"
     output.save_npz(path)
     save_sample_grid(output.samples[:256], path.with_suffix(".png"), title=f"{Path(run_dir).name}: samples")

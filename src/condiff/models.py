@@ -31,13 +31,24 @@ UNET_PRESETS: dict[str, dict] = {
 
 
 def build_unet(preset: str, in_channels: int = 1, num_class_embeds: int | None = None,
-               block_out_channels: tuple[int, ...] | None = None) -> UNet2DModel:
-    """A UNet2DModel from a preset; group norms use 16 groups, which divides every preset width."""
-    spec = dict(UNET_PRESETS[preset])
-    if block_out_channels is not None:
-        if len(block_out_channels) != len(spec["block_out_channels"]):
-            raise ValueError(f"{preset} needs {len(spec['block_out_channels'])} block_out_channels")
-        spec["block_out_channels"] = tuple(block_out_channels)
+               block_out_channels: tuple[int, ...] | None = None, sample_size: int | None = None) -> UNet2DModel:
+    """A UNet2DModel from a preset, or for preset "unet" one sized to `sample_size` (latents, say, whose
+    size no preset has) with one down and one up block per width in `block_out_channels` (default
+    (32, 64)). Group norms use up to 16 groups, as many as divide every width."""
+    if preset == "unet":
+        widths = tuple(block_out_channels or (32, 64))
+        levels = len(widths)
+        if sample_size is None or sample_size % 2 ** (levels - 1):
+            raise ValueError(f"a unet with {levels} levels halves the resolution {levels - 1} times, "
+                             f"which needs a size divisible by {2 ** (levels - 1)}, not {sample_size}")
+        spec = dict(sample_size=sample_size, block_out_channels=widths,
+                    down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels)
+    else:
+        spec = dict(UNET_PRESETS[preset])
+        if block_out_channels is not None:
+            if len(block_out_channels) != len(spec["block_out_channels"]):
+                raise ValueError(f"{preset} needs {len(spec['block_out_channels'])} block_out_channels")
+            spec["block_out_channels"] = tuple(block_out_channels)
     groups = math.gcd(16, *spec["block_out_channels"])
     return UNet2DModel(in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
                        norm_num_groups=groups, num_class_embeds=num_class_embeds, **spec)
@@ -84,13 +95,19 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
 
 
 def build_model(kind: str, sample_shape: tuple[int, ...], **options) -> ModelMixin:
-    """The noise predictor named by `kind` ("mlp" or a UNet preset) for samples of `sample_shape`."""
+    """The noise predictor named by `kind` for samples of `sample_shape`: "mlp" for vectors, a UNet
+    preset for images of its size, or "unet" for square images (or latents) of any size."""
     if kind == "mlp":
         if len(sample_shape) != 1:
             raise ValueError(f"the mlp model is for vector data, not samples of shape {sample_shape}")
         return MLPDenoiser(dim=sample_shape[0], **options)
-    if kind not in UNET_PRESETS:
-        raise ValueError(f"unknown model kind {kind!r}; choose mlp or one of {sorted(UNET_PRESETS)}")
+    if kind != "unet" and kind not in UNET_PRESETS:
+        raise ValueError(f"unknown model kind {kind!r}; choose mlp, unet or one of {sorted(UNET_PRESETS)}")
+    if kind == "unet":
+        size = sample_shape[-1] if len(sample_shape) == 3 else None
+        if size is None or sample_shape[1] != size:
+            raise ValueError(f"unet expects square images (C, H, H), not samples of shape {sample_shape}")
+        return build_unet(kind, in_channels=sample_shape[0], sample_size=size, **options)
     size = UNET_PRESETS[kind]["sample_size"]
     if len(sample_shape) != 3 or sample_shape[1:] != (size, size):
         raise ValueError(f"{kind} expects images of {size}x{size}, not samples of shape {sample_shape}")

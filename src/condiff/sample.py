@@ -23,10 +23,12 @@ class SampleOutput:
     timesteps: torch.Tensor                 # (S,): the timesteps visited, from noisy to clean
     x0_predictions: torch.Tensor | None     # (S, N, *shape): the model's x_0 estimate at every step
     noisy_inputs: torch.Tensor | None = None  # (S, N, *shape): the x_t the model saw at every step
+    latents: torch.Tensor | None = None     # latent diffusion: the generated latents, `samples` their decodes
+                                            # (x0_predictions and noisy_inputs stay in the latent space)
 
     def save_npz(self, path) -> None:
         arrays = {"samples": self.samples.numpy(), "timesteps": self.timesteps.numpy()}
-        for name in ("x0_predictions", "noisy_inputs"):
+        for name in ("x0_predictions", "noisy_inputs", "latents"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name).numpy()
         np.savez_compressed(path, **arrays)
