@@ -112,3 +112,19 @@ def test_threshold_without_a_pretrained_run_is_refused(tmp_path):
         gmm_config(tmp_path, "x", {}, 10, {"pretrained": str(tmp_path / "missing"), "threshold": 0.1})
     with pytest.raises(ConfigError, match="finetune.inputs"):
         gmm_config(tmp_path, "x", {}, 10, {"inputs": "uniform"})
+
+
+def test_trajectory_pool_with_fewer_steps_spreads_every_path_over_the_visited_timesteps():
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    frozen = build_model("mlp", (2,), hidden=16, layers=1)
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    term = PretrainedModelTerm("pretrained", frozen, scheduler, (2,), inputs="trajectory", trajectory_samples=8,
+                               keep_per_trajectory=5, trajectory_steps=20, progress=False)
+    scheduler.set_timesteps(20)
+    visited = scheduler.timesteps.tolist()                     # 20 of the 100 training timesteps
+    assert len(term.pool_inputs) == 8 * 5 == len(term.pool_timesteps)
+    assert set(term.pool_timesteps.tolist()) <= set(visited)
+    # A path keeps every 4th of its 20 states: both ends of the chain are in the pool.
+    assert term.pool_timesteps.max() >= visited[3] and term.pool_timesteps.min() <= visited[-4]

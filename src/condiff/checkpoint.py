@@ -47,6 +47,25 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_pretrained_atomic(model, path: str | os.PathLike) -> Path:
+    """`model.save_pretrained(path)` (safetensors), atomically: a reader never sees a half-written folder,
+    and an existing model there is replaced only once the new one is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
 def flatten_tensors(prefix: str, tree, tensors: dict[str, torch.Tensor]):
     """Move the tensors of a nested dict/list into `tensors` (keys joined by '.'), returning the rest
     of the tree as JSON with {"__tensor__": key} placeholders."""

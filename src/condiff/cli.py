@@ -58,8 +58,16 @@ def cmd_sample(args) -> None:
     from condiff.experiment import sample_run
 
     path = sample_run(Path(args.run), num_samples=args.num_samples, method=args.method, steps=args.steps,
-                      seed=args.seed, batch_size=args.batch_size, record_x0=args.record_x0)
+                      seed=args.seed, batch_size=args.batch_size, record_x0=args.record_x0,
+                      class_label=getattr(args, "class"), guidance=args.guidance, guidance_kind=args.guidance_kind)
     print(f"samples: {path} and {path.with_suffix('.png')}")
+
+
+def cmd_noise_classifier(args) -> None:
+    from condiff.experiment import train_noise_classifier_run
+
+    accuracy = train_noise_classifier_run(Path(args.run), steps=args.steps, overwrite=args.overwrite)
+    print("held-out accuracy at t = " + ", ".join(f"{t}: {a:.3f}" for t, a in accuracy.items()))
 
 
 def cmd_evaluate(args) -> None:
@@ -74,6 +82,18 @@ def cmd_demo(args) -> None:
     from condiff.demo import run_demo
 
     report = run_demo(Path(args.output), overwrite=args.overwrite, steps=args.steps)
+    print(f"report: {report}")
+
+
+def cmd_guidance_lab(args) -> None:
+    from functools import partial
+
+    from condiff.guidance_lab import FULL_SIZES, QUICK_SIZES, run_guidance_lab
+    from condiff.learned_guidance_lab import FULL_LEARNED, QUICK_LEARNED, learned_sections
+
+    learned = None if args.exact_only else partial(learned_sections, sizes=QUICK_LEARNED if args.quick else FULL_LEARNED)
+    report = run_guidance_lab(Path(args.output), overwrite=args.overwrite, extra_sections=learned,
+                              sizes=QUICK_SIZES if args.quick else FULL_SIZES)
     print(f"report: {report}")
 
 
@@ -116,7 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="default: the config's sample.seed")
     p.add_argument("--batch-size", type=int, help="default: the config's sample.batch_size")
     p.add_argument("--record-x0", action="store_true", help="also store the per-step x0 predictions")
+    p.add_argument("--class", type=int, metavar="C", help="sample class C (written to RUN/samples-classC-KINDETA.npz)")
+    p.add_argument("--guidance", type=float, default=0.0, metavar="ETA",
+                   help="guidance strength towards --class: (1+ETA) cond - ETA uncond (default 0: plain conditional)")
+    p.add_argument("--guidance-kind", choices=["cfg", "classifier"],
+                   help="cfg (classifier-free; default for class-conditional models) or classifier "
+                        "(needs `condiff noise-classifier RUN`; default for unconditional models)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("noise-classifier", help="train the noise-aware classifier of a run, for classifier guidance")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
+    p.add_argument("--overwrite", action="store_true", help="retrain an existing RUN/noise_classifier")
+    p.set_defaults(func=cmd_noise_classifier)
 
     p = sub.add_parser("evaluate", help="class frequencies, TV to uniform and Frechet distance of a run")
     p.add_argument("run", help="run directory")
@@ -128,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")
     p.add_argument("--steps", type=int, help="training steps per model (default: the demo configs')")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("guidance-lab", help="what guidance does to confidence and diversity: exact Gaussian "
+                                            "mixtures (Wu et al. 2024) and condiff-trained models")
+    p.add_argument("--output", default="runs/guidance-lab", help="where the figures and report.md go")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--exact-only", action="store_true", help="skip the learned models (exact scores only)")
+    p.add_argument("--quick", action="store_true", help="reduced sample counts and training (a smoke test)")
+    p.set_defaults(func=cmd_guidance_lab)
 
     from condiff.reproduce import EXPERIMENTS, SCALES
     p = sub.add_parser("reproduce", help="one of the paper's experiments, both models, with a report")

@@ -46,6 +46,7 @@ class ModelConfig:
                                                 # unet: [32, 64])
     hidden: int = 128                           # mlp width
     layers: int = 3                             # mlp residual blocks
+    class_conditional: bool = False             # a class embedding (+ "no class"): for guidance
 
 
 @dataclass
@@ -74,6 +75,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.0                      # 0 disables the EMA
+    label_dropout: float = 0.0                  # class-conditional models: share of labels replaced by
+                                                # "no class" (trains the unconditional half of
+                                                # classifier-free guidance; 0.1-0.2 is usual)
     mixed_precision: str = "no"                 # no | fp16 | bf16
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -98,6 +102,8 @@ class FinetuneConfig:
     inputs: str = "gaussian"                    # x_t of that distance: gaussian (pure noise) | trajectory
     trajectory_samples: int = 256               # trajectory: ancestral sampling paths of the pretrained model
     states_per_trajectory: int = 50             # trajectory: states kept per path (timesteps spread evenly)
+    trajectory_steps: int | None = None         # trajectory: ancestral steps of those paths (default: every
+                                                # training timestep; fewer approximate the same marginals faster)
 
 
 @dataclass
@@ -169,8 +175,9 @@ POSITIVE = {"data.per_class", "data.max_per_class", "data.std", "data.resolution
             "sample.steps", "sample.num_samples", "sample.batch_size", "evaluate.classifier_epochs",
             "constraints.gamma", "constraints.reference_loss", "finetune.trajectory_samples", "evaluate.num_samples",
             "evaluate.reference_samples", "evaluate.nearest_neighbours",
-            "finetune.states_per_trajectory"}
-NON_NEGATIVE = {"finetune.threshold", "data.held_out_per_class", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+            "finetune.states_per_trajectory", "finetune.trajectory_steps"}
+NON_NEGATIVE = {"train.label_dropout", "finetune.threshold", "data.held_out_per_class", "train.warmup_steps",
+                "train.weight_decay", "train.grad_clip",
                 "train.ema_decay"}
 DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "image-csv": 2}
 IDX_DATASETS = {"mnist", "fashion-mnist", "idx"}           # grayscale, 28x28 unless resized
@@ -376,6 +383,11 @@ def _check_consistency(config: ExperimentConfig) -> None:
         raise ConfigError("evaluate.inception_weights: empty path (leave it out to skip Inception FID)")
     if config.diffusion.beta_end <= config.diffusion.beta_start:
         raise ConfigError("diffusion.beta_end: must exceed diffusion.beta_start")
+    if not config.train.label_dropout < 1:
+        raise ConfigError(f"train.label_dropout: must be below 1, got {config.train.label_dropout}")
+    if config.train.label_dropout > 0 and not config.model.class_conditional:
+        raise ConfigError("train.label_dropout: drops the labels of a class-conditional model; "
+                          "set model.class_conditional = true")
     if not 0 <= config.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {config.train.ema_decay}")
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler
 
 from condiff.data import EpochSampler, LabelledDataset
+from condiff.models import null_class_label
 from condiff.sample import generate, sampling_scheduler
 
 
@@ -42,21 +42,26 @@ class DenoisingBatch:
 def per_sample_loss(model: torch.nn.Module, batch: DenoisingBatch) -> torch.Tensor:
     """Mean squared error per sample between the network output and the batch's target.
 
-    Labels go to class-conditional models only (diffusers UNets refuse them otherwise); the model
-    may be wrapped by DDP, so its config is read from the unwrapped module.
+    Labels go to class-conditional models only (diffusers UNets refuse them otherwise).
     """
-    conditional = extract_model_from_parallel(model).config.get("num_class_embeds")
+    conditional = null_class_label(model) is not None
     output = model(batch.noisy, batch.timesteps, class_labels=batch.class_labels if conditional else None).sample
     return (output.float() - batch.target.float()).pow(2).flatten(1).mean(dim=1)
 
 
 class DatasetTerm:
-    """The denoising loss E_{x_0 ~ data, t, eps} ||eps_theta(x_t, t) - eps||^2 on one dataset."""
+    """The denoising loss E_{x_0 ~ data, t, eps} ||eps_theta(x_t, t) - eps||^2 on one dataset.
 
-    def __init__(self, name: str, dataset: LabelledDataset, noise_scheduler: DDPMScheduler):
+    With `label_dropout` p every drawn label becomes "no class" (label K of a K-class dataset) with
+    probability p, so that a class-conditional model also learns the unconditional score that
+    classifier-free guidance needs (and that Theorem 1's mixture describes)."""
+
+    def __init__(self, name: str, dataset: LabelledDataset, noise_scheduler: DDPMScheduler,
+                 label_dropout: float = 0.0):
         self.name = name
         self.dataset = dataset
         self.noise_scheduler = noise_scheduler
+        self.label_dropout = label_dropout
         self.sampler = EpochSampler(len(dataset))
 
     def draw(self, n: int, generator: torch.Generator) -> DenoisingBatch:
@@ -66,7 +71,11 @@ class DatasetTerm:
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
         noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
-        return DenoisingBatch(noisy, timesteps, noise, self.dataset.labels[idx])
+        labels = self.dataset.labels[idx]
+        if self.label_dropout > 0:  # drawn only then, so that runs without dropout keep their random streams
+            dropped = torch.rand(n, generator=generator) < self.label_dropout
+            labels = torch.where(dropped, self.dataset.num_classes, labels)
+        return DenoisingBatch(noisy, timesteps, noise, labels)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -83,17 +92,19 @@ class PretrainedModelTerm:
     is compared with it, so the constraint does pull the trained model (the authors' notebook
     evaluated both sides with the frozen model and constrained nothing). x_t is either pure Gaussian
     noise at a uniform t (the paper's shortcut) or taken from the pretrained model's own ancestral
-    (DDPM) sampling trajectories (the exact form). Those are run once over the full noise chain and
-    every trajectory keeps `keep_per_trajectory` of its states, at timesteps offset per trajectory, so
-    the pool covers every t equally: the constraint then weighs t as the objective does, which
-    Theorem 1's mixture needs (a pool of DDIM-50 states would put 20x the weight on 50 timesteps).
+    (DDPM) sampling trajectories (the exact form). Those are run once, with `trajectory_steps` steps
+    (the full training chain by default; fewer approximate the same marginals faster), and every
+    trajectory keeps `keep_per_trajectory` of its states, at steps offset per trajectory, so the pool
+    covers the visited timesteps equally: the constraint then weighs t as the objective does, which
+    Theorem 1's mixture needs (a pool of DDIM-50 end states would not).
     """
 
     INPUTS = ("gaussian", "trajectory")
 
     def __init__(self, name: str, pretrained: torch.nn.Module, noise_scheduler: DDPMScheduler,
                  sample_shape: tuple[int, ...], *, inputs: str = "gaussian", trajectory_samples: int = 256,
-                 keep_per_trajectory: int = 50, seed: int = 0, progress: bool = True):
+                 keep_per_trajectory: int = 50, trajectory_steps: int | None = None, seed: int = 0,
+                 progress: bool = True):
         if inputs not in self.INPUTS:
             raise ValueError(f"unknown inputs {inputs!r}; choose {' or '.join(self.INPUTS)}")
         self.name = name
@@ -103,18 +114,20 @@ class PretrainedModelTerm:
         self.inputs = inputs
         self.sampler = None
         if inputs == "trajectory":
+            steps = trajectory_steps or noise_scheduler.config.num_train_timesteps
             self.pool_inputs, self.pool_timesteps = self._trajectory_pool(trajectory_samples, keep_per_trajectory,
-                                                                          seed, progress)
+                                                                          steps, seed, progress)
             self.sampler = EpochSampler(len(self.pool_inputs))
 
-    def _trajectory_pool(self, num_trajectories: int, keep: int, seed: int, progress: bool):
-        num_steps = self.noise_scheduler.config.num_train_timesteps
+    def _trajectory_pool(self, num_trajectories: int, keep: int, num_steps: int, seed: int, progress: bool):
         stride = max(1, num_steps // keep)
         offsets = torch.randint(0, stride, (num_trajectories,), generator=torch.Generator().manual_seed(seed))
         inputs, timesteps = [], []
+        step_index = {}   # per batch of paths: how many steps it has taken
 
         def keep_states(first: int, t: int, x: torch.Tensor) -> None:
-            chosen = torch.nonzero(offsets[first:first + len(x)] == t % stride).flatten()
+            index = step_index[first] = step_index.get(first, -1) + 1
+            chosen = torch.nonzero(offsets[first:first + len(x)] == index % stride).flatten()
             inputs.append(x[chosen.to(x.device)].cpu())
             timesteps.append(torch.full((len(chosen),), t, dtype=torch.long))
 
@@ -132,10 +145,14 @@ class PretrainedModelTerm:
             idx = self.sampler.draw(n, generator)
             noisy, timesteps = self.pool_inputs[idx], self.pool_timesteps[idx]
         device = next(self.pretrained.parameters()).device
+        # The pretrained model's distribution carries no class: a class-conditional pair of models is
+        # compared on its unconditional ("no class") outputs; otherwise label 0 only fills the field.
+        null = null_class_label(self.pretrained)
+        labels = torch.full((n,), 0 if null is None else null, dtype=torch.long)
         with torch.no_grad():
-            target = self.pretrained(noisy.to(device), timesteps.to(device)).sample.float().cpu()
-        # The pretrained model's samples carry no class; label 0 only fills the batch's field.
-        return DenoisingBatch(noisy, timesteps, target, torch.zeros(n, dtype=torch.long))
+            target = self.pretrained(noisy.to(device), timesteps.to(device),
+                                     class_labels=None if null is None else labels.to(device)).sample.float().cpu()
+        return DenoisingBatch(noisy, timesteps, target, labels)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict() if self.sampler is not None else {}

@@ -15,7 +15,8 @@ import tomli_w
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from condiff.checkpoint import RunDirectoryError, check_run_directory, prepare_run_directory, write_text_atomic
+from condiff.checkpoint import (RunDirectoryError, check_run_directory, prepare_run_directory, save_pretrained_atomic,
+                                write_text_atomic)
 from condiff.config import ConfigError, ExperimentConfig, config_from_dict
 from condiff.constraints import Constraint, DatasetTerm, PretrainedModelTerm
 from condiff.data import (DataError, LabelledDataset, balanced_counts, gaussian_mixture_dataset,
@@ -27,9 +28,11 @@ from condiff.evaluate import (InceptionFIDUnavailable, check_inception_fid, clas
 from condiff.dual import (InfeasibleConstraints, multipliers_for_target_shares, multipliers_from_kl_bounds, predicted_shares,
                           relaxation_costs_for_multipliers)
 from condiff.gmm import GaussianMixture
+from condiff.guidance import (GUIDANCE_KINDS, ClassifierFreeGuidance, ClassifierGuidance, NoiseAwareClassifier,
+                              noisy_accuracy, train_noise_aware_classifier)
 from condiff.latent import (AutoencoderLoadError, decode_latents, encode_dataset, load_autoencoder, save_autoencoder,
                             train_autoencoder)
-from condiff.models import build_model, sample_shape_of
+from condiff.models import build_model, null_class_label, sample_shape_of
 from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves, read_metrics,
                             save_sample_grid, write_report)
 from condiff.sample import generate, sampling_scheduler
@@ -132,7 +135,8 @@ def build_constraints(config: ExperimentConfig, train_set: LabelledDataset, nois
             gammas = relaxation_costs_for_multipliers(cons.reference_loss, target).tolist()
         except InfeasibleConstraints as err:
             raise ConfigError(f"constraints.{mode}: {err}") from None
-    return [Constraint(DatasetTerm(f"class {c}", train_set.of_class(c), noise_scheduler), b, g)
+    dropout = config.train.label_dropout
+    return [Constraint(DatasetTerm(f"class {c}", train_set.of_class(c), noise_scheduler, dropout), b, g)
             for c, b, g in zip(cons.classes, thresholds, gammas)]
 
 
@@ -196,6 +200,8 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     else:
         model_options = ({"hidden": config.model.hidden, "layers": config.model.layers} if config.model.kind == "mlp"
                          else {"block_out_channels": config.model.block_out_channels})
+        if config.model.class_conditional:  # one embedding per class and one for "no class"
+            model_options["num_class_embeds"] = train_set.num_classes + 1
         try:
             model = build_model(config.model.kind, train_set.sample_shape, **model_options)
         except ValueError as err:
@@ -206,9 +212,10 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
         term = PretrainedModelTerm("pretrained", pretrained.to(accelerator.device), noise_scheduler,
                                    train_set.sample_shape, inputs=tune.inputs,
                                    trajectory_samples=tune.trajectory_samples, keep_per_trajectory=tune.states_per_trajectory,
+                                   trajectory_steps=tune.trajectory_steps,
                                    seed=config.train.seed, progress=accelerator.is_main_process)
         constraints.append(Constraint(term, tune.threshold))
-    objective = DatasetTerm("data", train_set, noise_scheduler)
+    objective = DatasetTerm("data", train_set, noise_scheduler, config.train.label_dropout)
 
     # Only now, with everything built and checked, is anything written.
     # Every process checks (so a refusal exits all of them instead of leaving some at a barrier);
@@ -284,25 +291,101 @@ def load_pipeline(run_dir: Path) -> DDPMPipeline:
     return DDPMPipeline.from_pretrained(path, use_safetensors=True)
 
 
+NOISE_CLASSIFIER_DIR = "noise_classifier"     # RUN/noise_classifier: p_phi(y | x_t, t) for classifier guidance
+
+
 def sample_run(run_dir: Path, *, num_samples: int | None = None, method: str | None = None,
                steps: int | None = None, seed: int | None = None, batch_size: int | None = None,
-               record_x0: bool = False, progress: bool = True) -> Path:
+               record_x0: bool = False, class_label: int | None = None, guidance: float = 0.0,
+               guidance_kind: str | None = None, progress: bool = True) -> Path:
     """Sample a trained run into RUN/samples.npz and a PNG grid RUN/samples.png; returns the .npz path.
-    A latent-diffusion run's samples are decoded to images (its latents are kept beside them)."""
+    A latent-diffusion run's samples are decoded to images (its latents are kept beside them).
+
+    `class_label` samples one class: a class-conditional model by its label, an unconditional one
+    through its noise-aware classifier (`train_noise_classifier_run`). `guidance` = eta > 0 sharpens
+    that class (condiff.guidance): `guidance_kind` "cfg" (classifier-free; the default for
+    class-conditional models) or "classifier". Class samples go to RUN/samples-class{C}-{kind}{eta}.npz,
+    so that RUN/samples.npz stays the unconditional samples `evaluate` reads."""
+    run_dir = Path(run_dir)
     run_config = load_run_config(run_dir)
     config = run_config.sample
     autoencoder = load_latent_autoencoder(run_config)
     pipeline = load_pipeline(run_dir)
-    output = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, method or config.method),
-                      num_samples or config.num_samples, num_inference_steps=steps or config.steps,
+    n = num_samples or config.num_samples
+    guide, labels, path, title = run_guidance(run_dir, pipeline, class_label, guidance, guidance_kind, n)
+    scheduler = sampling_scheduler(pipeline.scheduler, method or config.method, guided=guide is not None)
+    output = generate(pipeline.unet, scheduler, n, num_inference_steps=steps or config.steps,
                       batch_size=batch_size or config.batch_size, seed=config.seed if seed is None else seed,
-                      record_x0=record_x0, progress=progress)
+                      record_x0=record_x0, class_labels=labels, guidance=guide, progress=progress)
+    if guide is not None and pipeline.scheduler.config.clip_sample:
+        output.samples.clamp_(-1.0, 1.0)   # the data range, which unclipped guided steps may overshoot
     if autoencoder is not None:
         output.latents, output.samples = output.samples, decode_latents(autoencoder, output.samples)
-    path = Path(run_dir) / "samples.npz"
     output.save_npz(path)
-    save_sample_grid(output.samples[:256], path.with_suffix(".png"), title=f"{Path(run_dir).name}: samples")
+    save_sample_grid(output.samples[:256], path.with_suffix(".png"), title=f"{run_dir.name}: {title}")
     return path
+
+
+def run_guidance(run_dir: Path, pipeline: DDPMPipeline, class_label: int | None, scale: float,
+                 kind: str | None, num_samples: int):
+    """(guidance object or None, class labels or None, output path, title) for `sample_run`."""
+    if class_label is None:
+        if scale or kind:
+            raise ConfigError("--guidance: needs --class, the class to guide towards")
+        return None, None, run_dir / "samples.npz", "samples"
+    if scale < 0:
+        raise ConfigError(f"--guidance: must be non-negative, got {scale}")
+    null = null_class_label(pipeline.unet)
+    kind = kind or ("cfg" if null is not None else "classifier")
+    if kind not in GUIDANCE_KINDS:
+        raise ConfigError(f"--guidance-kind: {kind!r} is not one of {', '.join(GUIDANCE_KINDS)}")
+    if kind == "cfg" and null is None:
+        raise ConfigError(f"--guidance-kind cfg: the model of {run_dir} is not class-conditional (train it with "
+                          "model.class_conditional = true and train.label_dropout > 0), use classifier guidance")
+    classifier = load_noise_classifier(run_dir) if kind == "classifier" else None
+    num_classes = null if null is not None else classifier.config.num_classes
+    if not 0 <= class_label < num_classes:
+        raise ConfigError(f"--class: {run_dir} has classes 0-{num_classes - 1}, not {class_label}")
+    if kind == "cfg":
+        guide = ClassifierFreeGuidance(scale) if scale else None   # eta = 0: the conditional model itself
+    else:
+        guide = ClassifierGuidance(classifier, scale, pipeline.scheduler.alphas_cumprod)
+    labels = torch.full((num_samples,), class_label, dtype=torch.long)
+    title = f"class {class_label}, {'classifier-free' if kind == 'cfg' else 'classifier'} guidance {scale:g}"
+    return guide, labels, run_dir / f"samples-class{class_label}-{kind}{scale:g}.npz", title
+
+
+def load_noise_classifier(run_dir: Path) -> NoiseAwareClassifier:
+    path = Path(run_dir) / NOISE_CLASSIFIER_DIR
+    if not (path / "config.json").is_file():
+        raise RunDirectoryError(f"{path}: no noise-aware classifier; train one with `condiff noise-classifier "
+                                f"{run_dir}` for classifier guidance")
+    return NoiseAwareClassifier.from_pretrained(path, use_safetensors=True).eval()
+
+
+def train_noise_classifier_run(run_dir: Path, *, steps: int = 2000, overwrite: bool = False,
+                               progress: bool = True) -> dict:
+    """Train p_phi(y | x_t, t) on a run's training data (its latents, for a latent run) into
+    RUN/noise_classifier (safetensors, atomically); returns its accuracy on held-out data noised to
+    t = 0, 250, 500, 750 (of 1000), also written to RUN/noise_classifier/accuracy.json."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    pipeline = load_pipeline(run_dir)
+    path = run_dir / NOISE_CLASSIFIER_DIR
+    if path.exists() and not overwrite:
+        raise RunDirectoryError(f"{path}: exists; pass --overwrite to retrain it")
+    data = build_data(config)
+    held_out = data.held_out if data.held_out is not None else data.reference
+    autoencoder = load_latent_autoencoder(config)
+    if autoencoder is not None:
+        data.train, held_out = encode_dataset(autoencoder, data.train), encode_dataset(autoencoder, held_out)
+    classifier = train_noise_aware_classifier(data.train, pipeline.scheduler, steps=steps, seed=config.train.seed,
+                                              progress=progress)
+    chain = pipeline.scheduler.config.num_train_timesteps
+    accuracy = noisy_accuracy(classifier, held_out, pipeline.scheduler, [0, chain // 4, chain // 2, 3 * chain // 4])
+    save_pretrained_atomic(classifier, path)
+    write_text_atomic(path / "accuracy.json", json.dumps({str(t): a for t, a in accuracy.items()}, indent=1))
+    return accuracy
 
 
 class MixtureBayesClassifier(torch.nn.Module):

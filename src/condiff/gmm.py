@@ -54,17 +54,28 @@ class GaussianMixture:
 
 class ExactNoisePredictor(torch.nn.Module):
     """The optimal noise predictor of a mixture, eps*(x_t, t) = -sqrt(1 - abar_t) grad log p_t(x_t),
-    called like a condiff model: ground truth for the samplers and a reference for trained models."""
+    called like a condiff model: ground truth for the samplers and a reference for trained models.
+
+    Class-conditional like condiff's models: label k < K gives component k's noise predictor (the
+    score of N(sqrt(abar) mu_k, v I)), label K ("no class", also used without labels) the mixture's;
+    so guidance (condiff.guidance) applies to it exactly as to a learned model."""
 
     def __init__(self, mixture: GaussianMixture, alphas_cumprod: torch.Tensor):
         super().__init__()
         self.mixture = mixture
         self.sample_shape = (mixture.means.shape[1],)
+        self.config = {"num_class_embeds": len(mixture.means) + 1}
         self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels=None):
         from diffusers.models.unets.unet_2d import UNet2DOutput
 
         abar = self.alphas_cumprod[torch.as_tensor(timestep).long().flatten()[0]].item()
-        eps = -(1.0 - abar) ** 0.5 * self.mixture.score(sample, abar)
-        return UNet2DOutput(sample=eps.to(sample.dtype))
+        score = self.mixture.score(sample, abar)
+        if class_labels is not None:
+            means, var = self.mixture.noisy_components(abar)
+            conditional = class_labels < len(self.mixture.means)
+            component = class_labels.clamp(max=len(self.mixture.means) - 1)
+            component_score = (means[component] - sample.to(torch.float64)) / var
+            score = torch.where(conditional.unsqueeze(1), component_score, score)
+        return UNet2DOutput(sample=(-(1.0 - abar) ** 0.5 * score).to(sample.dtype))

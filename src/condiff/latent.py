@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
+from condiff.checkpoint import save_pretrained_atomic
 from condiff.data import EpochSampler, LabelledDataset
 
 
@@ -135,22 +135,8 @@ def train_autoencoder(dataset: LabelledDataset, *, steps: int, batch_size: int =
 
 
 def save_autoencoder(vae: AutoencoderKL, path: str | os.PathLike) -> Path:
-    """save_pretrained (safetensors) into `path`, atomically: a reader never sees a half-written
-    folder, and an existing autoencoder there is replaced only once the new one is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
-    return path
+    """save_pretrained (safetensors) into `path`, atomically (see `save_pretrained_atomic`)."""
+    return save_pretrained_atomic(vae, path)
 
 
 def load_autoencoder(path: str | os.PathLike) -> AutoencoderKL:

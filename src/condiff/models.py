@@ -2,6 +2,10 @@
 
 Both are diffusers `ModelMixin`s called as `model(x_t, t, class_labels=None).sample`, so the trainer,
 the samplers and `save_pretrained` / `from_pretrained` treat them alike.
+
+A class-conditional model of K classes has K + 1 class embeddings (diffusers' `num_class_embeds`): label
+K means "no class". Training replaces labels by it at random (label dropout), so that one network is
+both the conditional and the unconditional model that classifier-free guidance combines.
 """
 
 from __future__ import annotations
@@ -64,15 +68,15 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class MLPDenoiser(ModelMixin, ConfigMixin):
-    """Noise predictor for vectors: residual SiLU MLP with a sinusoidal timestep embedding
-    (and an optional class embedding, index `num_class_embeds` meaning "no class")."""
+    """Noise predictor for vectors: residual SiLU MLP with a sinusoidal timestep embedding and, with
+    `num_class_embeds`, a class embedding whose last index means "no class" (used when no labels are given)."""
 
     @register_to_config
     def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, time_embed_dim: int = 64,
                  num_class_embeds: int | None = None):
         super().__init__()
         self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.class_embedding = nn.Embedding(num_class_embeds + 1, hidden) if num_class_embeds else None
+        self.class_embedding = nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None
         self.input = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -86,7 +90,7 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         cond = self.time_mlp(timestep_embedding(timestep, self.config.time_embed_dim))
         if self.class_embedding is not None:
             if class_labels is None:
-                class_labels = torch.full((len(sample),), self.config.num_class_embeds, device=sample.device)
+                class_labels = torch.full((len(sample),), self.config.num_class_embeds - 1, device=sample.device)
             cond = cond + self.class_embedding(class_labels)
         h = self.input(sample)
         for block in self.blocks:
@@ -112,6 +116,15 @@ def build_model(kind: str, sample_shape: tuple[int, ...], **options) -> ModelMix
     if len(sample_shape) != 3 or sample_shape[1:] != (size, size):
         raise ValueError(f"{kind} expects images of {size}x{size}, not samples of shape {sample_shape}")
     return build_unet(kind, in_channels=sample_shape[0], **options)
+
+
+def null_class_label(model: torch.nn.Module) -> int | None:
+    """The "no class" label of a class-conditional model (its last class embedding); None for an
+    unconditional one. Accepts a model wrapped by DDP."""
+    from accelerate.utils import extract_model_from_parallel
+
+    embeds = getattr(extract_model_from_parallel(model), "config", {}).get("num_class_embeds")
+    return embeds - 1 if embeds else None
 
 
 def sample_shape_of(model: ModelMixin) -> tuple[int, ...]:

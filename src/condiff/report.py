@@ -37,13 +37,15 @@ def _as_numpy(values: ArrayLike | Sequence[float]) -> np.ndarray:
     return np.asarray(values)
 
 
-def _new_figure(figsize: tuple[float, float], constrained: bool = True) -> Figure:
+def new_figure(figsize: tuple[float, float], constrained: bool = True) -> Figure:
+    """A figure on its own Agg canvas (no pyplot state; see the module docstring)."""
     figure = Figure(figsize=figsize, dpi=DPI, layout="constrained" if constrained else None)
     FigureCanvasAgg(figure)
     return figure
 
 
-def _save(figure: Figure, path: PathLike) -> Path:
+def save_figure(figure: Figure, path: PathLike) -> Path:
+    """Write `figure` as a PNG at the report resolution, creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI, format="png")
@@ -75,7 +77,7 @@ def save_sample_grid(samples: ArrayLike, path: PathLike, nrow: int | None = None
         figure = _scatter_figure(array, None if labels is None else _as_numpy(labels).astype(int), title)
     else:
         raise ValueError(f"expected images (N, C, H, W) or 2-D vectors (N, 2), got shape {array.shape}")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _tile_images(images: np.ndarray, per_row: int) -> np.ndarray:
@@ -104,7 +106,7 @@ def _image_grid_figure(images: np.ndarray, per_row: int, title: str | None) -> F
     width_in = min(max(grid_width / 16, 4.0), 16.0)
     image_height_in = width_in * grid_height / grid_width
     title_in = TITLE_STRIP_IN if title else 0.0
-    figure = _new_figure((width_in, image_height_in + title_in), constrained=False)
+    figure = new_figure((width_in, image_height_in + title_in), constrained=False)
     # Axes fill the figure below the title strip, so the PNG has exactly the grid's aspect.
     axes = figure.add_axes((0.0, 0.0, 1.0, image_height_in / (image_height_in + title_in)))
     axes.imshow(grid[..., 0] if channels == 1 else grid, cmap="gray", vmin=0.0, vmax=1.0,
@@ -116,7 +118,7 @@ def _image_grid_figure(images: np.ndarray, per_row: int, title: str | None) -> F
 
 
 def _scatter_figure(points: np.ndarray, labels: np.ndarray | None, title: str | None) -> Figure:
-    figure = _new_figure((5.5, 5.0))
+    figure = new_figure((5.5, 5.0))
     axes = figure.add_subplot()
     marker_size = 4 if len(points) > 2000 else 10
     if labels is None:
@@ -169,7 +171,7 @@ def plot_class_frequencies(frequencies: dict[str, list[float]], path: PathLike,
     positions = np.arange(num_classes)
     group_width = 0.8
     bar_width = group_width / len(frequencies)
-    figure = _new_figure((max(6.0, 0.8 * num_classes + 2.0), 4.5))
+    figure = new_figure((max(6.0, 0.8 * num_classes + 2.0), 4.5))
     axes = figure.add_subplot()
     for model_index, (name, values) in enumerate(frequencies.items()):
         values = np.asarray(values, dtype=float)
@@ -192,7 +194,7 @@ def plot_class_frequencies(frequencies: dict[str, list[float]], path: PathLike,
     axes.set_title(title or "Class frequencies of generated samples")
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize="small")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 # --- training metrics ------------------------------------------------------------------------------
@@ -304,7 +306,7 @@ def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: PathLike,
     num_panels = 1 + len(constraint_panels)
     columns = 1 if num_panels == 1 else 2
     rows = math.ceil(num_panels / columns)
-    figure = _new_figure((6.0 * columns, 4.0 * rows))
+    figure = new_figure((6.0 * columns, 4.0 * rows))
     panel_axes = figure.subplots(rows, columns, squeeze=False).flatten()
     for unused in panel_axes[num_panels:]:
         unused.remove()
@@ -334,7 +336,7 @@ def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: PathLike,
     for axes in panel_axes[:num_panels]:
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 # --- Markdown --------------------------------------------------------------------------------------
