@@ -14,6 +14,7 @@ import numpy as np
 import tomli_w
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers.utils import logging as diffusers_logging
 
 from condiff.checkpoint import (RunDirectoryError, check_run_directory, prepare_run_directory, save_pretrained_atomic,
                                 write_text_atomic)
@@ -288,7 +289,13 @@ def load_pipeline(run_dir: Path) -> DDPMPipeline:
     if not (path / "model_index.json").is_file():
         raise RunDirectoryError(f"{run_dir}: no trained model (model/model_index.json missing); "
                                 "train it first or resume it with condiff train --resume")
-    return DDPMPipeline.from_pretrained(path, use_safetensors=True)
+    # An MLP denoiser in the pipeline's `unet` slot is intended; diffusers would warn about its type.
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return DDPMPipeline.from_pretrained(path, use_safetensors=True)
+    finally:
+        diffusers_logging.set_verbosity(previous)
 
 
 NOISE_CLASSIFIER_DIR = "noise_classifier"     # RUN/noise_classifier: p_phi(y | x_t, t) for classifier guidance

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline
 
 from condiff.config import ExperimentConfig, config_from_dict
 from condiff.evaluate import features_and_labels, frechet_distance
-from condiff.experiment import build_data, evaluation_classifier, train_run
+from condiff.experiment import build_data, evaluation_classifier, load_pipeline, train_run
 from condiff.gmm import ExactNoisePredictor
 from condiff.gmm_guidance import knn_entropy, mean_confidence
 from condiff.guidance import ClassifierFreeGuidance
@@ -94,7 +93,7 @@ class MixtureCurves:
 def measure_learned_mixture(output: Path, sizes: LearnedSizes, etas=LEARNED_ETAS) -> MixtureCurves:
     config = mixture_config(output, sizes)
     run = train_run(config)
-    pipeline = DDPMPipeline.from_pretrained(run / "model")
+    pipeline = load_pipeline(run)
     mixture = build_data(config).mixture
     models = {"learned": pipeline.unet, "exact": ExactNoisePredictor(mixture, pipeline.scheduler.alphas_cumprod)}
     labels = torch.full((sizes.mixture_samples,), TARGET)
@@ -157,7 +156,7 @@ def measure_learned_digits(output: Path, sizes: LearnedSizes, etas=LEARNED_ETAS)
     """The curves and, per eta, the first samples of every digit (for a grid)."""
     config = digits_config(output, sizes)
     run = train_run(config)
-    pipeline = DDPMPipeline.from_pretrained(run / "model")
+    pipeline = load_pipeline(run)
     data = build_data(config)
     classifier, classifier_accuracy = evaluation_classifier(config, data)
     reference, _ = features_and_labels(classifier, data.reference.data)
