@@ -86,6 +86,7 @@ class MixtureCurves:
     confidence: dict[str, list[float]]     # "learned ddim", "exact ddim", ...: E[p_0(y | x)] per eta
     entropy: dict[str, list[float]]        # k-NN entropy (nats) per eta
     largest_confidence_gap: float          # max over eta and sampler of |learned - exact| confidence
+    largest_entropy_gap: float             # the same for the k-NN entropy
     num_samples: int
     sampling_steps: int
 
@@ -105,9 +106,11 @@ def measure_learned_mixture(output: Path, sizes: LearnedSizes, etas=LEARNED_ETAS
                        for eta in etas]
             confidence[key] = [mean_confidence(mixture, s.double(), TARGET) for s in samples]
             entropy[key] = [knn_entropy(s) for s in samples]
-    gap = max(abs(a - b) for m in METHODS
-              for a, b in zip(confidence[f"learned {m}"], confidence[f"exact {m}"]))
-    return MixtureCurves(list(etas), confidence, entropy, gap, sizes.mixture_samples, sizes.mixture_sampling_steps)
+    def largest_gap(curves):
+        return max(abs(a - b) for m in METHODS for a, b in zip(curves[f"learned {m}"], curves[f"exact {m}"]))
+
+    return MixtureCurves(list(etas), confidence, entropy, largest_gap(confidence), largest_gap(entropy),
+                         sizes.mixture_samples, sizes.mixture_sampling_steps)
 
 
 def plot_learned_mixture(curves: MixtureCurves, path: Path) -> Path:
@@ -232,7 +235,9 @@ def learned_sections(output: Path, sizes: LearnedSizes = FULL_LEARNED) -> list[t
         f"the same classifier-free guidance code and the same noise; {mixture.num_samples} samples per cell.\n\n"
         "Mean confidence E[p_0(y | x)]:\n\n" + markdown_table(headers, rows)
         + "\n\nk-NN entropy (nats):\n\n" + markdown_table(headers, entropy_rows)
-        + f"\n\nLargest |learned - exact| confidence gap: {mixture.largest_confidence_gap:.3f}. Confidence rises "
+        + f"\n\nLargest |learned - exact| gap: confidence {mixture.largest_confidence_gap:.3f}, entropy "
+        f"{mixture.largest_entropy_gap:.3f} nats (guidance multiplies by eta the difference of the learned "
+        "conditional and unconditional outputs, and with it their errors). Confidence rises "
         "with eta for every model and sampler: "
         + _trend_all(mixture.confidence, rising=True) + "; entropy falls: " + _trend_all(mixture.entropy, rising=False)
         + ".\n\n" + image_md("learned_mixture.png", "learned vs exact guidance on the mixture"))
