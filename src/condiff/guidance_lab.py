@@ -185,6 +185,15 @@ def measure_eta_sweep(ode: Sequence[GuidedSamples], sde: Sequence[GuidedSamples]
         entropy_non_increasing=all(is_non_increasing(h) for h in (ode_entropy, ode_entropy_knn, sde_entropy_knn)))
 
 
+def label_eta_axes(confidence_axes, entropy_axes, confidence_title: str, entropy_title: str) -> None:
+    """Axis labels, titles and grids of a (confidence, entropy) against eta pair of panels."""
+    confidence_axes.set(ylabel="mean confidence $E[p_0(y|Y)]$", title=confidence_title)
+    entropy_axes.set(ylabel="differential entropy (nats)", title=entropy_title)
+    for axes in (confidence_axes, entropy_axes):
+        axes.set_xlabel("guidance strength $\\eta$")
+        axes.grid(alpha=0.3)
+
+
 def plot_confidence_entropy(sweep: EtaSweep, path: Path) -> Path:
     figure = new_figure((10.0, 4.0))
     confidence_axes, entropy_axes = figure.subplots(1, 2)
@@ -192,17 +201,12 @@ def plot_confidence_entropy(sweep: EtaSweep, path: Path) -> Path:
                              label="ODE (Euler)")
     confidence_axes.errorbar(sweep.etas, sweep.sde_confidence, yerr=sweep.sde_confidence_se, marker="s",
                              linestyle="--", label="SDE (Euler-Maruyama)")
-    confidence_axes.set_ylabel("mean confidence $E[p_0(y|Y)]$")
-    confidence_axes.set_title("(a) mean confidence")
     entropy_axes.plot(sweep.etas, sweep.ode_entropy, marker="o", label="ODE, divergence identity")
     entropy_axes.plot(sweep.etas, sweep.ode_entropy_knn, marker="x", linestyle=":", label="ODE, k-NN")
     entropy_axes.plot(sweep.etas, sweep.sde_entropy_knn, marker="s", linestyle="--", label="SDE, k-NN")
     entropy_axes.axhline(gaussian_entropy(2), color="0.5", linewidth=1, label="$h(N(\\mu_y, I))$")
-    entropy_axes.set_ylabel("differential entropy (nats)")
-    entropy_axes.set_title("(b) output entropy")
+    label_eta_axes(confidence_axes, entropy_axes, "(a) mean confidence", "(b) output entropy")
     for axes in (confidence_axes, entropy_axes):
-        axes.set_xlabel("guidance strength $\\eta$")
-        axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
     figure.suptitle(f"two components at $\\pm(1,0)$, target $+(1,0)$: {sweep.num_samples} samples, "
                     f"{sweep.steps} steps, exact scores")
@@ -433,13 +437,7 @@ def plot_geometry_sweep(results: Sequence[GeometryResult], path: Path) -> Path:
         entropy_axes.plot(result.etas, result.ode_entropy, color=colour, marker="o", label=f"{result.name}, ODE")
         entropy_axes.plot(result.etas, result.sde_entropy_knn, color=colour, marker="s", linestyle="--",
                           label=f"{result.name}, SDE (k-NN)")
-    confidence_axes.set_ylabel("mean confidence $E[p_0(y|Y)]$")
-    confidence_axes.set_title("(a) confidence")
-    entropy_axes.set_ylabel("differential entropy (nats)")
-    entropy_axes.set_title("(b) entropy (ODE: divergence identity)")
-    for axes in (confidence_axes, entropy_axes):
-        axes.set_xlabel("guidance strength $\\eta$")
-        axes.grid(alpha=0.3)
+    label_eta_axes(confidence_axes, entropy_axes, "(a) confidence", "(b) entropy (ODE: divergence identity)")
     confidence_axes.legend(fontsize="x-small")
     return save_figure(figure, path)
 
