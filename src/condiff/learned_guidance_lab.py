@@ -25,6 +25,7 @@ from condiff.evaluate import features_and_labels, frechet_distance
 from condiff.experiment import build_data, evaluation_classifier, load_pipeline, train_run
 from condiff.gmm import ExactNoisePredictor
 from condiff.gmm_guidance import knn_entropy, mean_confidence
+from condiff.guidance_lab import is_non_decreasing, is_non_increasing
 from condiff.guidance import ClassifierFreeGuidance
 from condiff.report import image_md, markdown_table, new_figure, save_figure, save_sample_grid
 from condiff.sample import generate, sampling_scheduler
@@ -207,9 +208,12 @@ def plot_learned_digits(curves: DigitsCurves, path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 def _trend(values: list[float], rising: bool) -> str:
-    pairs = list(zip(values, values[1:]))
-    holds = all(b >= a for a, b in pairs) if rising else all(b <= a for a, b in pairs)
-    return "yes" if holds else "no"
+    return "yes" if (is_non_decreasing if rising else is_non_increasing)(values) else "no"
+
+
+def _trend_all(curves: dict[str, list[float]], rising: bool) -> str:
+    failing = [key for key, values in curves.items() if _trend(values, rising) == "no"]
+    return "yes" if not failing else "not for " + ", ".join(failing)
 
 
 def learned_sections(output: Path, sizes: LearnedSizes = FULL_LEARNED) -> list[tuple[str, str]]:
@@ -256,7 +260,3 @@ def learned_sections(output: Path, sizes: LearnedSizes = FULL_LEARNED) -> list[t
         + "\n\n" + image_md("learned_digits_samples.png", "guided digits"))
     return [("Learned scores: the reference mixture", mixture_body), ("Learned scores: digits", digits_body)]
 
-
-def _trend_all(curves: dict[str, list[float]], rising: bool) -> str:
-    failing = [key for key, values in curves.items() if _trend(values, rising) == "no"]
-    return "yes" if not failing else "not for " + ", ".join(failing)
