@@ -185,9 +185,10 @@ def test_existing_run_directory_is_not_overwritten_without_overwrite(tmp_path, c
     assert sorted(p.name for p in run.iterdir()) == ["marker.txt"]
 
 
-def test_overwrite_replaces_an_existing_run_directory(tmp_path):
+def test_overwrite_replaces_a_run_directory_condiff_made(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
+    (run / ".condiff").write_text('{"kind": "run"}')   # made by condiff: --overwrite may replace it
     (run / "marker.txt").write_text("stale")
     assert main(["train", tiny_gmm_config(tmp_path, run), "--overwrite", "--set", "train.steps=2"]) == 0
     assert not (run / "marker.txt").exists()
@@ -307,6 +308,6 @@ def test_evaluate_a_gmm_run(trained_run, capsys):
 
 def test_resume_refuses_a_different_config(trained_run, capsys):
     run, config = trained_run
-    assert main(["train", config, "--resume", "--set", "train.lr=0.5"]) == 2
+    assert main(["train", config, "--resume", "--set", "train.batch_size=7"]) == 2
     line = error_line(capsys)
-    assert "cannot resume with a different config" in line and "train.lr" in line
+    assert "cannot resume with a different config" in line and "train.batch_size" in line

@@ -13,7 +13,7 @@ from PIL import Image
 
 import condiff.data
 from condiff.cli import main
-from condiff.config import ConfigError, config_from_dict, dataset_num_classes
+from condiff.config import ConfigError, check_inputs, config_from_dict, dataset_num_classes
 from condiff.data import (FASHION_MNIST_DIR, DataError, DataNotFound, load_fashion_mnist, load_idx,
                           load_image_csv, load_image_folder, load_mnist_5k, mnist_5k_path, resize_images)
 
@@ -216,8 +216,11 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def data_config(tmp_path, **data):
+    """A config validated and its data files checked, as `load_config` does."""
     table = {"data": data, "model": {"kind": "unet8"}, "output_dir": str(tmp_path / "run")}
-    return config_from_dict(table, "test.toml")
+    config = config_from_dict(table, "test.toml")
+    check_inputs(config, "test.toml")
+    return config
 
 
 BAD_DATA = {
@@ -225,10 +228,10 @@ BAD_DATA = {
     "idx without images": ({"dataset": "idx", "labels_path": "x"}, "data.path: required for the idx dataset"),
     "idx without labels": ({"dataset": "idx", "path": "x"}, "data.labels_path: required for the idx dataset"),
     "idx labels missing": ({"dataset": "idx", "path": "x", "labels_path": "missing-labels"},
-                           "data.labels_path: missing-labels: file not found"),
+                           "data.labels_path: {tmp}/missing-labels: file not found"),
     "folder without path": ({"dataset": "image-folder"}, "data.path: required for the image-folder dataset"),
     "folder not there": ({"dataset": "image-folder", "path": "no/such/dir"},
-                         "data.path: no/such/dir: directory not found"),
+                         "data.path: {tmp}/no/such/dir: directory not found"),
     "csv without column": ({"dataset": "image-csv", "path": "i", "labels_path": "a.csv"}, "data.column: required"),
     "csv without csv": ({"dataset": "image-csv", "path": "i", "column": "Smiling"}, "data.labels_path: required"),
     "csv has two classes": ({"dataset": "image-csv", "path": "i", "labels_path": "a.csv", "column": "Smiling",
@@ -247,7 +250,7 @@ BAD_DATA = {
 @pytest.mark.parametrize("data,expected", list(BAD_DATA.values()), ids=list(BAD_DATA))
 def test_bad_data_fields_are_refused_naming_the_field(tmp_path, monkeypatch, data, expected):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="test.toml: " + re.escape(expected)):
+    with pytest.raises(ConfigError, match="test.toml: " + re.escape(expected.format(tmp=tmp_path))):
         data_config(tmp_path, **data)
 
 

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import DDPMPipeline
 
-from condiff.sample import generate, sampling_scheduler
+from condiff.run_sampling import sample_run
+from condiff.sample import generate, load_samples, sampling_scheduler
 
 CONFIG = """
 name = "two-processes"
@@ -72,4 +74,21 @@ def test_two_processes_hold_identical_multipliers_at_every_dual_step(tmp_path, e
 
     # Training into the same directory again is refused by every process (none is left waiting).
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode != 0 and "run directory exists" in again.stderr
+    assert again.returncode != 0 and "exists; pass --resume" in again.stderr
+    if estimator == "stratified":
+        evaluate_in_two_processes(torchrun, port, env, run_dir)
+
+
+def evaluate_in_two_processes(torchrun, port, env, run_dir):
+    """`condiff evaluate` under two processes: each draws half the samples, the main process alone
+    evaluates and writes, and the samples are those of one process (issue 10, item 5)."""
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", port, "-m", "condiff", "evaluate", str(run_dir)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((run_dir / "evaluation.json").read_text())
+    samples, provenance = load_samples(run_dir / "samples.npz")
+    assert result["samples"] == provenance and len(samples) == result["num_samples"] == 1000
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    one_process = sample_run(run_dir, progress=False)
+    torch.testing.assert_close(torch.from_numpy(load_samples(one_process)[0]), torch.from_numpy(samples),
+                               rtol=1e-5, atol=1e-5)

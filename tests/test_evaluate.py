@@ -588,7 +588,7 @@ def test_inception_fid_with_real_weights(digits_split):
 def test_evaluate_config_defaults_and_round_trip():
     config = config_from_dict({"evaluate": {"num_samples": 15000, "reference_samples": 5000,
                                             "nearest_neighbours": 5, "inception_weights": "w.pth"}})
-    assert config.evaluate == EvaluateConfig(30, 15000, 5000, 5, "w.pth")
+    assert config.evaluate == EvaluateConfig(30, 15000, 5000, 5, os.path.abspath("w.pth"))   # stored resolved
     assert config_from_dict(config.to_dict()).evaluate == config.evaluate
     default = config_from_dict({}).evaluate
     assert (default.num_samples, default.reference_samples, default.inception_weights) == (None, None, None)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from condiff.config import ConfigError, config_from_dict
+from condiff.config import ConfigError, check_inputs, config_from_dict
 from condiff.constraints import Constraint, PretrainedModelTerm
 from condiff.data import class_shares
 from condiff.experiment import build_data, train_run
@@ -109,7 +109,7 @@ def test_threshold_without_a_pretrained_run_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="finetune.threshold: .*finetune.pretrained"):
         gmm_config(tmp_path, "x", {}, 10, {"threshold": 0.1})
     with pytest.raises(ConfigError, match="finetune.pretrained: .* is not a trained condiff run"):
-        gmm_config(tmp_path, "x", {}, 10, {"pretrained": str(tmp_path / "missing"), "threshold": 0.1})
+        check_inputs(gmm_config(tmp_path, "x", {}, 10, {"pretrained": str(tmp_path / "missing"), "threshold": 0.1}))
     with pytest.raises(ConfigError, match="finetune.inputs"):
         gmm_config(tmp_path, "x", {}, 10, {"inputs": "uniform"})
 

@@ -19,7 +19,8 @@ from condiff.cli import main
 from condiff.config import ConfigError, config_from_dict
 from condiff.data import class_shares, gaussian_mixture_dataset
 from condiff.evaluate import features_and_labels
-from condiff.experiment import build_data, evaluation_classifier, train_run
+from condiff.experiment import build_data, train_run
+from condiff.run_evaluation import evaluation_classifier
 from condiff.gmm import ExactNoisePredictor, GaussianMixture
 from condiff.gmm_guidance import guided_score
 from condiff.guidance import (ClassifierFreeGuidance, ClassifierGuidance, noisy_accuracy,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from condiff.checkpoint import RunDirectoryError
+from condiff.rundir import RunDirectoryError
 from condiff.gmm_guidance import PHASE_SHIFT_EXAMPLE, REFERENCE_TABLE, reference_samples
 from condiff.guidance_lab import (
     ETAS,
@@ -212,6 +212,7 @@ def test_refuses_to_overwrite_a_run_without_overwrite(lab, tmp_path):
 
     stale = tmp_path / "lab"
     stale.mkdir()
+    (stale / ".condiff").write_text('{"kind": "guidance-lab"}')     # made by condiff: may be replaced
     (stale / "old.txt").write_text("from an earlier run")
     run_guidance_lab(stale, overwrite=True, progress=False, sizes=QUICK_SIZES)
     assert not (stale / "old.txt").exists() and (stale / "report.md").is_file()

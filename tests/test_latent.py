@@ -158,7 +158,8 @@ def saved_vae(vae, tmp_path_factory):
 
 
 def latent_config(tmp_path, autoencoder, **sections):
-    from condiff.config import config_from_dict
+    """A latent config, validated and its autoencoder checked (as `load_config` does)."""
+    from condiff.config import check_inputs, config_from_dict
 
     table = {
         "name": "latent", "output_dir": str(tmp_path / "run"),
@@ -172,7 +173,9 @@ def latent_config(tmp_path, autoencoder, **sections):
         "evaluate": {"classifier_epochs": 10},
         **sections,
     }
-    return config_from_dict(table)
+    config = config_from_dict(table)
+    check_inputs(config)
+    return config
 
 
 def test_latent_run_trains_on_latents_and_samples_decoded_images(saved_vae, vae, tmp_path):
@@ -182,7 +185,8 @@ def test_latent_run_trains_on_latents_and_samples_decoded_images(saved_vae, vae,
     from diffusers import DDPMPipeline
 
     from condiff.evaluate import extract_features, frechet_distance
-    from condiff.experiment import build_data, evaluate_run, evaluation_classifier, train_run
+    from condiff.experiment import build_data, train_run
+    from condiff.run_evaluation import evaluate_run, evaluation_classifier
 
     config = latent_config(tmp_path, saved_vae)
     run = train_run(config)

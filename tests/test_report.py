@@ -17,10 +17,10 @@ from condiff.report import (
     markdown_table,
     plot_class_frequencies,
     plot_training_curves,
-    read_metrics,
     save_sample_grid,
     write_report,
 )
+from condiff.rundir import RunDirectoryError, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -140,7 +140,7 @@ def test_read_metrics_drops_only_a_torn_last_line(tmp_path):
     assert read_metrics(path) == [{"step": 0}, {"step": 1}]
 
     path.write_text('{"step": 0, "lr"\n' + json.dumps({"step": 1}) + "\n")
-    with pytest.raises(ValueError, match=":1:"):
+    with pytest.raises(RunDirectoryError, match=":1:"):
         read_metrics(path)
 
 

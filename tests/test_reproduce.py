@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from condiff import reproduce as reproduce_module
-from condiff.checkpoint import RunDirectoryError
+from condiff.rundir import RunDirectoryError
 from condiff.cli import main
 from condiff.config import load_config
 from condiff.reproduce import EXPERIMENTS, SCALES, old_class_coverage, reproduce

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from condiff.checkpoint import RunDirectoryError
+from condiff.rundir import RunDirectoryError
 from condiff.config import config_from_dict
 from condiff.experiment import train_run
 from condiff.train import StopTraining
@@ -60,8 +60,8 @@ def test_resume_refuses_a_changed_config(tmp_path):
     config = tiny_config(tmp_path / "run", "stratified")
     with pytest.raises(StopTraining):
         train_run(config, on_step=crash_at(12))
-    config.train.lr = 5e-3
-    with pytest.raises(Exception, match="train.lr"):
+    config.train.batch_size = 32
+    with pytest.raises(Exception, match="train.batch_size"):
         train_run(config, resume=True)
 
 
@@ -81,7 +81,7 @@ def test_an_unfinished_checkpoint_write_leaves_the_previous_one_in_use(tmp_path)
     with pytest.raises(StopTraining):
         train_run(config, on_step=crash_at(15))
     # a crash while writing step 20 leaves a temporary folder, never a half-written step-0000020
-    (tmp_path / "run" / "checkpoints" / ".tmp-step-0000020").mkdir()
+    (tmp_path / "run" / "checkpoints" / ".step-0000020.x1y2z3.tmp").mkdir()
     train_run(config, resume=True)
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000040"
 

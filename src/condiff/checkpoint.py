@@ -1,69 +1,26 @@
-"""Run directories and checkpoints: written atomically, loaded without unpickling anything.
+"""Checkpoints: written atomically, loaded without unpickling anything, skipped when damaged.
 
 A checkpoint is a folder `checkpoints/step-XXXXXXX/` holding the model in diffusers format, the
 tensors of the optimizer, EMA and samplers in safetensors, and every scalar in `trainer_state.json`.
-It is assembled under a temporary name and renamed into place, so a run killed mid-write leaves the
-previous checkpoint intact; `checkpoints/latest` names the newest complete one.
+It is assembled under a unique temporary name and renamed into place, so a run killed mid-write leaves
+the previous checkpoint intact; `checkpoints/latest` names the newest complete one. Loading falls back,
+with a warning, from a damaged checkpoint to the newest one that reads back whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from condiff.rundir import RunDirectoryError, write_atomic, write_text_atomic
 
-class RunDirectoryError(RuntimeError):
-    """A run directory is missing, or exists where a new run would overwrite it."""
-
-
-def check_run_directory(path: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse, before anything is written, to resume without a checkpoint or to clobber a run."""
-    if resume:
-        if not (path / "checkpoints" / "latest").is_file():
-            raise RunDirectoryError(f"{path}: no checkpoint to resume from")
-    elif path.exists() and any(path.iterdir()) and not overwrite:
-        raise RunDirectoryError(f"{path}: run directory exists; pass --resume to continue it "
-                                "or --overwrite to replace it")
-
-
-def prepare_run_directory(path: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create a run directory, refusing to clobber an existing one unless told to."""
-    check_run_directory(path, resume=resume, overwrite=overwrite)
-    if resume:
-        return
-    if path.exists() and any(path.iterdir()):
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_pretrained_atomic(model, path: str | os.PathLike) -> Path:
-    """`model.save_pretrained(path)` (safetensors), atomically: a reader never sees a half-written folder,
-    and an existing model there is replaced only once the new one is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
-    return path
+MODEL_WEIGHTS = "model/diffusion_pytorch_model.safetensors"
 
 
 def flatten_tensors(prefix: str, tree, tensors: dict[str, torch.Tensor]):
@@ -96,28 +53,41 @@ def optimizer_state_from_json(state: dict) -> dict:
 
 
 def save_checkpoint(checkpoints_dir: Path, step: int, model, state: dict, keep: int) -> Path:
-    """Write model weights (save_pretrained) and `state` (nested dicts of tensors and JSON scalars)."""
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoints_dir / f"step-{step:07d}"
-    tmp = checkpoints_dir / f".tmp-step-{step:07d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = flatten_tensors("state", state, tensors)
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "trainer_state.json").write_text(json.dumps(skeleton, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """Write model weights (save_pretrained) and `state` (nested dicts of tensors and JSON scalars); keep
+    the newest `keep` checkpoints."""
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder / "model", safe_serialization=True)
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = flatten_tensors("state", state, tensors)
+        save_file(tensors, folder / "state.safetensors")
+        (folder / "trainer_state.json").write_text(json.dumps(skeleton, indent=1))
+
+    for leftover in checkpoints_dir.glob(".step-*"):   # temporary folders of a process killed mid-write
+        shutil.rmtree(leftover, ignore_errors=True)
+    final = write_atomic(checkpoints_dir / f"step-{step:07d}", write, directory=True)
     write_text_atomic(checkpoints_dir / "latest", final.name)
     for old in sorted(checkpoints_dir.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
     return final
 
 
-def load_checkpoint(checkpoints_dir: Path) -> tuple[Path, dict]:
-    """The newest complete checkpoint's folder and its state tree (tensors restored)."""
-    folder = checkpoints_dir / (checkpoints_dir / "latest").read_text().strip()
+def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model weights, state tree with its tensors restored) of one checkpoint folder."""
     skeleton = json.loads((folder / "trainer_state.json").read_text())
-    return folder, restore_tensors(skeleton, load_file(folder / "state.safetensors"))
+    return load_file(folder / MODEL_WEIGHTS), restore_tensors(skeleton, load_file(folder / "state.safetensors"))
+
+
+def load_checkpoint(checkpoints_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The newest checkpoint that reads back whole: (model weights, state tree). A damaged one (a
+    truncated file, a missing part) is skipped for the previous one, with a warning."""
+    named = (checkpoints_dir / "latest").read_text().strip() if (checkpoints_dir / "latest").is_file() else None
+    folders = sorted(checkpoints_dir.glob("step-*"), reverse=True)
+    if named is not None and checkpoints_dir / named in folders:   # `latest` first, then newest to oldest
+        folders.remove(checkpoints_dir / named)
+        folders.insert(0, checkpoints_dir / named)
+    for folder in folders:
+        try:
+            return read_checkpoint(folder)
+        except (OSError, ValueError, KeyError, SafetensorError) as err:
+            warnings.warn(f"{folder}: damaged checkpoint skipped ({type(err).__name__}: {err})", stacklevel=2)
+    raise RunDirectoryError(f"{checkpoints_dir}: no complete checkpoint to resume from")

@@ -1,7 +1,9 @@
-"""Command line: a thin layer over condiff.experiment and condiff.demo.
+"""Command line: a thin layer over condiff.experiment, condiff.run_sampling, condiff.run_evaluation and
+condiff.demo.
 
 Bad input (config, run directory, infeasible constraints) prints one line naming the field or file
-and exits with code 2, having written nothing.
+and exits with code 2, having written nothing; so does a training run that diverges (it keeps its last
+finite checkpoint).
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import sys
 import tomllib
 from pathlib import Path
 
-from condiff.checkpoint import RunDirectoryError
 from condiff.config import ConfigError
 from condiff.dual import InfeasibleConstraints
+from condiff.rundir import RunDirectoryError
 
-USER_ERRORS = (ConfigError, RunDirectoryError, InfeasibleConstraints, FileNotFoundError)
+DEVICE_HELP = "where models run, e.g. cuda, cuda:1, cpu (default: the accelerator's device, CUDA when present)"
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -33,7 +35,15 @@ def cmd_train(args) -> None:
     from condiff.config import load_config
     from condiff.experiment import train_run
 
-    config = load_config(args.config, dict(parse_override(s) for s in args.set))
+    overrides = dict(parse_override(s) for s in args.set)
+    source = Path(args.config)
+    if source.is_dir():   # a run directory: resume it from its own stored config, wherever it now lies
+        if not args.resume:
+            raise RunDirectoryError(f"{source}: a directory; give a config file, or --resume to continue this run")
+        source, overrides = source / "config.toml", {**overrides, "output_dir": str(source)}
+        if not source.is_file():
+            raise RunDirectoryError(f"{args.config}: not a condiff run directory (config.toml missing)")
+    config = load_config(source, overrides)
     run_dir = train_run(config, resume=args.resume, overwrite=args.overwrite)
     print(f"trained: {run_dir}")
 
@@ -55,33 +65,35 @@ def cmd_autoencoder(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from condiff.experiment import sample_run
+    from condiff.run_sampling import sample_run
 
     path = sample_run(Path(args.run), num_samples=args.num_samples, method=args.method, steps=args.steps,
                       seed=args.seed, batch_size=args.batch_size, record_x0=args.record_x0,
-                      class_label=getattr(args, "class"), guidance=args.guidance, guidance_kind=args.guidance_kind)
+                      class_label=getattr(args, "class"), guidance=args.guidance, guidance_kind=args.guidance_kind,
+                      device=args.device)
     print(f"samples: {path} and {path.with_suffix('.png')}")
 
 
 def cmd_noise_classifier(args) -> None:
-    from condiff.experiment import train_noise_classifier_run
+    from condiff.run_sampling import train_noise_classifier_run
 
-    accuracy = train_noise_classifier_run(Path(args.run), steps=args.steps, overwrite=args.overwrite)
+    accuracy = train_noise_classifier_run(Path(args.run), steps=args.steps, overwrite=args.overwrite,
+                                          device=args.device)
     print("held-out accuracy at t = " + ", ".join(f"{t}: {a:.3f}" for t, a in accuracy.items()))
 
 
 def cmd_evaluate(args) -> None:
-    from condiff.experiment import evaluate_run
+    from condiff.run_evaluation import evaluate_run
 
-    result = evaluate_run(Path(args.run), num_samples=args.num_samples)
+    result = evaluate_run(Path(args.run), num_samples=args.num_samples, device=args.device)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
-                   if not isinstance(v, list)))
+                   if not isinstance(v, (list, dict))))
 
 
 def cmd_demo(args) -> None:
     from condiff.demo import run_demo
 
-    report = run_demo(Path(args.output), overwrite=args.overwrite, steps=args.steps)
+    report = run_demo(Path(args.output), overwrite=args.overwrite, steps=args.steps, device=args.device)
     print(f"report: {report}")
 
 
@@ -101,7 +113,8 @@ def cmd_reproduce(args) -> None:
     from condiff.reproduce import reproduce
 
     output = Path(args.output or f"runs/{args.experiment}-{args.scale}")
-    report = reproduce(args.experiment, output, scale=args.scale, overwrite=args.overwrite, resume=args.resume)
+    report = reproduce(args.experiment, output, scale=args.scale, overwrite=args.overwrite, resume=args.resume,
+                       device=args.device)
     print(f"report: {report}")
 
 
@@ -110,9 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a (constrained) diffusion model from a TOML config")
-    p.add_argument("config", help="experiment config, e.g. configs/digits-minority.toml")
-    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("config", help="experiment config, e.g. configs/digits-minority.toml; with --resume also a run "
+                                  "directory (resumed from its own config, wherever it lies)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its newest complete checkpoint "
+                                                         "(--set train.lr=... to continue a diverged run more slowly)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run directory if condiff created it (never a folder of your own)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=200 (repeatable)")
     p.set_defaults(func=cmd_train)
@@ -124,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-out-channels", type=int, nargs="+", default=[16, 32],
                    help="encoder widths; each after the first halves the resolution (default 16 32)")
     p.add_argument("--latent-channels", type=int, default=4, help="default 4")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing autoencoder folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an autoencoder folder condiff created")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_autoencoder)
 
@@ -142,29 +158,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-kind", choices=["cfg", "classifier"],
                    help="cfg (classifier-free; default for class-conditional models) or classifier "
                         "(needs `condiff noise-classifier RUN`; default for unconditional models)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("noise-classifier", help="train the noise-aware classifier of a run, for classifier guidance")
     p.add_argument("run", help="run directory")
     p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
     p.add_argument("--overwrite", action="store_true", help="retrain an existing RUN/noise_classifier")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_noise_classifier)
 
     p = sub.add_parser("evaluate", help="class frequencies, TV to uniform and Frechet distance of a run")
     p.add_argument("run", help="run directory")
     p.add_argument("--num-samples", type=int, help="default: the config's sample.num_samples")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="minority digits 4, 5, 7: unconstrained vs constrained, with a report")
     p.add_argument("--output", default="runs/demo", help="where the two runs and report.md go")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the demo directory if condiff created it")
     p.add_argument("--steps", type=int, help="training steps per model (default: the demo configs')")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("guidance-lab", help="what guidance does to confidence and diversity: exact Gaussian "
                                             "mixtures (Wu et al. 2024) and condiff-trained models")
     p.add_argument("--output", default="runs/guidance-lab", help="where the figures and report.md go")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if condiff created it")
     p.add_argument("--exact-only", action="store_true", help="skip the learned models (exact scores only)")
     p.add_argument("--quick", action="store_true", help="reduced sample counts and training (a smoke test)")
     p.set_defaults(func=cmd_guidance_lab)
@@ -176,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: reduced, within the hour on 2 cores (default); paper: the authors' settings, for GPUs")
     p.add_argument("--output", help="where the runs and report.md go (default: runs/EXPERIMENT-SCALE)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    group.add_argument("--overwrite", action="store_true", help="replace the output directory if condiff created it")
     group.add_argument("--resume", action="store_true", help="continue an interrupted reproduction")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_reproduce)
     return parser
 
@@ -192,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(width <= 0 for width in getattr(args, "block_out_channels", None) or []):
         print(f"condiff: error: --block-out-channels: must be positive, got {args.block_out_channels}", file=sys.stderr)
         return 2
+    from condiff.train import TrainingDiverged
+
     try:
         args.func(args)
-    except USER_ERRORS as err:
-        print(f"condiff: error: {err}", file=sys.stderr)
+    except (ConfigError, RunDirectoryError, InfeasibleConstraints, TrainingDiverged, FileNotFoundError) as err:
+        print("condiff: error: " + " ".join(str(err).split()), file=sys.stderr)   # one line, whatever the message
         return 2
     return 0
 

@@ -2,10 +2,16 @@
 
 Every error names the offending field (`train.batch_size: must be positive, got -4`) so a user can
 fix a config without reading a traceback; the CLI prints it on one line and exits with code 2.
+
+`config_from_dict` checks values only, without touching a file, so a stored run's config always loads;
+`check_inputs` checks the files a config reads (data, pretrained run, autoencoder) before training.
+Relative input paths in a config file are resolved against the file's folder (relative `--set` values
+against the working directory) and stored resolved; `output_dir` is relative to the working directory.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 import types
 import typing
@@ -27,7 +33,7 @@ class DataConfig:
                                                 # (drawn at random before anything else; default: all)
     means: list[list[float]] = field(default_factory=list)      # gmm: component means
     std: float = 0.1                            # gmm: component standard deviation
-    # Real datasets. Relative paths are relative to the directory condiff runs in.
+    # Real datasets. Relative paths are relative to the config file's folder.
     path: str | None = None                     # idx: images file; image-folder: root (one sub-folder per
                                                 # class); image-csv: image directory; fashion-mnist: directory
                                                 # of its IDX files (default: Debian's dataset-fashion-mnist)
@@ -141,7 +147,7 @@ class EvaluateConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
-    output_dir: str = ""                        # default: runs/<name>
+    output_dir: str = ""                        # default: runs/<name> (relative to the working directory)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -190,6 +196,7 @@ REQUIRED_FIELDS = {
                   "column": "the CSV column that is the 0/1 label"},
 }
 DATA_FIELDS = ("path", "labels_path", "column", "resolution", "channels")
+INPUT_PATHS = ("data.path", "data.labels_path", "latent.autoencoder", "finetune.pretrained", "evaluate.inception_weights")
 
 
 def _type_name(tp) -> str:
@@ -256,10 +263,17 @@ def _check_ranges(config: ExperimentConfig) -> None:
                 raise ConfigError(f"{where}: must be non-negative, got {value}")
 
 
+def known_num_classes(data: DataConfig) -> int | None:
+    """Classes of the configured dataset when the config alone says (None: its files do)."""
+    if data.dataset == "gmm":
+        return len(data.means)
+    return DATASET_CLASSES.get(data.dataset)
+
+
 def dataset_num_classes(data: DataConfig) -> int:
     """Classes of the configured dataset; reads an image folder's sub-folders and an IDX labels file."""
     if data.dataset not in ("image-folder", "idx"):
-        return len(data.means) if data.dataset == "gmm" else DATASET_CLASSES[data.dataset]
+        return known_num_classes(data)
     from condiff.data import DataError, image_folder_classes, load_idx_labels  # torch: only when needed
 
     try:
@@ -300,15 +314,20 @@ def image_channels(data: DataConfig) -> int | None:
 
 
 def _check_latent(config: ExperimentConfig) -> None:
-    """The autoencoder must be a diffusers AutoencoderKL folder that takes the data's images."""
     path = config.latent.autoencoder
     if path is None:
         return
     if not path.strip():
         raise ConfigError("latent.autoencoder: empty path (leave it out to train on pixels)")
-    channels = image_channels(config.data)
-    if channels is None:
+    if image_channels(config.data) is None:
         raise ConfigError(f"latent.autoencoder: latent diffusion needs images, the {config.data.dataset} data are vectors")
+
+
+def _check_autoencoder_file(config: ExperimentConfig) -> None:
+    """The autoencoder must be a diffusers AutoencoderKL folder that takes the data's images."""
+    path, channels = config.latent.autoencoder, image_channels(config.data)
+    if path is None:
+        return
     import json
 
     file = Path(path).expanduser() / "config.json"
@@ -338,17 +357,14 @@ def _check_consistency(config: ExperimentConfig) -> None:
         if data.per_class is None and missing:
             raise ConfigError(f"data.per_class: required for the gmm dataset (samples per component; "
                               f"data.class_counts leaves component {missing[0]} without a count)")
-    num_classes = dataset_num_classes(data)
     for key, count in data.class_counts.items():
-        if not key.isdigit() or int(key) >= num_classes:
-            raise ConfigError(f"data.class_counts.{key}: dataset {data.dataset} has no class {key} "
-                              f"(classes 0-{num_classes - 1})")
+        if not key.isdigit():
+            raise ConfigError(f"data.class_counts.{key}: not a class number")
         if count < 0:
             raise ConfigError(f"data.class_counts.{key}: must be non-negative, got {count}")
-    for i, label in enumerate(cons.classes):
-        if not 0 <= label < num_classes:
-            raise ConfigError(f"constraints.classes[{i}]: dataset {data.dataset} has no class {label} "
-                              f"(classes 0-{num_classes - 1})")
+    num_classes = known_num_classes(data)
+    if num_classes is not None:
+        _check_classes(config, num_classes)
     if len(set(cons.classes)) != len(cons.classes):
         raise ConfigError("constraints.classes: a class is listed twice")
     modes = [k for k in ("gamma", "thresholds", "target_shares", "kl_bounds") if getattr(cons, k) is not None]
@@ -375,9 +391,6 @@ def _check_consistency(config: ExperimentConfig) -> None:
     if tune.threshold is not None and not tune.pretrained:
         raise ConfigError("finetune.threshold: constrains the distance to a pretrained model; "
                           "set finetune.pretrained to its run directory")
-    if tune.pretrained and not (Path(tune.pretrained) / "model" / "model_index.json").is_file():
-        raise ConfigError(f"finetune.pretrained: {tune.pretrained} is not a trained condiff run "
-                          "(model/model_index.json missing)")
     _check_latent(config)
     if config.evaluate.inception_weights is not None and not config.evaluate.inception_weights.strip():
         raise ConfigError("evaluate.inception_weights: empty path (leave it out to skip Inception FID)")
@@ -392,14 +405,63 @@ def _check_consistency(config: ExperimentConfig) -> None:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {config.train.ema_decay}")
 
 
+def _check_classes(config: ExperimentConfig, num_classes: int) -> None:
+    data = config.data
+    for key in data.class_counts:
+        if int(key) >= num_classes:
+            raise ConfigError(f"data.class_counts.{key}: dataset {data.dataset} has no class {key} "
+                              f"(classes 0-{num_classes - 1})")
+    for i, label in enumerate(config.constraints.classes):
+        if not 0 <= label < num_classes:
+            raise ConfigError(f"constraints.classes[{i}]: dataset {data.dataset} has no class {label} "
+                              f"(classes 0-{num_classes - 1})")
+
+
+def check_inputs(config: ExperimentConfig, source: str = "config") -> None:
+    """Check the files a config reads before it trains: the dataset's classes (image folders, IDX labels),
+    the pretrained run, the autoencoder. Errors name `source` and the field."""
+    try:
+        if known_num_classes(config.data) is None:
+            _check_classes(config, dataset_num_classes(config.data))
+        pretrained = config.finetune.pretrained
+        if pretrained and not (Path(pretrained) / "model" / "model_index.json").is_file():
+            raise ConfigError(f"finetune.pretrained: {pretrained} is not a trained condiff run "
+                              "(model/model_index.json missing)")
+        _check_autoencoder_file(config)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def get_dotted(table: dict, dotted: str):
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        table = table.get(key, {}) if isinstance(table, dict) else {}
+    return table.get(leaf) if isinstance(table, dict) else None
+
+
+def resolve_input_paths(table: dict, base: Path) -> None:
+    """Make the table's relative input paths absolute against `base` (in place)."""
+    for dotted in INPUT_PATHS:
+        value = get_dotted(table, dotted)
+        if isinstance(value, str) and value.strip() and not Path(value).expanduser().is_absolute():
+            section, leaf = dotted.split(".")
+            table[section][leaf] = os.path.normpath(base / value)
+
+
 def config_from_dict(table: dict, source: str = "config") -> ExperimentConfig:
-    """Validate a parsed TOML table into an ExperimentConfig; errors name `source` and the field."""
+    """Validate a parsed TOML table into an ExperimentConfig without reading any file; errors name
+    `source` and the field. Relative input paths left in the table are taken from the working directory."""
     try:
         config = _build(ExperimentConfig, table, "")
         _check_ranges(config)
         _check_consistency(config)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    for dotted in INPUT_PATHS:
+        section, leaf = dotted.split(".")
+        value = getattr(getattr(config, section), leaf)
+        if value and value.strip():
+            setattr(getattr(config, section), leaf, os.path.abspath(Path(value).expanduser()))
     if not config.output_dir:
         config.output_dir = str(Path("runs") / config.name)
     return config
@@ -412,8 +474,9 @@ def read_config_table(path: str | Path, overrides: dict | None = None) -> dict:
         raise ConfigError(f"{path}: config file not found")
     try:
         table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    resolve_input_paths(table, path.resolve().parent)
     for dotted, value in (overrides or {}).items():
         *parents, leaf = dotted.split(".")
         node = table
@@ -426,5 +489,8 @@ def read_config_table(path: str | Path, overrides: dict | None = None) -> dict:
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
-    """Read and validate a TOML experiment config (optionally with nested overrides applied)."""
-    return config_from_dict(read_config_table(path, overrides), str(path))
+    """Read and validate a TOML experiment config (optionally with nested overrides applied), and
+    check the files it reads."""
+    config = config_from_dict(read_config_table(path, overrides), str(path))
+    check_inputs(config, str(path))
+    return config

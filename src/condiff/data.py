@@ -15,6 +15,8 @@ import csv
 import gzip
 import importlib.metadata
 import importlib.util
+import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +78,8 @@ class DataNotFound(DataError):
     """A dataset's files (or a field in them) are missing; the message says how to get them."""
 
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")   # where Debian's dataset-fashion-mnist puts it
+# Where Debian's dataset-fashion-mnist puts it; CONDIFF_FASHION_MNIST points elsewhere.
+FASHION_MNIST_DIR = Path(os.environ.get("CONDIFF_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -118,7 +121,10 @@ def _read_idx(path: Path, hint: str) -> np.ndarray:
     with path.open("rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the file is called
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as err:  # truncated, bad CRC (gzip.BadGzipFile), bad deflate data
+            raise DataError(f"{path}: truncated or corrupt gzip file ({err})") from None
     # Header: two zero bytes, a type code (0x08: unsigned byte), the number of dimensions, then one
     # big-endian int32 size per dimension.
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
@@ -244,13 +250,18 @@ def load_image_csv(images_dir: str | Path, csv_path: str | Path, column: str, re
     if not images_dir.is_dir():
         raise DataNotFound(f"{images_dir}: image directory not found (e.g. Celeb-A's img_align_celeba/)")
     with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        for needed in (id_column, column):
-            if needed not in header:
-                raise DataNotFound(f"{csv_path}: no column {needed!r} (columns: {', '.join(header[:8])}"
-                                   f"{', ...' if len(header) > 8 else ''})")
-        rows = list(reader)
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError as err:
+            raise DataError(f"{csv_path}: not a UTF-8 text CSV ({err.reason}); if it is compressed, "
+                            "decompress it first") from None
+    reader = csv.DictReader(lines)
+    header = reader.fieldnames or []
+    for needed in (id_column, column):
+        if needed not in header:
+            raise DataNotFound(f"{csv_path}: no column {needed!r} (columns: {', '.join(header[:8])}"
+                               f"{', ...' if len(header) > 8 else ''})")
+    rows = list(reader)
     values = {"1": 1, "-1": 0, "0": 0}
     labels = []
     for line, row in enumerate(rows, start=2):

@@ -10,20 +10,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from condiff.checkpoint import prepare_run_directory
+import torch
+
 from condiff.config import load_config
-from condiff.experiment import class_share_rows, evaluate_run, train_run
-from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves, read_metrics,
+from condiff.experiment import train_run
+from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves,
                             write_report)
+from condiff.run_evaluation import class_share_rows, evaluate_run
+from condiff.rundir import create_output_directory, read_metrics
+from condiff.runtime import process_state
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEMO_CONFIGS = {"unconstrained": "digits-minority-unconstrained.toml", "constrained": "digits-minority.toml"}
 
 
-def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None, progress: bool = True) -> Path:
-    """Train, evaluate and compare both models under `output`; returns the report's path."""
+def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None,
+             device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """Train, evaluate and compare both models under `output` (evaluated on `device`, default the
+    accelerator's); returns the report's path. `overwrite` replaces only a directory condiff made."""
     configs = {name: load_config(CONFIG_DIR / file) for name, file in DEMO_CONFIGS.items()}
-    prepare_run_directory(output, resume=False, overwrite=overwrite)
+    output = create_output_directory(output, "demo", overwrite=overwrite)
     results = {}
     for name, config in configs.items():
         config.output_dir = str(output / name)
@@ -32,7 +38,9 @@ def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None,
             config.train.warmup_steps = min(config.train.warmup_steps, steps // 10)
         print(f"== {name}: {config.train.steps} steps")
         run_dir = train_run(config)
-        results[name] = evaluate_run(run_dir, progress=progress)
+        results[name] = evaluate_run(run_dir, device=device, progress=progress)
+    if not process_state().is_main_process:
+        return output / "report.md"
 
     num_classes = len(results["unconstrained"]["class_frequencies"])
     plot_class_frequencies({n: r["class_frequencies"] for n, r in results.items()}, output / "class_frequencies.png",

@@ -19,8 +19,6 @@ import importlib.util
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -35,6 +33,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from condiff.data import LabelledDataset, class_shares
+from condiff.rundir import write_atomic
+from condiff.runtime import resolve_device
 
 FEATURE_WIDTH = 64
 
@@ -119,7 +119,8 @@ def extract_features(classifier: Classifier, x: torch.Tensor | np.ndarray, batch
 
 
 def train_classifier(train: LabelledDataset, held_out: LabelledDataset, *, epochs: int,
-                     batch_size: int = 128, lr: float = 1e-3, seed: int = 0) -> tuple[Classifier, float]:
+                     batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                     device: str | torch.device | None = None) -> tuple[Classifier, float]:
     """Train a Classifier with AdamW and cosine learning-rate decay; return it (eval mode) and its
     accuracy on `held_out`. Images get random 1-pixel shifts. Deterministic given `seed`."""
     if train.sample_shape != held_out.sample_shape or train.num_classes != held_out.num_classes:
@@ -129,6 +130,8 @@ def train_classifier(train: LabelledDataset, held_out: LabelledDataset, *, epoch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         classifier = Classifier(train.sample_shape, train.num_classes)
+    device = resolve_device(device)
+    classifier.to(device)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
@@ -140,7 +143,7 @@ def train_classifier(train: LabelledDataset, held_out: LabelledDataset, *, epoch
             x = train.data[indices]
             if is_image:
                 x = _random_shifts(x, generator)
-            loss = F.cross_entropy(classifier(x), train.labels[indices])
+            loss = F.cross_entropy(classifier(x.to(device)), train.labels[indices].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -165,21 +168,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CONDIFF_CACHE", Path.home() / ".cache" / "condiff"))
 
 
-def _write_atomically(path: Path, write: Callable[[str], object]) -> None:
-    """Call write(temporary_path) in path's directory, then rename onto path, so that readers only
-    ever see a complete file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def load_or_train_classifier(key: str, train: LabelledDataset, held_out: LabelledDataset, *,
-                             cache_dir: Path | None = None, **train_kwargs) -> tuple[Classifier, float]:
+                             cache_dir: Path | None = None, device: str | torch.device | None = None,
+                             **train_kwargs) -> tuple[Classifier, float]:
     """The classifier cached under `key`, or a freshly trained (and then cached) one.
 
     The cache entry is reused only if it was made from the same train and held-out data with the
@@ -202,15 +193,15 @@ def load_or_train_classifier(key: str, train: LabelledDataset, held_out: Labelle
             if meta.get("fingerprint") == fingerprint == weights_fingerprint:
                 classifier = Classifier(**meta["config"])
                 classifier.load_state_dict({name: weights.get_tensor(name) for name in weights.keys()})
-                return classifier.eval(), float(meta["held_out_accuracy"])
+                return classifier.to(resolve_device(device)).eval(), float(meta["held_out_accuracy"])
 
-    classifier, accuracy = train_classifier(train, held_out, **train_kwargs)
+    classifier, accuracy = train_classifier(train, held_out, device=device, **train_kwargs)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.contiguous() for name, tensor in classifier.state_dict().items()}
-    _write_atomically(weights_path, lambda p: save_file(state, p, metadata={"fingerprint": fingerprint}))
+    state = {name: tensor.cpu().contiguous() for name, tensor in classifier.state_dict().items()}
+    write_atomic(weights_path, lambda p: save_file(state, p, metadata={"fingerprint": fingerprint}))
     meta = {"config": classifier.config(), "held_out_accuracy": accuracy, "fingerprint": fingerprint,
             "train_name": train.name, "held_out_name": held_out.name, "train_kwargs": train_kwargs}
-    _write_atomically(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    write_atomic(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
     return classifier, accuracy
 
 

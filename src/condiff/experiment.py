@@ -1,7 +1,9 @@
 """From a validated config to datasets, model, constraints and a trained run directory.
 
 This is the glue the CLI calls; a user can do the same from Python:
-`train_run(load_config("configs/digits-minority.toml"))`.
+`train_run(load_config("configs/digits-minority.toml"))`. A run directory holds everything needed to
+sample and evaluate it later, from anywhere: its config (paths resolved), its model, a copy of its
+autoencoder (latent runs) and the data evaluation compares with (`evaluation_data.safetensors`).
 """
 
 from __future__ import annotations
@@ -15,29 +17,26 @@ import tomli_w
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.utils import logging as diffusers_logging
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from condiff.checkpoint import (RunDirectoryError, check_run_directory, prepare_run_directory, save_pretrained_atomic,
-                                write_text_atomic)
-from condiff.config import ConfigError, ExperimentConfig, config_from_dict
+from condiff.config import ConfigError, ExperimentConfig, check_inputs, config_from_dict
 from condiff.constraints import Constraint, DatasetTerm, PretrainedModelTerm
-from condiff.data import (DataError, LabelledDataset, balanced_counts, gaussian_mixture_dataset,
+from condiff.data import (DataError, DataNotFound, LabelledDataset, balanced_counts, gaussian_mixture_dataset,
                           load_digits_dataset, load_fashion_mnist, load_idx, load_image_csv, load_image_folder,
                           load_mnist_5k, resize_images, split_per_class, take_per_class)
-from condiff.evaluate import (InceptionFIDUnavailable, check_inception_fid, class_frequency_intervals,
-                              features_and_labels, frechet_distance, inception_fid, load_or_train_classifier,
-                              precision_recall, predict_labels, total_variation)
 from condiff.dual import (InfeasibleConstraints, multipliers_for_target_shares, multipliers_from_kl_bounds, predicted_shares,
                           relaxation_costs_for_multipliers)
 from condiff.gmm import GaussianMixture
-from condiff.guidance import (GUIDANCE_KINDS, ClassifierFreeGuidance, ClassifierGuidance, NoiseAwareClassifier,
-                              noisy_accuracy, train_noise_aware_classifier)
-from condiff.latent import (AutoencoderLoadError, decode_latents, encode_dataset, load_autoencoder, save_autoencoder,
-                            train_autoencoder)
-from condiff.models import build_model, null_class_label, sample_shape_of
-from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves, read_metrics,
-                            save_sample_grid, write_report)
-from condiff.sample import generate, sampling_scheduler
+from condiff.latent import AutoencoderLoadError, encode_dataset, load_autoencoder, save_autoencoder, train_autoencoder
+from condiff.models import build_model, sample_shape_of
+from condiff.rundir import (RunDirectory, RunDirectoryError, check_output_directory, create_output_directory,
+                            save_pretrained_atomic, write_atomic, write_json_atomic, write_text_atomic)
 from condiff.train import train
+
+
+class MissingData(ConfigError):
+    """The dataset a config names is not on this machine (optional data: see `make data`)."""
 
 
 @dataclass
@@ -79,6 +78,8 @@ def load_dataset(config: ExperimentConfig) -> LabelledDataset:
         else:
             full = load_idx(data.path, data.labels_path)
         return resize_images(full, data.resolution) if data.resolution else full   # IDX: native 28x28
+    except DataNotFound as err:
+        raise MissingData(f"data: {err}") from None
     except DataError as err:
         raise ConfigError(f"data: {err}") from None
 
@@ -141,11 +142,15 @@ def build_constraints(config: ExperimentConfig, train_set: LabelledDataset, nois
             for c, b, g in zip(cons.classes, thresholds, gammas)]
 
 
-def load_latent_autoencoder(config: ExperimentConfig):
-    """The frozen AutoencoderKL of a latent-diffusion config, or None when the model works on pixels."""
+def load_latent_autoencoder(config: ExperimentConfig, run_dir: Path | None = None):
+    """The frozen AutoencoderKL of a latent-diffusion config (the run's own copy when `run_dir` has one),
+    or None when the model works on pixels."""
     if config.latent.autoencoder is None:
         return None
+    copy = RunDirectory(run_dir).autoencoder if run_dir is not None else None
     try:
+        if copy is not None and copy.is_dir():
+            return load_autoencoder(copy)
         return load_autoencoder(Path(config.latent.autoencoder).expanduser())
     except AutoencoderLoadError as err:
         raise ConfigError(f"latent.autoencoder: {err}") from None
@@ -178,16 +183,69 @@ def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# What may change when a run is resumed: where it lies, how fast it learns (a diverged run continues
+# from its last checkpoint with a smaller rate), how long, and how it is sampled and evaluated.
+RESUMABLE_FIELDS = ("output_dir", "train.lr", "train.steps", "train.checkpoint_every", "train.keep_checkpoints",
+                    "dual.lr", "sample.", "evaluate.")
+
+
 def run_directory(config: ExperimentConfig) -> Path:
-    return Path(config.output_dir)
+    """The config's output directory; a config built in Python without one gets runs/NAME."""
+    return Path(config.output_dir or Path("runs") / config.name)
+
+
+def check_resumable(run: RunDirectory, config: ExperimentConfig) -> None:
+    if not run.checkpoints.is_dir() or not any(run.checkpoints.glob("step-*")):
+        raise RunDirectoryError(f"{run.path}: no checkpoint to resume from")
+    run.require_run()
+    changed = [name for name in differing_fields(load_run_config(run.path).to_dict(), config.to_dict())
+               if not name.startswith(RESUMABLE_FIELDS)]
+    if changed:
+        raise ConfigError(f"{run.config_file}: cannot resume with a different config (changed: {', '.join(changed)})")
+
+
+def save_evaluation_data(run: RunDirectory, data: ExperimentData) -> None:
+    """Keep the sets evaluation compares with inside the run, so that it evaluates without the data."""
+    if data.mixture is not None:   # a Gaussian mixture is rebuilt from the config itself
+        return
+    sets = {"reference": data.reference, "classifier_train": data.classifier_train, "held_out": data.held_out}
+    tensors = {f"{name}.{part}": getattr(dataset, part).contiguous() for name, dataset in sets.items()
+               for part in ("data", "labels")}
+    metadata = {"num_classes": str(data.reference.num_classes),
+                **{f"{name}.name": dataset.name for name, dataset in sets.items()}}
+    write_atomic(run.evaluation_data, lambda p: save_file(tensors, p, metadata=metadata))
+
+
+def load_evaluation_data(config: ExperimentConfig, run_dir: Path) -> ExperimentData:
+    """What evaluation needs (reference, classifier sets, mixture): the run's own copy when it has one,
+    else the data rebuilt from the config (runs made before condiff kept a copy)."""
+    path = RunDirectory(run_dir).evaluation_data
+    if not path.is_file():
+        return build_data(config)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata()
+        tensors = load_file(path)
+        sets = {name: LabelledDataset(tensors[f"{name}.data"], tensors[f"{name}.labels"], int(metadata["num_classes"]),
+                                      metadata[f"{name}.name"])
+                for name in ("reference", "classifier_train", "held_out")}
+    except (OSError, KeyError, ValueError, SafetensorError) as err:
+        raise RunDirectoryError(f"{path}: unreadable ({err})") from None
+    return ExperimentData(sets["reference"], sets["classifier_train"], sets["held_out"], sets["reference"], None)
 
 
 def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, on_step=None,
               accelerator=None) -> Path:
-    """Train the model a config describes into its run directory; returns the directory."""
+    """Train the model a config describes into its run directory; returns the directory.
+
+    `overwrite` replaces only an empty directory or one condiff created (see condiff.rundir); `resume`
+    continues from the newest complete checkpoint, wherever the directory now lies."""
     from accelerate import Accelerator
 
-    run_dir = run_directory(config)
+    run = RunDirectory(run_directory(config))
+    check_inputs(config)
     accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
     data = build_data(config)
     autoencoder = load_latent_autoencoder(config)
@@ -221,23 +279,22 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     # Only now, with everything built and checked, is anything written.
     # Every process checks (so a refusal exits all of them instead of leaving some at a barrier);
     # then the main process alone writes.
-    check_run_directory(run_dir, resume=resume, overwrite=overwrite)
     if resume:
-        changed = differing_fields(load_run_config(run_dir).to_dict(), config.to_dict())
-        if changed:
-            raise ConfigError(f"{run_dir / 'config.toml'}: cannot resume with a different config "
-                              f"(changed: {', '.join(changed)})")
-    accelerator.wait_for_everyone()
+        check_resumable(run, config)
+    else:
+        create_output_directory(run.path, "run", overwrite=overwrite, resumable=True)
     if accelerator.is_main_process:
-        prepare_run_directory(run_dir, resume=resume, overwrite=overwrite)
-        if not resume:
-            write_text_atomic(run_dir / "config.toml", tomli_w.dumps(config.to_dict()))
+        # Stored with its location resolved; on resume, with what changed (e.g. a smaller train.lr).
+        write_text_atomic(run.config_file, tomli_w.dumps({**config.to_dict(), "output_dir": str(run.path.resolve())}))
+        if autoencoder is not None:
+            save_pretrained_atomic(autoencoder, run.autoencoder)
+        save_evaluation_data(run, data)
     accelerator.wait_for_everyone()
 
-    result = train(model, noise_scheduler, objective, constraints, config.train, config.dual, run_dir,
+    result = train(model, noise_scheduler, objective, constraints, config.train, config.dual, run.path,
                    resume=resume, on_step=on_step, accelerator=accelerator)
     if accelerator.is_main_process:
-        DDPMPipeline(unet=result.model, scheduler=noise_scheduler).save_pretrained(run_dir / "model")
+        save_pretrained_atomic(DDPMPipeline(unet=result.model, scheduler=noise_scheduler), run.model)
         shares = np.asarray(data.train.class_counts()) / len(data.train)
         classes = config.constraints.classes
         lam = dict(zip(classes, result.multipliers))
@@ -250,9 +307,9 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
                    "constraints": [{"name": c.name, "threshold": c.threshold, "relaxation_cost": c.relaxation_cost,
                                     "multiplier": l} for c, l in zip(constraints, result.multipliers)],
                    "predicted_class_shares": predicted_shares(shares, lam, **reference).tolist()}
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        write_json_atomic(run.summary_file, summary)
     accelerator.wait_for_everyone()
-    return run_dir
+    return run.path
 
 
 def train_autoencoder_for(config: ExperimentConfig, output: Path, *, steps: int, overwrite: bool = False,
@@ -264,9 +321,7 @@ def train_autoencoder_for(config: ExperimentConfig, output: Path, *, steps: int,
     data = build_data(config)
     if len(data.train.sample_shape) != 3:
         raise ConfigError(f"data.dataset: an autoencoder needs images, the {config.data.dataset} data are vectors")
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise RunDirectoryError(f"{output}: exists; pass --overwrite to replace it")
+    output = check_output_directory(output, overwrite=overwrite)
     try:
         vae = train_autoencoder(data.train, steps=steps, seed=config.train.seed, latent_channels=latent_channels,
                                 block_out_channels=tuple(block_out_channels), progress=progress)
@@ -276,242 +331,31 @@ def train_autoencoder_for(config: ExperimentConfig, output: Path, *, steps: int,
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:
+    """A run's stored config, validated without touching the data or runs it was trained from."""
     import tomllib
 
-    path = Path(run_dir) / "config.toml"
-    if not path.is_file():
-        raise ConfigError(f"{path}: not a condiff run directory (config.toml missing)")
-    return config_from_dict(tomllib.loads(path.read_text()), str(path))
+    run = RunDirectory(run_dir).require_run()
+    try:
+        table = tomllib.loads(run.config_file.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{run.config_file}: not valid TOML ({err})") from None
+    return config_from_dict(table, str(run.config_file))
 
 
 def load_pipeline(run_dir: Path) -> DDPMPipeline:
-    path = Path(run_dir) / "model"
-    if not (path / "model_index.json").is_file():
-        raise RunDirectoryError(f"{run_dir}: no trained model (model/model_index.json missing); "
-                                "train it first or resume it with condiff train --resume")
-    # An MLP denoiser in the pipeline's `unet` slot is intended; diffusers would warn about its type.
+    run = RunDirectory(run_dir).require_model()
+    # An MLP denoiser in the pipeline's `unet` slot is intended; diffusers would warn about its type
+    # (and draw a bar for loading two components).
     previous = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     try:
-        return DDPMPipeline.from_pretrained(path, use_safetensors=True)
+        return DDPMPipeline.from_pretrained(run.model, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        message = " ".join(str(err).split())
+        raise RunDirectoryError(f"{run.model}: cannot load the model ({message[:300]})") from None
     finally:
         diffusers_logging.set_verbosity(previous)
+        diffusers_logging.enable_progress_bar()
 
 
-NOISE_CLASSIFIER_DIR = "noise_classifier"     # RUN/noise_classifier: p_phi(y | x_t, t) for classifier guidance
-
-
-def sample_run(run_dir: Path, *, num_samples: int | None = None, method: str | None = None,
-               steps: int | None = None, seed: int | None = None, batch_size: int | None = None,
-               record_x0: bool = False, class_label: int | None = None, guidance: float = 0.0,
-               guidance_kind: str | None = None, progress: bool = True) -> Path:
-    """Sample a trained run into RUN/samples.npz and a PNG grid RUN/samples.png; returns the .npz path.
-    A latent-diffusion run's samples are decoded to images (its latents are kept beside them).
-
-    `class_label` samples one class: a class-conditional model by its label, an unconditional one
-    through its noise-aware classifier (`train_noise_classifier_run`). `guidance` = eta > 0 sharpens
-    that class (condiff.guidance): `guidance_kind` "cfg" (classifier-free; the default for
-    class-conditional models) or "classifier". Class samples go to RUN/samples-class{C}-{kind}{eta}.npz,
-    so that RUN/samples.npz stays the unconditional samples `evaluate` reads."""
-    run_dir = Path(run_dir)
-    run_config = load_run_config(run_dir)
-    config = run_config.sample
-    autoencoder = load_latent_autoencoder(run_config)
-    pipeline = load_pipeline(run_dir)
-    n = num_samples or config.num_samples
-    guide, labels, path, title = run_guidance(run_dir, pipeline, class_label, guidance, guidance_kind, n)
-    scheduler = sampling_scheduler(pipeline.scheduler, method or config.method, guided=guide is not None)
-    output = generate(pipeline.unet, scheduler, n, num_inference_steps=steps or config.steps,
-                      batch_size=batch_size or config.batch_size, seed=config.seed if seed is None else seed,
-                      record_x0=record_x0, class_labels=labels, guidance=guide, progress=progress)
-    if guide is not None and pipeline.scheduler.config.clip_sample:
-        output.samples.clamp_(-1.0, 1.0)   # the data range, which unclipped guided steps may overshoot
-    if autoencoder is not None:
-        output.latents, output.samples = output.samples, decode_latents(autoencoder, output.samples)
-    output.save_npz(path)
-    save_sample_grid(output.samples[:256], path.with_suffix(".png"), title=f"{run_dir.name}: {title}")
-    return path
-
-
-def run_guidance(run_dir: Path, pipeline: DDPMPipeline, class_label: int | None, scale: float,
-                 kind: str | None, num_samples: int):
-    """(guidance object or None, class labels or None, output path, title) for `sample_run`."""
-    if class_label is None:
-        if scale or kind:
-            raise ConfigError("--guidance: needs --class, the class to guide towards")
-        return None, None, run_dir / "samples.npz", "samples"
-    if scale < 0:
-        raise ConfigError(f"--guidance: must be non-negative, got {scale}")
-    null = null_class_label(pipeline.unet)
-    kind = kind or ("cfg" if null is not None else "classifier")
-    if kind not in GUIDANCE_KINDS:
-        raise ConfigError(f"--guidance-kind: {kind!r} is not one of {', '.join(GUIDANCE_KINDS)}")
-    if kind == "cfg" and null is None:
-        raise ConfigError(f"--guidance-kind cfg: the model of {run_dir} is not class-conditional (train it with "
-                          "model.class_conditional = true and train.label_dropout > 0), use classifier guidance")
-    classifier = load_noise_classifier(run_dir) if kind == "classifier" else None
-    num_classes = null if null is not None else classifier.config.num_classes
-    if not 0 <= class_label < num_classes:
-        raise ConfigError(f"--class: {run_dir} has classes 0-{num_classes - 1}, not {class_label}")
-    if kind == "cfg":
-        guide = ClassifierFreeGuidance(scale) if scale else None   # eta = 0: the conditional model itself
-    else:
-        guide = ClassifierGuidance(classifier, scale, pipeline.scheduler.alphas_cumprod)
-    labels = torch.full((num_samples,), class_label, dtype=torch.long)
-    title = f"class {class_label}, {'classifier-free' if kind == 'cfg' else 'classifier'} guidance {scale:g}"
-    return guide, labels, run_dir / f"samples-class{class_label}-{kind}{scale:g}.npz", title
-
-
-def load_noise_classifier(run_dir: Path) -> NoiseAwareClassifier:
-    path = Path(run_dir) / NOISE_CLASSIFIER_DIR
-    if not (path / "config.json").is_file():
-        raise RunDirectoryError(f"{path}: no noise-aware classifier; train one with `condiff noise-classifier "
-                                f"{run_dir}` for classifier guidance")
-    return NoiseAwareClassifier.from_pretrained(path, use_safetensors=True).eval()
-
-
-def train_noise_classifier_run(run_dir: Path, *, steps: int = 2000, overwrite: bool = False,
-                               progress: bool = True) -> dict:
-    """Train p_phi(y | x_t, t) on a run's training data (its latents, for a latent run) into
-    RUN/noise_classifier (safetensors, atomically); returns its accuracy on held-out data noised to
-    t = 0, 250, 500, 750 (of 1000), also written to RUN/noise_classifier/accuracy.json."""
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    pipeline = load_pipeline(run_dir)
-    path = run_dir / NOISE_CLASSIFIER_DIR
-    if path.exists() and not overwrite:
-        raise RunDirectoryError(f"{path}: exists; pass --overwrite to retrain it")
-    data = build_data(config)
-    held_out = data.held_out if data.held_out is not None else data.reference
-    autoencoder = load_latent_autoencoder(config)
-    if autoencoder is not None:
-        data.train, held_out = encode_dataset(autoencoder, data.train), encode_dataset(autoencoder, held_out)
-    classifier = train_noise_aware_classifier(data.train, pipeline.scheduler, steps=steps, seed=config.train.seed,
-                                              progress=progress)
-    chain = pipeline.scheduler.config.num_train_timesteps
-    accuracy = noisy_accuracy(classifier, held_out, pipeline.scheduler, [0, chain // 4, chain // 2, 3 * chain // 4])
-    save_pretrained_atomic(classifier, path)
-    write_text_atomic(path / "accuracy.json", json.dumps({str(t): a for t, a in accuracy.items()}, indent=1))
-    return accuracy
-
-
-class MixtureBayesClassifier(torch.nn.Module):
-    """The exact Bayes classifier of a Gaussian mixture behind the learned classifiers' interface:
-    features are the raw coordinates, logits the exact log posterior."""
-
-    def __init__(self, mixture: GaussianMixture):
-        super().__init__()
-        self.mixture = mixture
-        self.register_buffer("anchor", torch.zeros(0))  # gives the module a device
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1).double()
-
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mixture.log_posterior(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def evaluation_classifier(config: ExperimentConfig, data: ExperimentData):
-    """(classifier, held-out accuracy): the exact Bayes classifier for mixtures, else condiff's own
-    classifier trained on balanced data and cached."""
-    if data.mixture is not None:
-        classifier = MixtureBayesClassifier(data.mixture)
-        accuracy = float((predict_labels(classifier, data.reference.data) == data.reference.labels.numpy()).mean())
-        return classifier, accuracy
-    key = f"{config.data.dataset}-heldout{config.data.held_out_per_class}-seed{config.data.seed}"
-    return load_or_train_classifier(key, data.classifier_train, data.held_out,
-                                    epochs=config.evaluate.classifier_epochs)
-
-
-def evaluate_run(run_dir: Path, *, num_samples: int | None = None, progress: bool = True) -> dict:
-    """Sample (unless RUN/samples.npz already holds `num_samples`), classify and compare with the data:
-    class frequencies, TV to uniform and to Theorem 1's prediction, Frechet distance to a balanced
-    reference in the classifier's feature space. Writes RUN/evaluation.json, plots and RUN/report.md."""
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    evaluation = config.evaluate
-    num_samples = num_samples or evaluation.num_samples or config.sample.num_samples
-    if evaluation.inception_weights:  # fail before sampling, not after
-        try:
-            check_inception_fid(evaluation.inception_weights)
-        except InceptionFIDUnavailable as err:
-            raise ConfigError(f"evaluate.inception_weights: {err}") from None
-    samples_path = run_dir / "samples.npz"
-    if not samples_path.is_file() or len(np.load(samples_path)["samples"]) != num_samples:
-        sample_run(run_dir, num_samples=num_samples, progress=progress)
-    samples = torch.from_numpy(np.load(samples_path)["samples"])
-    data = build_data(config)
-    reference = data.reference
-    if evaluation.reference_samples is not None and evaluation.reference_samples < len(reference):
-        per_class = max(1, evaluation.reference_samples // reference.num_classes)
-        reference = take_per_class(reference, [min(per_class, n) for n in reference.class_counts()], config.data.seed)
-    classifier, accuracy = evaluation_classifier(config, data)
-    features, labels = features_and_labels(classifier, samples)
-    reference_features, _ = features_and_labels(classifier, reference.data)
-    quality = precision_recall(reference_features, features, evaluation.nearest_neighbours)
-    num_classes = data.train.num_classes
-    intervals = class_frequency_intervals(labels, num_classes)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    uniform = np.full(num_classes, 1.0 / num_classes)
-    result = {
-        "num_samples": num_samples, "classifier_accuracy": accuracy,
-        "tv_to_uniform": total_variation(intervals.freq, uniform),
-        "tv_to_predicted": total_variation(intervals.freq, summary["predicted_class_shares"]),
-        "frechet_distance": frechet_distance(features, reference_features), "num_reference": len(reference),
-        "precision": quality.precision, "recall": quality.recall, "nearest_neighbours": evaluation.nearest_neighbours,
-        "class_frequencies": intervals.freq.tolist(), "class_frequencies_low": intervals.low.tolist(),
-        "class_frequencies_high": intervals.high.tolist(),
-        "predicted_class_shares": summary["predicted_class_shares"],
-        "data_class_shares": summary["data_class_shares"],
-        "multipliers": [c["multiplier"] for c in summary["constraints"]],
-        "constraint_names": [c["name"] for c in summary["constraints"]],
-    }
-    if evaluation.inception_weights:
-        if samples.ndim != 4:
-            raise ConfigError("evaluate.inception_weights: Inception FID needs image samples")
-        result["inception_fid"] = inception_fid(samples, reference.data, evaluation.inception_weights)
-    write_text_atomic(run_dir / "evaluation.json", json.dumps(result, indent=1))
-    write_run_report(run_dir, config, result)
-    return result
-
-
-def class_share_rows(result: dict) -> list[list]:
-    return [[c, result["data_class_shares"][c], result["predicted_class_shares"][c], result["class_frequencies"][c],
-             f"[{result['class_frequencies_low'][c]:.3f}, {result['class_frequencies_high'][c]:.3f}]"]
-            for c in range(len(result["class_frequencies"]))]
-
-
-def write_run_report(run_dir: Path, config: ExperimentConfig, result: dict) -> Path:
-    """RUN/report.md with the samples, class frequencies, training curves and a table of metrics."""
-    num_classes = len(result["class_frequencies"])
-    plot_class_frequencies({config.name: result["class_frequencies"]}, run_dir / "class_frequencies.png",
-                           target=[1.0 / num_classes] * num_classes,
-                           intervals={config.name: (result["class_frequencies_low"],
-                                                    result["class_frequencies_high"])},
-                           title="generated class frequencies (95% Wilson intervals); line: uniform")
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    plot_training_curves({config.name: metrics}, run_dir / "training_curves.png",
-                         constraint_names=result["constraint_names"])
-    inception = ["Inception FID"] if "inception_fid" in result else []
-    overview = markdown_table(
-        ["samples", "classifier held-out accuracy", "TV to uniform", "TV to Theorem 1 prediction", "Frechet distance (FD)",
-         f"precision (k={result['nearest_neighbours']})", "recall"] + inception,
-        [[result["num_samples"], result["classifier_accuracy"], result["tv_to_uniform"], result["tv_to_predicted"],
-          result["frechet_distance"], result["precision"], result["recall"]]
-         + [result[k] for k in ("inception_fid",) if k in result]])
-    per_class = markdown_table(["class", "data share", "Theorem 1 share", "sampled share", "95% interval"],
-                               class_share_rows(result))
-    multipliers = ", ".join(f"{name}: {m:.4f}" for name, m in zip(result["constraint_names"], result["multipliers"]))
-    return write_report(run_dir / "report.md", f"condiff run: {config.name}", [
-        ("Metrics", overview + f"\n\nFD is a Frechet distance on the features of condiff's own classifier "
-         f"against a class-balanced reference set of {result['num_reference']} samples (not Inception FID); "
-         "precision and recall (k-nearest-neighbour manifolds, Kynkaanniemi et al. 2019) are measured in the "
-         "same feature space."),
-        ("Class shares", per_class + (f"\n\nFinal multipliers: {multipliers}." if multipliers else "")
-         + "\n\n" + image_md("class_frequencies.png", "class frequencies")),
-        ("Samples", image_md("samples.png", "samples")),
-        ("Training", image_md("training_curves.png", "training curves")),
-    ])

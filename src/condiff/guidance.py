@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from condiff.data import EpochSampler, LabelledDataset
 from condiff.models import null_class_label, timestep_embedding
+from condiff.runtime import resolve_device
 
 GUIDANCE_KINDS = ("cfg", "classifier")
 
@@ -110,13 +111,15 @@ class NoiseAwareClassifier(ModelMixin, ConfigMixin):
 
 def train_noise_aware_classifier(dataset: LabelledDataset, noise_scheduler: DDPMScheduler, *, steps: int,
                                  batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                                 progress: bool = True) -> NoiseAwareClassifier:
+                                 device: str | torch.device | None = None, progress: bool = True) -> NoiseAwareClassifier:
     """Train p_phi(y | x_t, t) by cross-entropy on x_t = add_noise(x_0, eps, t), t uniform over the
     training chain: exactly the inputs guidance will see. AdamW with cosine decay; deterministic given
     `seed` (which also leaves torch's global RNG alone)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         classifier = NoiseAwareClassifier(dataset.sample_shape, dataset.num_classes)
+    device = resolve_device(device)
+    classifier.to(device)
     generator = torch.Generator().manual_seed(seed)
     sampler = EpochSampler(len(dataset))
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
@@ -129,7 +132,8 @@ def train_noise_aware_classifier(dataset: LabelledDataset, noise_scheduler: DDPM
         clean = dataset.data[idx]
         timesteps = torch.randint(0, num_timesteps, (len(idx),), generator=generator)
         noisy = noise_scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), timesteps)
-        loss = F.cross_entropy(classifier(noisy, timesteps), dataset.labels[idx])
+        # Noise is drawn on the CPU generator, so a run is the same on every device up to arithmetic.
+        loss = F.cross_entropy(classifier(noisy.to(device), timesteps.to(device)), dataset.labels[idx].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -143,10 +147,12 @@ def noisy_accuracy(classifier: NoiseAwareClassifier, dataset: LabelledDataset, n
                    timesteps: list[int], seed: int = 0) -> dict[int, float]:
     """Accuracy of the classifier on `dataset` noised to each of `timesteps` (seeded noise)."""
     generator = torch.Generator().manual_seed(seed)
+    device = next(classifier.parameters()).device
     accuracy = {}
     for t in timesteps:
         at_t = torch.full((len(dataset),), t, dtype=torch.long)
         noisy = noise_scheduler.add_noise(dataset.data, torch.randn(dataset.data.shape, generator=generator), at_t)
-        predicted = torch.cat([classifier(x, s).argmax(1) for x, s in zip(noisy.split(512), at_t.split(512))])
+        predicted = torch.cat([classifier(x.to(device), s.to(device)).argmax(1).cpu()
+                               for x, s in zip(noisy.split(512), at_t.split(512))])
         accuracy[t] = float((predicted == dataset.labels).float().mean())
     return accuracy

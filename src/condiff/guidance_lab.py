@@ -18,7 +18,6 @@ to measure (plain dataclasses, also written to guidance_lab.json) and to draw:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +29,6 @@ import torch
 from matplotlib.colors import Normalize
 from tqdm.auto import tqdm
 
-from condiff.checkpoint import prepare_run_directory
 from condiff.gmm import GaussianMixture
 from condiff.gmm_guidance import (
     PHASE_SHIFT_EXAMPLE,
@@ -52,6 +50,7 @@ from condiff.gmm_guidance import (
     sample_guided_sweep,
 )
 from condiff.report import image_md, markdown_table, new_figure, save_figure, write_report
+from condiff.rundir import create_output_directory, write_json_atomic
 
 ETAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 SCATTER_ETAS = (0.0, 1.0, 4.0, 8.0)
@@ -732,7 +731,7 @@ def run_guidance_lab(output: Path, *, overwrite: bool = False, progress: bool = 
     `extra_sections(output)` is called after the exact-score work; its (heading, Markdown) sections are
     appended to the report. `sizes` trades Monte Carlo error for time (`QUICK_SIZES` for tests)."""
     output = Path(output)
-    prepare_run_directory(output, resume=False, overwrite=overwrite)
+    create_output_directory(output, "guidance-lab", overwrite=overwrite)
     started = time.perf_counter()
     generators = {part: torch.Generator().manual_seed(SEED + offset)
                   for offset, part in enumerate(("sweep", "geometry", "phase_shift"))}
@@ -770,7 +769,7 @@ def run_guidance_lab(output: Path, *, overwrite: bool = False, progress: bool = 
             "reference_within_tolerance": reference.all_within_tolerance,
         },
     }
-    (output / "guidance_lab.json").write_text(json.dumps(results, indent=1))
+    write_json_atomic(output / "guidance_lab.json", results)
 
     sections = [
         ("Setting", f"Exact scores of isotropic Gaussian mixtures (`condiff.gmm_guidance`), Ornstein-Uhlenbeck time "

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from condiff.checkpoint import save_pretrained_atomic
 from condiff.data import EpochSampler, LabelledDataset
+from condiff.rundir import save_pretrained_atomic
+from condiff.runtime import resolve_device
 
 
 class AutoencoderLoadError(ValueError):
@@ -92,8 +93,9 @@ def _posterior_means(vae: AutoencoderKL, data: torch.Tensor, batch_size: int) ->
 def train_autoencoder(dataset: LabelledDataset, *, steps: int, batch_size: int = 128, lr: float = 2e-3,
                       kl_weight: float = 1e-4, seed: int = 0, progress: bool = True,
                       latent_channels: int = 4, block_out_channels: tuple[int, ...] = (16, 32),
-                      device: str | torch.device = "cpu") -> AutoencoderKL:
-    """Train a small AutoencoderKL on `dataset`'s images and return it (eval mode, on the CPU).
+                      device: str | torch.device | None = None) -> AutoencoderKL:
+    """Train a small AutoencoderKL on `dataset`'s images on `device` (default: the accelerator's) and
+    return it there, in eval mode.
 
     Loss: per-pixel MSE of the decode of a posterior sample plus `kl_weight` times the KL to N(0, I)
     per latent element. AdamW with a cosine learning-rate decay; batches come from an EpochSampler.
@@ -107,9 +109,10 @@ def train_autoencoder(dataset: LabelledDataset, *, steps: int, batch_size: int =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = build_small_autoencoder(dataset.sample_shape, latent_channels, tuple(block_out_channels))
+    device = resolve_device(device)
     vae.to(device).train()
     generator = torch.Generator().manual_seed(seed)
-    noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    noise_generator = torch.Generator().manual_seed(seed + 1)   # CPU noise: the same on every device
     sampler = EpochSampler(len(dataset))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -131,7 +134,7 @@ def train_autoencoder(dataset: LabelledDataset, *, steps: int, batch_size: int =
     with torch.no_grad():
         latents = _posterior_means(vae, dataset.data, batch_size=max(batch_size, 256))
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    return vae.to("cpu")
+    return vae
 
 
 def save_autoencoder(vae: AutoencoderKL, path: str | os.PathLike) -> Path:

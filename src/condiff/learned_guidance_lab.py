@@ -13,7 +13,6 @@ guidance applies) are swept over the guidance strength eta with shared noise:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,12 +21,14 @@ import torch
 
 from condiff.config import ExperimentConfig, config_from_dict
 from condiff.evaluate import features_and_labels, frechet_distance
-from condiff.experiment import build_data, evaluation_classifier, load_pipeline, train_run
+from condiff.experiment import build_data, load_pipeline, train_run
 from condiff.gmm import ExactNoisePredictor
 from condiff.gmm_guidance import knn_entropy, mean_confidence
-from condiff.guidance_lab import is_non_decreasing, is_non_increasing
 from condiff.guidance import ClassifierFreeGuidance
+from condiff.guidance_lab import is_non_decreasing, is_non_increasing
 from condiff.report import image_md, markdown_table, new_figure, save_figure, save_sample_grid
+from condiff.run_evaluation import evaluation_classifier
+from condiff.rundir import write_json_atomic
 from condiff.sample import generate, sampling_scheduler
 
 LEARNED_ETAS = (0.0, 0.5, 1.0, 2.0, 4.0)
@@ -226,8 +227,7 @@ def learned_sections(output: Path, sizes: LearnedSizes = FULL_LEARNED) -> list[t
     save_sample_grid(torch.cat([g.flatten(0, 1) for g in grids]), output / "learned_digits_samples.png",
                      nrow=len(grids[0]) * 2, title="rows: eta " + ", ".join(f"{e:g}" for e in digits.etas)
                      + "; two samples of each digit 0-9")
-    (output / "learned_guidance.json").write_text(json.dumps({"mixture": asdict(mixture), "digits": asdict(digits)},
-                                                             indent=1))
+    write_json_atomic(output / "learned_guidance.json", {"mixture": asdict(mixture), "digits": asdict(digits)})
 
     rows = [[key] + values for key, values in mixture.confidence.items()]
     entropy_rows = [[key] + values for key, values in mixture.entropy.items()]

@@ -7,7 +7,6 @@ condiff keeps its inline backend) and no figure is left registered with pyplot t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -20,6 +19,8 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from condiff.rundir import write_atomic, write_text_atomic
 
 DPI = 120
 IMAGES_PER_ROW = 16
@@ -46,10 +47,7 @@ def new_figure(figsize: tuple[float, float], constrained: bool = True) -> Figure
 
 def save_figure(figure: Figure, path: PathLike) -> Path:
     """Write `figure` as a PNG at the report resolution, creating the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI, format="png")
-    return path
+    return write_atomic(path, lambda p: figure.savefig(p, dpi=DPI, format="png"))
 
 
 def _class_colour(index: int, num_classes: int) -> tuple[float, ...]:
@@ -198,27 +196,6 @@ def plot_class_frequencies(frequencies: dict[str, list[float]], path: PathLike,
 
 
 # --- training metrics ------------------------------------------------------------------------------
-
-
-def read_metrics(path: PathLike) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl file, one dict per non-blank line, in file order.
-
-    A final line without its newline that does not parse is dropped: it is the record a crashed or
-    still-running trainer was writing. A malformed line anywhere else is an error.
-    """
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines) and not text.endswith("\n"):
-                break
-            raise ValueError(f"{path}:{number}: not a JSON object: {line[:80]!r}") from None
-    return records
 
 
 class ConstraintPanel(NamedTuple):
@@ -377,16 +354,6 @@ def image_md(path_relative: PathLike, alt: str) -> str:
 
 
 def write_report(path: PathLike, title: str, sections: list[tuple[str, str]]) -> Path:
-    """Write `# title` then `## heading` and body per section, atomically (temp file + os.replace)."""
-    path = Path(path)
+    """Write `# title` then `## heading` and body per section, atomically."""
     parts = [f"# {title}\n"] + [f"## {heading}\n\n{body.strip()}\n" for heading, body in sections]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp file sits beside the report so os.replace stays on one file system and is atomic.
-    temp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temp_path.write_text("\n".join(parts), encoding="utf-8")
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, "\n".join(parts))

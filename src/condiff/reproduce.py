@@ -19,12 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from condiff.checkpoint import RunDirectoryError, prepare_run_directory
 from condiff.config import ConstraintsConfig, ExperimentConfig, load_config
-from condiff.experiment import evaluate_run, train_run
-from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves, read_metrics,
+from condiff.experiment import train_run
+from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves,
                             write_report)
+from condiff.run_evaluation import evaluate_run
+from condiff.rundir import (RunDirectoryError, create_output_directory, is_condiff_directory, read_metrics,
+                            write_json_atomic)
+from condiff.runtime import process_state
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SCALES = {"cpu": CONFIG_DIR, "paper": CONFIG_DIR / "paper"}
@@ -68,7 +72,7 @@ def unconstrained_variant(config: ExperimentConfig) -> ExperimentConfig:
     return config
 
 
-def run_once(config: ExperimentConfig, resume: bool, progress: bool) -> dict:
+def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> dict:
     """Train (or continue, or keep a finished) run, then evaluate it unless already evaluated."""
     run_dir = Path(config.output_dir)
     if not (run_dir / "summary.json").is_file():
@@ -79,20 +83,22 @@ def run_once(config: ExperimentConfig, resume: bool, progress: bool) -> dict:
     if resume and evaluation.is_file():
         return json.loads(evaluation.read_text())
     print(f"== {run_dir.name}: evaluating")
-    return evaluate_run(run_dir, progress=progress)
+    return evaluate_run(run_dir, device=device, progress=progress)
 
 
 def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = False, resume: bool = False,
-              progress: bool = True) -> Path:
-    """Run experiment `name` into `output` and write output/report.md; returns the report's path."""
+              device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """Run experiment `name` into `output` and write output/report.md; returns the report's path.
+    Models are evaluated on `device` (default: the accelerator's); `overwrite` replaces only a
+    directory condiff made."""
     if name not in EXPERIMENTS:
         raise RunDirectoryError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     experiment, config_dir = EXPERIMENTS[name], SCALES[scale]
     output = Path(output)
     if not resume:
-        prepare_run_directory(output, resume=False, overwrite=overwrite)
-    elif not output.is_dir():
-        raise RunDirectoryError(f"{output}: nothing to resume")
+        create_output_directory(output, "reproduce", overwrite=overwrite, resumable=True)
+    elif not is_condiff_directory(output):
+        raise RunDirectoryError(f"{output}: nothing to resume (not a directory condiff created)")
 
     configs: dict[str, ExperimentConfig] = {}
     results: dict[str, dict] = {}
@@ -100,12 +106,14 @@ def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = 
     if experiment.pretrain_config:
         configs["pretrained"] = load_config(config_dir / experiment.pretrain_config,
                                             {"output_dir": str(output / "pretrained")})
-        results["pretrained"] = run_once(configs["pretrained"], resume, progress)
+        results["pretrained"] = run_once(configs["pretrained"], resume, device, progress)
         overrides = {"finetune.pretrained": str(output / "pretrained")}
     for variant in ("unconstrained", "constrained"):
         config = load_config(config_dir / experiment.config, {**overrides, "output_dir": str(output / variant)})
         configs[variant] = unconstrained_variant(config) if variant == "unconstrained" else config
-        results[variant] = run_once(configs[variant], resume, progress)
+        results[variant] = run_once(configs[variant], resume, device, progress)
+    if not process_state().is_main_process:
+        return output / "report.md"
     return write_reproduction_report(experiment, scale, output, configs, results)
 
 
@@ -155,7 +163,7 @@ def write_reproduction_report(experiment: Experiment, scale: str, output: Path, 
     fd_ratio = results["constrained"]["frechet_distance"] / results["unconstrained"]["frechet_distance"]
     summary["fd_ratio"] = fd_ratio
     findings.append(f"Constrained / unconstrained FD: {fd_ratio:.3f}.")
-    (output / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(output / "summary.json", summary)
 
     paper = experiment.paper
     comparison = markdown_table(

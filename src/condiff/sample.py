@@ -7,14 +7,19 @@ vector data nor exposes the per-step x0 prediction (`pred_original_sample`), whi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from condiff.models import null_class_label, sample_shape_of
+from condiff.runtime import resolve_device
+from condiff.rundir import RunDirectoryError, write_atomic
 
 
 @dataclass
@@ -25,13 +30,37 @@ class SampleOutput:
     noisy_inputs: torch.Tensor | None = None  # (S, N, *shape): the x_t the model saw at every step
     latents: torch.Tensor | None = None     # latent diffusion: the generated latents, `samples` their decodes
                                             # (x0_predictions and noisy_inputs stay in the latent space)
+    provenance: dict | None = None          # how they were drawn (method, steps, seed, guidance, model step...)
 
-    def save_npz(self, path) -> None:
-        arrays = {"samples": self.samples.numpy(), "timesteps": self.timesteps.numpy()}
+    def save_npz(self, path) -> Path:
+        """Write the arrays and the provenance (a JSON string: no pickle needed to read it) atomically."""
+        arrays = {"samples": self.samples.numpy(), "timesteps": self.timesteps.numpy(),
+                  "provenance": np.array(json.dumps(self.provenance or {}))}
         for name in ("x0_predictions", "noisy_inputs", "latents"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name).numpy()
-        np.savez_compressed(path, **arrays)
+
+        def write(temporary: Path) -> None:
+            with open(temporary, "wb") as file:   # a file object: numpy would append .npz to a name
+                np.savez_compressed(file, **arrays)
+        return write_atomic(path, write)
+
+
+def load_samples(path) -> tuple[np.ndarray, dict]:
+    """(samples, provenance) of a samples .npz file; provenance is {} for files without it."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            provenance = json.loads(str(arrays["provenance"])) if "provenance" in arrays.files else {}
+            return arrays["samples"], provenance
+    except (OSError, ValueError, KeyError) as err:
+        raise RunDirectoryError(f"{path}: unreadable samples file ({err})") from None
+
+
+def sample_generators(seed: int, indices: range) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by (seed, sample index): a sample's noise does not depend on
+    the batch size, the device, or how many processes share the work."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]))
+            for i in indices]
 
 
 def sampling_scheduler(training_scheduler: DDPMScheduler, method: str, *, guided: bool = False):
@@ -51,29 +80,32 @@ def sampling_scheduler(training_scheduler: DDPMScheduler, method: str, *, guided
 @torch.no_grad()
 def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inference_steps: int = 50,
              batch_size: int = 500, seed: int = 0, record_x0: bool = False, record_inputs: bool = False,
-             class_labels: torch.Tensor | None = None, guidance=None, device: str | torch.device = "cpu",
-             progress: bool = True, on_step=None) -> SampleOutput:
-    """Draw `num_samples` samples; the same seed and batch size give the same samples.
+             class_labels: torch.Tensor | None = None, guidance=None, device: str | torch.device | None = None,
+             first_index: int = 0, progress: bool = True, on_step=None) -> SampleOutput:
+    """Draw `num_samples` samples on `device` (default: the accelerator's). Sample i's noise comes from
+    its own generator seeded by (seed, first_index + i), so the same seed gives the same samples whatever
+    the batch size, and a run split across processes (`first_index`) gives those of a single one.
 
     `class_labels` (N,) gives every sample's class (a class-conditional model without them samples
     unconditionally: label "no class"); `guidance` (see condiff.guidance) replaces the model's noise
     prediction by a guided one. `record_x0` keeps the x_0 prediction at every step, `record_inputs`
     the noisy x_t the model was given; `on_step(first_index, t, x_t)` sees every step's input of every
     batch (to keep parts of it)."""
+    device = resolve_device(device)
     model = model.to(device).eval()
     shape = sample_shape_of(model)
     null = null_class_label(model)
     if class_labels is None and null is not None:
         class_labels = torch.full((num_samples,), null, dtype=torch.long)
     scheduler.set_timesteps(num_inference_steps)
-    generator = torch.Generator().manual_seed(seed)
     samples, x0_batches, input_batches = [], [], []
     starts = range(0, num_samples, batch_size)
     bar = tqdm(total=len(starts) * len(scheduler.timesteps), desc="sample", disable=not progress,
                dynamic_ncols=True)
     for start in starts:
         n = min(batch_size, num_samples - start)
-        x = torch.randn((n, *shape), generator=generator).to(device)
+        generator = sample_generators(seed, range(first_index + start, first_index + start + n))
+        x = randn_tensor((n, *shape), generator=generator, device=device)
         labels = None if class_labels is None else class_labels[start:start + n].to(device)
         x0_steps, input_steps = [], []
         for t in scheduler.timesteps:

@@ -10,6 +10,7 @@ processes before each dual step so that the multipliers stay identical everywher
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,13 @@ from accelerate.utils import gather_object
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from condiff.checkpoint import load_checkpoint, optimizer_state_from_json, save_checkpoint
 from condiff.config import DualConfig, TrainConfig
 from condiff.constraints import Constraint, DatasetTerm, DenoisingBatch, per_sample_loss
 from condiff.dual import resilient_ascent
+from condiff.rundir import RunDirectoryError, read_metrics, write_text_atomic
 
 
 @dataclass
@@ -37,6 +38,31 @@ class TrainResult:
 
 class StopTraining(Exception):
     """Raised by a step callback to stop a run early (tests use it to simulate a crash)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss, gradient norm, multiplier or weight became NaN or infinite; nothing of that step was saved."""
+
+
+def check_finite(step: int, quantity: str, value, checkpoints_dir: Path) -> None:
+    values = torch.as_tensor(value, dtype=torch.float64).flatten().tolist()
+    if all(math.isfinite(v) for v in values):
+        return
+    latest = checkpoints_dir / "latest"
+    advice = (f"the last finite checkpoint, {latest.read_text().strip()}, is kept: continue with `condiff train "
+              f"--resume {checkpoints_dir.parent} --set train.lr=...`" if latest.is_file() else
+              "no checkpoint was written yet: start again with `--overwrite --set train.lr=...`")
+    raise TrainingDiverged(f"step {step}: {quantity} is not finite ({', '.join(f'{v:.4g}' for v in values)}); "
+                           f"training stopped and {advice} (a smaller rate)")
+
+
+def restore_learning_rate(optimizer, lr_schedule, lr: float) -> None:
+    """Make a resumed schedule follow the config's `lr` (the checkpoint's when unchanged: then nothing
+    moves), so that a diverged run can continue from its last checkpoint with a smaller rate."""
+    lr_schedule.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, value in zip(optimizer.param_groups, [lr * f(lr_schedule.last_epoch) for f in lr_schedule.lr_lambdas]):
+        group["initial_lr"], group["lr"] = lr, value
+    lr_schedule._last_lr = [group["lr"] for group in optimizer.param_groups]   # what get_last_lr() reports
 
 
 class DualState:
@@ -133,11 +159,18 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
 
     checkpoints_dir, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     if resume:
-        folder, state = load_checkpoint(checkpoints_dir)
-        accelerator.unwrap_model(model).load_state_dict(
-            load_file(folder / "model" / "diffusion_pytorch_model.safetensors"))
+        weights, state = load_checkpoint(checkpoints_dir)
+        if len(state["ranks"]) != accelerator.num_processes:
+            raise RunDirectoryError(f"{checkpoints_dir}: written by {len(state['ranks'])} process(es), resumed "
+                                    f"with {accelerator.num_processes}; resume with the same number of processes")
+        try:
+            accelerator.unwrap_model(model).load_state_dict(weights)
+        except RuntimeError:
+            raise RunDirectoryError(f"{checkpoints_dir}: its model does not match the config's model "
+                                    "(a checkpoint from another model)") from None
         optimizer.load_state_dict(optimizer_state_from_json(state["optimizer"]))
         lr_schedule.load_state_dict(state["lr_schedule"])
+        restore_learning_rate(optimizer, lr_schedule, config.lr)
         if ema is not None:
             ema.load_state_dict(state["ema"])
         dual.load_state_dict(state["dual"])
@@ -146,11 +179,14 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
         for term, term_state in zip(terms, rank_state["terms"]):
             term.load_state_dict(term_state)
         start = state["step"]
-        if accelerator.is_main_process:  # drop lines logged after the checkpoint: they are redone
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            metrics_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start))
+        if accelerator.is_main_process:  # drop lines logged after the checkpoint (and a torn last one): redone
+            records = read_metrics(metrics_path) if metrics_path.exists() else []
+            write_text_atomic(metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n"
+                                                    for r in records if r["step"] <= start))
 
     def checkpoint(step: int) -> None:
+        largest_weight = torch.stack([p.detach().float().abs().max() for p in model.parameters()]).max()
+        check_finite(step, "a model weight", largest_weight, checkpoints_dir)   # never rotate a good one away
         ranks = gather_object([(accelerator.process_index, {
             "generator": generator.get_state(), "terms": [t.state_dict() for t in terms]})])
         if accelerator.is_main_process:
@@ -178,8 +214,14 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
                 lagrangian, objective_loss, measured = mixture_lagrangian(
                     model, objective, constraints, dual, config.batch_size, generator, device)
             accelerator.backward(lagrangian)
-            if config.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            # max_norm = inf measures without clipping; the norm and the averaged Lagrangian are the same
+            # on every process, so every process stops at the same step.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                    config.grad_clip if config.grad_clip > 0 else math.inf)
+            logged = accelerator.reduce(torch.stack([objective_loss.float(), lagrangian.detach().float()]), "mean")
+            check_finite(step + 1, "the Lagrangian", logged[1], checkpoints_dir)
+            if accelerator.mixed_precision != "fp16":   # fp16's grad scaler skips non-finite steps by design
+                check_finite(step + 1, "the gradient norm", grad_norm, checkpoints_dir)
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -195,9 +237,10 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
                 else:
                     estimates = accelerator.reduce(measure_constraint_losses(
                         model, constraints, dual_config.batch_size, generator, device), "mean").double().cpu()
+                check_finite(step + 1, f"a constraint loss ({', '.join(names)})", estimates, checkpoints_dir)
                 dual.step(estimates, dual_lr)
+                check_finite(step + 1, f"a multiplier ({', '.join(names)})", dual.multipliers, checkpoints_dir)
 
-            logged = accelerator.reduce(torch.stack([objective_loss.float(), lagrangian.detach().float()]), "mean")
             losses = measured if measured is not None else estimates
             losses = None if losses is None else [float(l) for l in losses]
             objective_value = float(logged[0])  # NaN when a mixture batch drew no data sample
@@ -209,7 +252,7 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
                           c.slack(l, float(lam)) for c, l, lam in zip(constraints, losses, dual.multipliers)],
                       "dual_step": dual_step}
             if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
                 metrics_file.flush()
                 progress.set_postfix({"loss": f"{objective_value:.4f}",
                                       **{f"λ[{n}]": f"{float(v):.3f}" for n, v in zip(names, dual.multipliers)}})

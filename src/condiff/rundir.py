@@ -1,0 +1,189 @@
+"""Directories that condiff owns: creating them safely, writing into them atomically, and replacing them.
+
+condiff deletes or replaces only what it created. Every directory it creates for output (a run, a demo,
+a reproduction, a lab, an autoencoder, a noise classifier) carries a marker file, `.condiff`; `overwrite`
+replaces an empty directory or a marked one and refuses anything else, and the current directory, its
+ancestors, the home directory, `/` and condiff's own checkout are refused as outputs whatever is passed.
+Every file condiff writes goes through `write_atomic`: a unique temporary name in the same folder, then a
+rename, so a reader never sees half a file and two writers never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+MARKER = ".condiff"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]   # the checkout, when condiff runs from one
+
+
+class RunDirectoryError(RuntimeError):
+    """A directory is missing, is not condiff's, or exists where condiff would overwrite it."""
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, directory: bool = False) -> Path:
+    """Call `write(temporary)` on a unique temporary file (or folder) beside `path`, then rename it onto
+    `path`; an existing folder at `path` is replaced only once the new one is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}."
+    if directory:
+        temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp"))
+    else:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+        os.close(handle)
+        temporary = Path(name)
+    old = None
+    try:
+        write(temporary)
+        if directory and path.exists():   # os.replace cannot replace a non-empty folder: move it aside first
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".old"))
+            os.replace(path, old / path.name)
+        os.replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True) if directory else temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda p: Path(p).write_text(text))
+
+
+def write_json_atomic(path: str | os.PathLike, value) -> Path:
+    """Strict JSON (a NaN or infinity is an error, not a bare `NaN` token)."""
+    return write_text_atomic(path, json.dumps(value, indent=1, allow_nan=False))
+
+
+def save_pretrained_atomic(model, path: str | os.PathLike) -> Path:
+    """`model.save_pretrained(path)` (safetensors), atomically, marked as condiff's."""
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        (folder / MARKER).write_text(json.dumps({"kind": type(model).__name__}))
+    return write_atomic(path, save, directory=True)
+
+
+def forbidden_reason(path: Path) -> str | None:
+    """Why `path` may never be a condiff output directory, or None."""
+    resolved = path.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if str(path).strip() in ("", "."):
+        return "the current directory"
+    if resolved == Path(resolved.anchor):
+        return "the file system root"
+    if resolved == Path.home().resolve():
+        return "the home directory"
+    if resolved == cwd or resolved in cwd.parents:
+        return "the current directory or one of its ancestors"
+    if (PROJECT_ROOT / "pyproject.toml").is_file() and (resolved == PROJECT_ROOT or resolved in PROJECT_ROOT.parents):
+        return "condiff's own checkout or one of its ancestors"
+    return None
+
+
+def is_condiff_directory(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def check_output_directory(path: str | os.PathLike, *, overwrite: bool, resumable: bool = False) -> Path:
+    """Refuse, before anything is written, an output that condiff may not create or replace."""
+    path = Path(path)
+    reason = forbidden_reason(path)
+    if reason is not None:
+        raise RunDirectoryError(f"{str(path) or '(empty path)'}: refused as an output directory ({reason}); "
+                                "give a folder of its own, e.g. runs/NAME")
+    if path.exists() and not path.is_dir():
+        raise RunDirectoryError(f"{path}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            resume = "--resume to continue it or " if resumable else ""
+            raise RunDirectoryError(f"{path}: exists; pass {resume}--overwrite to replace it")
+        if not is_condiff_directory(path):
+            raise RunDirectoryError(f"{path}: not a directory condiff created (no {MARKER} marker); --overwrite "
+                                    "replaces only those, so move your files or choose another output")
+    return path
+
+
+def create_output_directory(path: str | os.PathLike, kind: str, *, overwrite: bool = False,
+                            resumable: bool = False) -> Path:
+    """Check as `check_output_directory` (on every process, so that a refusal stops them all), then
+    (re)create `path` empty and marked as condiff's (on the main process alone)."""
+    from condiff.runtime import process_state   # accelerate and torch only once a directory is made
+
+    state = process_state()
+    path = check_output_directory(path, overwrite=overwrite, resumable=resumable)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if path.is_dir() and any(path.iterdir()):
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path / MARKER, {"kind": kind})
+    state.wait_for_everyone()
+    return path
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Records of a metrics.jsonl file, one dict per non-blank line, in file order.
+
+    A final line without its newline that does not parse is dropped: it is the record a killed or
+    still-running trainer was writing. A malformed line anywhere else is an error naming the line.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise RunDirectoryError(f"{path}:{number}: not a JSON object: {line[:80]!r}") from None
+    return records
+
+
+class RunDirectory:
+    """A run's folder: its layout, its marker, and reading what it holds."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config_file = self.path / "config.toml"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+        self.model = self.path / "model"                       # a diffusers DDPMPipeline
+        self.summary_file = self.path / "summary.json"
+        self.samples_file = self.path / "samples.npz"
+        self.evaluation_file = self.path / "evaluation.json"
+        self.evaluation_data = self.path / "evaluation_data.safetensors"   # what evaluation compares with
+        self.autoencoder = self.path / "autoencoder"           # latent runs: a copy of their AutoencoderKL
+        self.noise_classifier = self.path / "noise_classifier"  # p_phi(y | x_t, t), for classifier guidance
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def require_run(self) -> "RunDirectory":
+        if not self.config_file.is_file():
+            raise RunDirectoryError(f"{self.path}: not a condiff run directory (config.toml missing)")
+        return self
+
+    def require_model(self) -> "RunDirectory":
+        if not (self.model / "model_index.json").is_file():
+            raise RunDirectoryError(f"{self.path}: no trained model (model/model_index.json missing); "
+                                    "train it first or resume it with condiff train --resume")
+        return self
+
+    def read_json(self, path: Path):
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RunDirectoryError(f"{path}: missing; the run is unfinished (resume it with condiff train "
+                                    "--resume)") from None
+        except (OSError, ValueError) as err:
+            raise RunDirectoryError(f"{path}: unreadable ({err})") from None

@@ -1,0 +1,391 @@
+"""Bad input, one row each: every row is a command line that must exit with code 2, print exactly one
+line `condiff: error: ...` naming the offending field or file (no traceback), and leave every file
+under its folder as it was, with nothing added or removed.
+
+Configs, data files and run directories are built in the row's tmp_path, which is also the working
+directory, so a default output (runs/NAME) would show up in the before/after snapshot."""
+
+import copy
+import gzip
+import json
+import shutil
+import struct
+import tomllib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+from PIL import Image
+
+from condiff.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
+
+TINY = {
+    "name": "tiny",
+    "data": {"dataset": "gmm", "means": [[-1.0, 0.0], [1.0, 0.0]], "std": 0.2, "per_class": 20},
+    "model": {"kind": "mlp", "hidden": 16, "layers": 1},
+    "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2},
+    "sample": {"num_samples": 8, "batch_size": 8, "steps": 2},
+}
+DIGITS = {"dataset": "digits"}   # the [data] of rows about classes
+
+
+def tiny_config(path: Path, output_dir: Path, changes: dict | None = None) -> str:
+    """Write TINY with output_dir and dotted `changes` ({"train.steps": 0}; a section name replaces
+    the whole section) to `path`; returns its path."""
+    table = copy.deepcopy(TINY) | {"output_dir": str(output_dir)}
+    for dotted, value in (changes or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = table
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path.write_text(tomli_w.dumps(table))
+    return str(path)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """{relative path: bytes} of every file under root (None for a folder)."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def write_idx(path: Path, array, compress: bool = False, magic: bytes | None = None) -> Path:
+    """An IDX file of unsigned bytes (magic 0x0000080N, N dimensions), as MNIST's."""
+    array = np.asarray(array, dtype=np.uint8)
+    magic = magic or bytes([0, 0, 0x08, array.ndim])
+    raw = magic + struct.pack(f">{array.ndim}i", *array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    return path
+
+
+def write_image(path: Path, value: int = 128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (4, 4), value).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(one_torch_thread, tmp_path_factory) -> dict[int, Path]:
+    """Two tiny runs, {model.hidden: run directory}, checkpoints at steps 2 and 4."""
+    root = tmp_path_factory.mktemp("trained")
+    runs = {}
+    for hidden in (16, 32):
+        runs[hidden] = root / f"hidden{hidden}"
+        config = tiny_config(root / f"hidden{hidden}.toml", runs[hidden], {"model.hidden": hidden})
+        assert main(["train", config]) == 0
+    return runs
+
+
+@dataclass
+class Row:
+    """What a row's setup gets: its folder (the working directory) and lazy access to the trained runs."""
+
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest
+
+    def config(self, changes: dict | None = None, output: str = "out") -> str:
+        return tiny_config(self.tmp / "config.toml", self.tmp / output, changes)
+
+    def copy_run(self, hidden: int = 16) -> Path:
+        return Path(shutil.copytree(self.request.getfixturevalue("trained")[hidden], self.tmp / "run"))
+
+    def resumable_run(self) -> tuple[Path, str]:
+        """A copy of the hidden=16 run whose config names the copy, `latest` set back to step 2 (so that
+        a resume that went ahead would train and write); returns (run, its config)."""
+        run = self.copy_run()
+        table = tomllib.loads((run / "config.toml").read_text()) | {"output_dir": str(run)}
+        (run / "config.toml").write_text(tomli_w.dumps(table))
+        (run / "checkpoints" / "latest").write_text("step-0000002")
+        config = self.tmp / "tiny.toml"
+        config.write_text(tomli_w.dumps(table))
+        return run, str(config)
+
+    def user_folder(self, name: str = "mine") -> Path:
+        folder = self.tmp / name
+        folder.mkdir()
+        (folder / "thesis.tex").write_text("\\documentclass{article} % months of work\n")
+        return folder
+
+    def no_demo_training(self) -> None:
+        """A demo that is not refused would train for minutes: make it fail at once instead."""
+        def refuse(*args, **kwargs):
+            raise AssertionError("the demo started training instead of refusing its output")
+        import condiff.demo
+        import condiff.experiment
+        self.monkeypatch.setattr(condiff.demo, "train_run", refuse, raising=False)
+        self.monkeypatch.setattr(condiff.experiment, "train_run", refuse)
+
+
+# Each row: id -> setup. setup(row) writes what the row needs and returns (argv, names): the line
+# must contain one of `names` (a field, or the path of the offending file or folder).
+
+def config_row(changes: dict, field: str):
+    return lambda row: (["train", row.config(changes)], [field])
+
+
+def bad_toml(row):
+    (row.tmp / "config.toml").write_text("[train\nsteps = 5\n")
+    return ["train", str(row.tmp / "config.toml")], [str(row.tmp / "config.toml")]
+
+
+def missing_config(row):
+    return ["train", str(row.tmp / "missing.toml")], [str(row.tmp / "missing.toml")]
+
+
+def set_without_equals(row):
+    return ["train", row.config(), "--set", "train.steps"], ["train.steps"]
+
+
+def idx_argv(row, images: Path, labels: Path) -> list[str]:
+    return ["train", row.config({"data": {"dataset": "idx", "path": str(images), "labels_path": str(labels)}})]
+
+
+def idx_images_missing(row):
+    labels = write_idx(row.tmp / "labels-idx1-ubyte", [0, 1, 0, 1])
+    images = row.tmp / "missing-images-idx3-ubyte"
+    return idx_argv(row, images, labels), [str(images)]
+
+
+def idx_images_truncated_gzip(row):
+    labels = write_idx(row.tmp / "labels-idx1-ubyte", [0, 1, 0, 1])
+    images = write_idx(row.tmp / "images-idx3-ubyte.gz", np.zeros((4, 8, 8)), compress=True)
+    images.write_bytes(images.read_bytes()[:-12])   # the tail: deflate end and CRC
+    return idx_argv(row, images, labels), [str(images)]
+
+
+def idx_labels_truncated_gzip(row):
+    labels = write_idx(row.tmp / "labels-idx1-ubyte.gz", [0, 1, 0, 1], compress=True)
+    labels.write_bytes(labels.read_bytes()[:len(labels.read_bytes()) // 2])
+    images = write_idx(row.tmp / "images-idx3-ubyte", np.zeros((4, 8, 8)))
+    return idx_argv(row, images, labels), [str(labels)]
+
+
+def idx_corrupt_gzip(row):
+    labels = write_idx(row.tmp / "labels-idx1-ubyte", [0, 1, 0, 1])
+    images = write_idx(row.tmp / "images-idx3-ubyte.gz", np.zeros((4, 8, 8)), compress=True)
+    raw = bytearray(images.read_bytes())
+    raw[10] = 0xFF   # the first deflate block header, after gzip's 10 bytes: an invalid block type
+    images.write_bytes(bytes(raw))
+    return idx_argv(row, images, labels), [str(images)]
+
+
+def idx_labels_gzip_crc_mismatch(row):
+    labels = write_idx(row.tmp / "labels-idx1-ubyte.gz", [0, 1, 0, 1], compress=True)
+    raw = bytearray(labels.read_bytes())
+    raw[-8] ^= 0xFF   # the CRC-32 of gzip's trailer
+    labels.write_bytes(bytes(raw))
+    images = write_idx(row.tmp / "images-idx3-ubyte", np.zeros((4, 8, 8)))
+    return idx_argv(row, images, labels), [str(labels)]
+
+
+def idx_wrong_magic(row):
+    labels = write_idx(row.tmp / "labels-idx1-ubyte", [0, 1, 0, 1])
+    images = write_idx(row.tmp / "images-idx3-ubyte", np.zeros((4, 8, 8)), magic=struct.pack("<i", 0x803))
+    return idx_argv(row, images, labels), [str(images)]
+
+
+def idx_label_count_differs(row):
+    labels = write_idx(row.tmp / "labels-idx1-ubyte", [0, 1, 0, 1, 0])
+    images = write_idx(row.tmp / "images-idx3-ubyte", np.zeros((4, 8, 8)))
+    return idx_argv(row, images, labels), [str(images), str(labels)]
+
+
+def image_folder_argv(row, root: Path):
+    return ["train", row.config({"data": {"dataset": "image-folder", "path": str(root), "resolution": 4,
+                                          "channels": 1}})]
+
+
+def pets_with_a_bad_dog_folder(row, dog_files: dict[str, str]) -> Path:
+    """pets/cat holds images; pets/dog holds only `dog_files` (name -> text), none of them an image."""
+    root = row.tmp / "pets"
+    for i in range(3):
+        write_image(root / "cat" / f"{i}.png")
+    (root / "dog").mkdir()
+    for name, text in dog_files.items():
+        (root / "dog" / name).write_text(text)
+    return root
+
+
+def image_folder_non_images(row):
+    root = pets_with_a_bad_dog_folder(row, {"x.png": "not a picture, only named like one", "notes.txt": "a note"})
+    return image_folder_argv(row, root), [str(root / "dog" / "x.png")]
+
+
+def image_folder_only_text(row):
+    root = pets_with_a_bad_dog_folder(row, {"notes.txt": "a note"})
+    return image_folder_argv(row, root), [str(root / "dog")]
+
+
+def image_csv_argv(row, images: Path, csv_path: Path, column: str = "Smiling"):
+    return ["train", row.config({"data": {"dataset": "image-csv", "path": str(images), "labels_path": str(csv_path),
+                                          "column": column, "resolution": 4, "channels": 1}})]
+
+
+def celeb(row, names=("000001.png", "000002.png")) -> tuple[Path, Path]:
+    images = row.tmp / "img_align_celeba"
+    for name in names:
+        write_image(images / name)
+    csv_path = row.tmp / "list_attr_celeba.csv"
+    csv_path.write_text("image_id,Smiling\n000001.png,1\n000002.png,-1\n")
+    return images, csv_path
+
+
+def image_csv_ids_match_no_image(row):
+    images, csv_path = celeb(row, names=("a.png", "b.png"))
+    return image_csv_argv(row, images, csv_path), [str(images), str(csv_path)]
+
+
+def image_csv_missing_column(row):
+    images, csv_path = celeb(row)
+    return image_csv_argv(row, images, csv_path, column="Bald"), [str(csv_path)]
+
+
+def image_csv_gzipped(row):
+    images, csv_path = celeb(row)
+    csv_path.write_bytes(gzip.compress(csv_path.read_bytes()))
+    return image_csv_argv(row, images, csv_path), [str(csv_path)]
+
+
+def not_a_run(command: str):
+    def setup(row):
+        folder = row.user_folder()
+        return [command, str(folder)], [str(folder)]
+    return setup
+
+
+def truncated_safetensors(row):
+    run = row.copy_run()
+    weights = run / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    return ["sample", str(run)], [str(weights), "diffusion_pytorch_model.safetensors"]
+
+
+def checkpoint_of_another_model(row):
+    run, config = row.resumable_run()
+    other = row.request.getfixturevalue("trained")[32] / "checkpoints" / "step-0000002" / "model"
+    for checkpoint in (run / "checkpoints").glob("step-*"):
+        shutil.rmtree(checkpoint / "model")
+        shutil.copytree(other, checkpoint / "model")
+    return ["train", config, "--resume"], [str(run)]
+
+
+def checkpoint_of_two_processes(row):
+    run, config = row.resumable_run()
+    for state_file in (run / "checkpoints").glob("step-*/trainer_state.json"):
+        state = json.loads(state_file.read_text())
+        state["ranks"]["1"] = state["ranks"]["0"]
+        state_file.write_text(json.dumps(state, indent=1))
+    return ["train", config, "--resume"], [str(run)]
+
+
+def demo_overwrite_user_folder(row):
+    row.no_demo_training()
+    folder = row.user_folder()
+    return ["demo", "--output", str(folder), "--overwrite"], [str(folder)]
+
+
+def train_overwrite_user_folder(row):
+    folder = row.user_folder()
+    return ["train", row.config(output=folder.name), "--overwrite"], [str(folder)]
+
+
+def demo_output_dot(overwrite: bool):
+    def setup(row):
+        row.no_demo_training()
+        if overwrite:
+            (row.tmp / "notes.txt").write_text("a user's file in the current directory\n")
+        return ["demo", "--output", "."] + ["--overwrite"] * overwrite, ["current directory"]
+    return setup
+
+
+ROWS = {
+    # config files
+    "malformed TOML": bad_toml,
+    "unknown key in a section": config_row({"train.bacth_size": 4}, "train.bacth_size"),
+    "unknown top-level section": config_row({"trian.steps": 4}, "trian"),
+    "string where int": config_row({"train.steps": "many"}, "train.steps"),
+    "bool where int": config_row({"train.batch_size": True}, "train.batch_size"),
+    "list where float": config_row({"train.lr": [0.001]}, "train.lr"),
+    "train.steps = 0": config_row({"train.steps": 0}, "train.steps"),
+    "train.batch_size = -4": config_row({"train.batch_size": -4}, "train.batch_size"),
+    "negative train.lr": config_row({"train.lr": -0.001}, "train.lr"),
+    "bogus dual.estimator": config_row({"dual.estimator": "bogus"}, "dual.estimator"),
+    "bogus sample.method": config_row({"sample.method": "bogus"}, "sample.method"),
+    "train.ema_decay = 1.0": config_row({"train.ema_decay": 1.0}, "train.ema_decay"),
+    "constraint on a class the data lacks": config_row(
+        {"data": DIGITS, "constraints.classes": [12], "constraints.gamma": 0.1}, "constraints.classes[0]"),
+    "class count of a class the data lacks": config_row(
+        {"data": DIGITS | {"class_counts": {"11": 5}}}, "data.class_counts.11"),
+    "class listed twice": config_row(
+        {"data": DIGITS, "constraints.classes": [4, 4], "constraints.gamma": 0.1}, "constraints.classes"),
+    "infeasible KL bounds": config_row(
+        {"data": DIGITS, "constraints.classes": [4, 5], "constraints.kl_bounds": [0.1, 0.2],
+         "constraints.reference_loss": 0.07}, "constraints.kl_bounds"),
+    "target shares summing past 1": config_row(
+        {"data": DIGITS, "constraints.classes": [4, 5], "constraints.target_shares": [0.6, 0.5],
+         "constraints.reference_loss": 0.07}, "constraints.target_shares"),
+    "two constraint modes": config_row(
+        {"data": DIGITS, "constraints.classes": [4], "constraints.gamma": 0.1, "constraints.thresholds": [0.05]},
+        "constraints"),
+    "missing config file": missing_config,
+    "--set without =": set_without_equals,
+    # data files
+    "idx images missing": idx_images_missing,
+    "idx images truncated gzip": idx_images_truncated_gzip,
+    "idx labels truncated gzip": idx_labels_truncated_gzip,
+    "idx images corrupt gzip": idx_corrupt_gzip,
+    "idx labels gzip CRC mismatch": idx_labels_gzip_crc_mismatch,
+    "idx wrong magic": idx_wrong_magic,
+    "idx label count differs": idx_label_count_differs,
+    "image-folder class of non-images": image_folder_non_images,
+    "image-folder class of text only": image_folder_only_text,
+    "image-csv ids match no image": image_csv_ids_match_no_image,
+    "image-csv missing column": image_csv_missing_column,
+    "image-csv gzipped csv": image_csv_gzipped,
+    # run directories and outputs
+    "sample a folder that is not a run": not_a_run("sample"),
+    "evaluate a folder that is not a run": not_a_run("evaluate"),
+    "sample a run with truncated safetensors": truncated_safetensors,
+    "resume a checkpoint of another model": checkpoint_of_another_model,
+    "resume with another process count": checkpoint_of_two_processes,
+    "demo --overwrite a user's folder": demo_overwrite_user_folder,
+    "train --overwrite a user's folder": train_overwrite_user_folder,
+    "demo --output .": demo_output_dot(overwrite=False),
+    "demo --output . --overwrite": demo_output_dot(overwrite=True),
+}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """main(argv)'s exit code and its stderr as a user would see it, with the warnings Python shows."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=hidden)   # hidden by default outside __main__
+        try:
+            code = main(argv)
+        except SystemExit as exit:   # argparse's usage errors
+            code = exit.code
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
+    return code, capsys.readouterr().err + shown
+
+
+@pytest.mark.parametrize("setup", list(ROWS.values()), ids=list(ROWS))
+def test_bad_input_exits_2_with_one_line_naming_it_and_changes_nothing(setup, tmp_path, monkeypatch, capsys, request):
+    monkeypatch.chdir(tmp_path)
+    argv, names = setup(Row(tmp_path, monkeypatch, request))
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    code, err = run_cli(argv, capsys)
+    lines = err.splitlines()
+    assert code == 2, f"exit code {code}, stderr: {err!r}"
+    assert len(lines) == 1 and lines[0].startswith("condiff: error: ") and lines[0].strip() != "condiff: error:", \
+        f"expected one line `condiff: error: ...`, got {err!r}"
+    assert any(name in lines[0] for name in names), f"{lines[0]!r} names none of {names}"
+    after = snapshot(tmp_path)
+    assert after == before, {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+                             "changed": sorted(p for p in set(before) & set(after) if before[p] != after[p])}

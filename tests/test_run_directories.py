@@ -1,0 +1,138 @@
+"""condiff deletes or replaces only what it created (issue 10, items 2 and 3): `--overwrite` replaces an
+empty or condiff-marked directory and refuses a user's folder; "", ".", "/", home, the working directory
+and its ancestors and condiff's checkout are never outputs; atomic writes never collide."""
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from condiff.cli import main
+from condiff.config import ExperimentConfig
+from condiff.experiment import train_run
+from condiff.rundir import (MARKER, PROJECT_ROOT, RunDirectoryError, check_output_directory, create_output_directory,
+                            write_text_atomic)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def users_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("\\section{five years of work}")
+    return folder
+
+
+def error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("condiff: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [
+    ["demo", "--steps", "1"],
+    ["reproduce", "mnist-minority"],
+    ["guidance-lab", "--quick", "--exact-only"],
+], ids=lambda c: c[0])
+def test_overwrite_refuses_a_users_folder(tmp_path, capsys, monkeypatch, command):
+    """`mkdir w && echo x > w/thesis.tex && condiff demo --output w --overwrite` once deleted thesis.tex."""
+    monkeypatch.chdir(tmp_path)
+    folder = users_folder(tmp_path)
+    before = snapshot(tmp_path)
+    assert main(command + ["--output", str(folder), "--overwrite"]) == 2
+    line = error_line(capsys)
+    assert str(folder) in line and MARKER in line
+    assert snapshot(tmp_path) == before
+
+
+def test_train_and_autoencoder_overwrite_refuse_a_users_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = users_folder(tmp_path)
+    config = tmp_path / "c.toml"
+    config.write_text(f'name = "c"\noutput_dir = "{folder}"\n[data]\nper_class = 20\n[train]\nsteps = 2\n')
+    before = snapshot(tmp_path)
+    assert main(["train", str(config), "--overwrite"]) == 2
+    assert str(folder) in error_line(capsys)
+    assert main(["autoencoder", str(config), "--output", str(folder), "--overwrite", "--steps", "1"]) == 2
+    assert str(folder) in error_line(capsys)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_config_built_in_python_never_empties_the_working_directory(tmp_path, monkeypatch):
+    """`c = ExperimentConfig(); c.train.steps = 2; train_run(c, overwrite=True)` once emptied the cwd."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thesis.tex").write_text("precious")
+    config = ExperimentConfig()
+    config.train.steps, config.train.batch_size, config.data.per_class = 2, 8, 20
+    run = train_run(config, overwrite=True)
+    assert run == Path("runs") / config.name and (tmp_path / "runs" / config.name / "model").is_dir()
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+    config.output_dir = "."
+    with pytest.raises(RunDirectoryError, match="current directory"):
+        train_run(config, overwrite=True)
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("name", ["empty", "dot", "root", "home", "cwd", "cwd parent", "project root"])
+def test_forbidden_outputs_are_refused_whatever_is_passed(tmp_path, monkeypatch, name):
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    path = {"empty": "", "dot": ".", "root": "/", "home": str(Path.home()), "cwd": str(work),
+            "cwd parent": str(tmp_path / "a"), "project root": str(PROJECT_ROOT)}[name]
+    if name == "project root" and not (PROJECT_ROOT / "pyproject.toml").is_file():
+        pytest.skip("condiff is installed, not run from its checkout")
+    for overwrite in (False, True):
+        with pytest.raises(RunDirectoryError, match="refused as an output directory"):
+            check_output_directory(path, overwrite=overwrite)
+
+
+def test_demo_refuses_the_working_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    assert main(["demo", "--output", ".", "--overwrite", "--steps", "1"]) == 2
+    assert "current directory" in error_line(capsys)
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_empty_and_condiff_directories_only(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (create_output_directory(empty, "test") / MARKER).is_file()
+    (empty / "old-result.txt").write_text("made by condiff's earlier run")
+    with pytest.raises(RunDirectoryError, match="--overwrite"):
+        create_output_directory(empty, "test")
+    create_output_directory(empty, "test", overwrite=True)
+    assert sorted(p.name for p in empty.iterdir()) == [MARKER]
+    unmarked = tmp_path / "unmarked"
+    unmarked.mkdir()
+    (unmarked / "data.csv").write_text("1,2")
+    with pytest.raises(RunDirectoryError, match="not a directory condiff created"):
+        create_output_directory(unmarked, "test", overwrite=True)
+    assert (unmarked / "data.csv").read_text() == "1,2"
+
+
+def test_concurrent_atomic_writers_never_collide(tmp_path):
+    """Two processes writing the same report once shared one temporary name."""
+    path, errors = tmp_path / "evaluation.json", []
+
+    def writer(text: str) -> None:
+        try:
+            for _ in range(200):
+                write_text_atomic(path, text)
+        except Exception as err:   # noqa: BLE001 - any failure is what the test looks for
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(text * 5000,)) for text in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert path.read_text() in ("a" * 5000, "b" * 5000)
+    assert [p.name for p in tmp_path.iterdir()] == ["evaluation.json"]
