@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test benchmark data clean-venv
+.PHONY: demo test test-fast benchmark data clean-venv
 
 $(BIN)/condiff: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(BIN)/condiff
 
 test: $(BIN)/condiff
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The edit loop: everything but the tests marked slow (real trainings, subprocesses), in about a minute.
+test-fast: $(BIN)/condiff
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 benchmark: $(BIN)/condiff
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/step_time.py

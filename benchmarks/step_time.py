@@ -21,7 +21,7 @@ step with one) / N: the mean over a dual period, but robust to a single disturbe
 `mixture` the dual step includes the forward-only dual batch of every constraint.
 
 The constrained variants start with every multiplier at --multiplier (0.1) by wrapping
-condiff.train.DualState in this process (no file is changed), and the dual step size is 0 by
+condiff.training.loop.DualState in this process (no file is changed), and the dual step size is 0 by
 default so the multipliers stay there: the mixture batch then really mixes data and constraint
 samples in fixed proportions. The dual step itself still runs every N steps.
 
@@ -47,12 +47,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-import condiff.train as condiff_train
+import condiff.training.loop as condiff_train
 from condiff.config import DualConfig, ExperimentConfig, TrainConfig
-from condiff.constraints import Constraint, DatasetTerm
-from condiff.data import LabelledDataset, load_digits_dataset
-from condiff.experiment import build_noise_scheduler
+from condiff.data.datasets import LabelledDataset, load_digits_dataset
+from condiff.experiments.build import build_noise_scheduler
 from condiff.models import UNET_PRESETS, build_model
+from condiff.training.terms import Constraint, DatasetTerm
 
 # Per-preset defaults: steps per train() call, warm-up steps dropped per call, rounds.
 DEFAULTS = {"unet8": dict(steps=16, warmup=3, rounds=10), "unet28": dict(steps=8, warmup=2, rounds=3)}
@@ -127,12 +127,12 @@ def make_dataset(preset: str) -> LabelledDataset:
 
 @contextlib.contextmanager
 def initial_multipliers(value: float):
-    """Make condiff.train.train() start its DualState with every multiplier at `value`."""
+    """Make condiff.training.loop.train() start its DualState with every multiplier at `value`."""
     original = condiff_train.DualState
 
     class SeededDualState(original):
-        def __init__(self, constraints):
-            super().__init__(constraints)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             self.multipliers = torch.full_like(self.multipliers, value)
 
     condiff_train.DualState = SeededDualState

@@ -115,10 +115,10 @@ class Row:
         """A demo that is not refused would train for minutes: make it fail at once instead."""
         def refuse(*args, **kwargs):
             raise AssertionError("the demo started training instead of refusing its output")
-        import condiff.demo
-        import condiff.experiment
-        self.monkeypatch.setattr(condiff.demo, "train_run", refuse, raising=False)
-        self.monkeypatch.setattr(condiff.experiment, "train_run", refuse)
+        import condiff.experiments.demo
+        import condiff.experiments.training
+        self.monkeypatch.setattr(condiff.experiments.demo, "train_run", refuse, raising=False)
+        self.monkeypatch.setattr(condiff.experiments.training, "train_run", refuse)
 
 
 # Each row: id -> setup. setup(row) writes what the row needs and returns (argv, names): the line

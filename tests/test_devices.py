@@ -14,11 +14,11 @@ from accelerate import Accelerator, PartialState
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from condiff.config import config_from_dict
-from condiff.experiment import train_autoencoder_for, train_run
+from condiff.experiments.evaluation import evaluate_run
+from condiff.experiments.sampling import sample_run, train_noise_classifier_run
+from condiff.experiments.training import train_autoencoder_for, train_run
 from condiff.models import build_model
-from condiff.run_evaluation import evaluate_run
-from condiff.run_sampling import sample_run, train_noise_classifier_run
-from condiff.sample import generate, sampling_scheduler
+from condiff.sampling.generate import generate, sampling_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 META = torch.device("meta")
@@ -96,15 +96,15 @@ def test_the_accelerators_device_is_the_default_everywhere(digits_run, tmp_path,
 
 
 def learned_lab_sampling(config):
-    from condiff.learned_guidance_lab import guided_samples
-    from condiff.experiment import build_noise_scheduler
+    from condiff.experiments.build import build_noise_scheduler
+    from condiff.labs.guidance.learned import guided_samples
 
     model = build_model("unet8", (1, 8, 8), block_out_channels=[8, 16], num_class_embeds=11)
     guided_samples(model, build_noise_scheduler(config, pixels=True), "ddim", torch.zeros(4, dtype=torch.long), 1.0, 2)
 
 
 def test_generation_does_not_depend_on_batch_size_or_process_split():
-    from condiff.experiment import build_noise_scheduler
+    from condiff.experiments.build import build_noise_scheduler
 
     torch.manual_seed(0)
     model = build_model("mlp", (2,), hidden=16, layers=1)

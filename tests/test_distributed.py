@@ -13,59 +13,32 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from condiff.run_sampling import sample_run
-from condiff.sample import generate, load_samples, sampling_scheduler
+from condiff.experiments.sampling import sample_run
+from condiff.sampling.generate import generate, load_samples, sampling_scheduler
 
-CONFIG = """
-name = "two-processes"
-output_dir = "{output_dir}"
-[data]
-dataset = "gmm"
-means = [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.5]]
-std = 0.2
-per_class = 60
-class_counts = {{ 2 = 15 }}
-[model]
-kind = "mlp"
-hidden = 32
-layers = 1
-[train]
-steps = 24
-batch_size = 16
-lr = 1e-3
-warmup_steps = 2
-checkpoint_every = 12
-[constraints]
-classes = [1, 2]
-gamma = 0.3
-[dual]
-estimator = "{estimator}"
-batch_size = 8
-primal_steps_per_dual = 2
-lr = 1.0
-lr_relative = false
-"""
+pytestmark = pytest.mark.slow   # two torchrun processes
 
 
 @pytest.mark.parametrize("estimator", ["stratified", "mixture"])
-def test_two_processes_hold_identical_multipliers_at_every_dual_step(tmp_path, estimator):
+def test_two_processes_hold_identical_multipliers_at_every_dual_step(tmp_path, estimator, tiny_toml):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     run_dir = tmp_path / "run"
-    config = tmp_path / "config.toml"
-    config.write_text(CONFIG.format(output_dir=run_dir.as_posix(), estimator=estimator))
+    config = tiny_toml(tmp_path / "config.toml", run_dir, constraints={"classes": [1, 2]},
+                       train={"steps": 24, "warmup_steps": 2, "checkpoint_every": 12},
+                       dual={"estimator": estimator, "primal_steps_per_dual": 2})
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     worker = Path(__file__).with_name("distributed_worker.py")
     with socket.socket() as probe:           # torchrun's static rendezvous hangs on port 0: pick a free one
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
-    command = [torchrun, "--nproc_per_node", "2", "--master_port", port, str(worker), str(config), str(tmp_path)]
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", port, str(worker), config, str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
 
     ranks = [[json.loads(l) for l in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert [r["step"] for r in ranks[0]] == list(range(2, 25, 2))
     assert ranks[0] == ranks[1]                      # bit-identical on both processes, every dual step
-    assert any(m > 0 for m in ranks[0][-1]["multipliers"])
+    assert any(m > 0 for m in ranks[0][-1]["multipliers"].values())
 
     pipeline = DDPMPipeline.from_pretrained(run_dir / "model")
     out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), 16, num_inference_steps=5,
@@ -87,7 +60,7 @@ def evaluate_in_two_processes(torchrun, port, env, run_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((run_dir / "evaluation.json").read_text())
     samples, provenance = load_samples(run_dir / "samples.npz")
-    assert result["samples"] == provenance and len(samples) == result["num_samples"] == 1000
+    assert result["samples"] == provenance and len(samples) == result["num_samples"] == 40
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     one_process = sample_run(run_dir, progress=False)
     torch.testing.assert_close(torch.from_numpy(load_samples(one_process)[0]), torch.from_numpy(samples),

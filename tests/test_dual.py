@@ -4,9 +4,20 @@ import numpy as np
 import pytest
 import torch
 
-from condiff.dual import (InfeasibleConstraints, check_kl_feasibility, multipliers_for_target_shares,
-                          multipliers_from_kl_bounds, predicted_shares, projected_ascent,
-                          relaxation_costs_for_multipliers, resilient_ascent)
+from condiff.training.dual import (
+    DualState,
+    InfeasibleConstraints,
+    ProjectedAscent,
+    ResilientAscent,
+    check_kl_feasibility,
+    dual_rule,
+    multipliers_for_target_shares,
+    multipliers_from_kl_bounds,
+    predicted_shares,
+    projected_ascent,
+    relaxation_costs_for_multipliers,
+    resilient_ascent,
+)
 
 
 def test_projected_ascent_moves_along_the_violation():
@@ -73,3 +84,27 @@ def test_target_shares_invert_theorem_1():
 def test_target_shares_below_the_data_share_are_refused():
     with pytest.raises(InfeasibleConstraints, match="already exceed"):
         multipliers_for_target_shares(np.array([0.5, 0.3, 0.2]), [1], [0.1])
+
+
+def test_the_rule_is_chosen_by_the_relaxation_costs_and_matches_the_formulas():
+    lam, losses, b = torch.tensor([0.2, 0.0]), torch.tensor([0.5, 0.1]), torch.tensor([0.1, 0.3])
+    hard, mixed = dual_rule([0.0, 0.0]), dual_rule([0.5, 0.0])
+    assert isinstance(hard, ProjectedAscent) and isinstance(mixed, ResilientAscent)
+    assert torch.equal(hard.update(lam, losses, b, 0.3), projected_ascent(lam, losses, b, 0.3))
+    assert torch.equal(mixed.update(lam, losses, b, 0.3),
+                       resilient_ascent(lam, losses, b, 0.3, torch.tensor([0.5, 0.0], dtype=torch.float64)))
+
+
+def test_dual_state_is_keyed_by_constraint_name_and_loads_positional_checkpoints():
+    state = DualState(["class 4", "pretrained"], [0.0, 0.01], [0.5, 0.0])
+    state.accumulate(torch.tensor([0.2, 0.05]))
+    state.step(state.mean_losses(), 1.0)
+    saved = state.state_dict()
+    assert list(saved["multipliers"]) == ["class 4", "pretrained"] and saved["multipliers"]["pretrained"] > 0
+    again = DualState(["class 4", "pretrained"], [0.0, 0.01], [0.5, 0.0])
+    again.load_state_dict(saved)
+    assert torch.equal(again.multipliers, state.multipliers)
+    again.load_state_dict({"multipliers": [0.3, 0.4], "loss_sum": [0.0, 0.0], "loss_count": 0})   # before names
+    assert again.named(again.multipliers) == {"class 4": 0.3, "pretrained": 0.4}
+    with pytest.raises(ValueError, match="not the config's"):
+        again.load_state_dict({**saved, "multipliers": {"class 5": 0.1, "pretrained": 0.1}})

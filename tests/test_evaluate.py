@@ -1,4 +1,4 @@
-"""Tests for condiff.evaluate: metrics against closed forms, the digits classifier, and its cache."""
+"""Tests for condiff.evaluation.metrics: metrics against closed forms, the digits classifier, and its cache."""
 
 import importlib.util
 import json
@@ -13,30 +13,35 @@ import pytest
 import scipy.linalg
 import torch
 
-from condiff import evaluate
-from condiff.data import gaussian_mixture_dataset, load_digits_dataset, split_per_class
 from condiff.config import ConfigError, EvaluateConfig, config_from_dict
-from condiff.evaluate import (
-    INCEPTION_WEIGHTS_NAME,
+from condiff.data.datasets import gaussian_mixture_dataset, load_digits_dataset, split_per_class
+from condiff.evaluation import classifier as classifier_module
+from condiff.evaluation import metrics as metrics_module
+from condiff.evaluation.classifier import (
     Classifier,
-    InceptionFIDUnavailable,
-    PrecisionRecall,
-    SampleEvaluation,
-    check_inception_fid,
-    class_frequency_intervals,
     dataset_fingerprint,
     default_cache_dir,
-    evaluate_samples,
     extract_features,
+    load_or_train_classifier,
+    predict_labels,
+    train_classifier,
+)
+from condiff.evaluation.inception import (
+    INCEPTION_WEIGHTS_NAME,
+    InceptionFIDUnavailable,
+    check_inception_fid,
+    inception_fid,
+)
+from condiff.evaluation.metrics import (
+    PrecisionRecall,
+    SampleEvaluation,
+    class_frequency_intervals,
+    evaluate_samples,
     frechet_distance,
     in_manifold,
-    inception_fid,
     knn_radii,
-    load_or_train_classifier,
     precision_recall,
-    predict_labels,
     total_variation,
-    train_classifier,
 )
 
 GMM_MEANS = [[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]]
@@ -183,14 +188,17 @@ def test_classifier_shapes_for_images_and_vectors():
     vector_classifier = Classifier((2,), 3)
     assert vector_classifier(torch.randn(7, 2)).shape == (7, 3)
     assert extract_features(vector_classifier, np.zeros((7, 2), np.float32)).dtype == np.float64
-    assert Classifier(**json.loads(json.dumps(image_classifier.config()))).config() == image_classifier.config()
+    config = json.loads(json.dumps(dict(image_classifier.config)))   # what save_pretrained stores
+    assert config["sample_shape"] == [1, 8, 8] and config["num_classes"] == 10
+    rebuilt = Classifier.from_config(config)
+    assert rebuilt.sample_shape == (1, 8, 8) and rebuilt.num_classes == 10
     with pytest.raises(ValueError):
         Classifier((4, 4), 2)
 
 
 def test_random_shifts_move_images_by_at_most_one_pixel():
     images = torch.randn(64, 1, 8, 8)
-    shifted = evaluate._random_shifts(images, torch.Generator().manual_seed(0))
+    shifted = classifier_module._random_shifts(images, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")
     candidates = torch.stack([padded[:, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)])
     matches = (candidates == shifted).flatten(2).all(dim=2)  # (9 shifts, 64 images)
@@ -231,16 +239,18 @@ def count_training(monkeypatch):
         calls.append(kwargs)
         return train_classifier(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "train_classifier", counting_train)
+    monkeypatch.setattr(classifier_module, "train_classifier", counting_train)
     return calls
 
 
 def test_cache_round_trip_does_not_retrain(tmp_path, digits_split, count_training):
     train, held_out = digits_split
     trained, accuracy = load_or_train_classifier("digits", train, held_out, cache_dir=tmp_path, epochs=2)
-    weights = tmp_path / "classifiers" / "digits.safetensors"
-    meta = json.loads((tmp_path / "classifiers" / "digits.json").read_text())
-    assert meta["config"] == {"sample_shape": [1, 8, 8], "num_classes": 10}
+    entry = tmp_path / "classifiers" / "digits"          # a save_pretrained folder
+    weights = entry / "diffusion_pytorch_model.safetensors"
+    meta = json.loads((entry / "training.json").read_text())
+    config = json.loads((entry / "config.json").read_text())
+    assert config["sample_shape"] == [1, 8, 8] and config["num_classes"] == 10
     assert meta["held_out_accuracy"] == accuracy
     modified = weights.stat().st_mtime_ns
 
@@ -250,7 +260,9 @@ def test_cache_round_trip_does_not_retrain(tmp_path, digits_split, count_trainin
     assert loaded_accuracy == accuracy and not loaded.training
     np.testing.assert_array_equal(predict_labels(loaded, held_out.data), predict_labels(trained, held_out.data))
     np.testing.assert_array_equal(extract_features(loaded, held_out.data), extract_features(trained, held_out.data))
-    assert sorted(p.name for p in weights.parent.iterdir()) == ["digits.json", "digits.safetensors"]
+    assert sorted(p.name for p in entry.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
+                                                       "training.json"]
+    assert [p.name for p in entry.parent.iterdir()] == ["digits"]
 
 
 def test_changed_data_or_arguments_retrain(tmp_path, gmm_split, count_training):
@@ -266,16 +278,17 @@ def test_changed_data_or_arguments_retrain(tmp_path, gmm_split, count_training):
     assert len(count_training) == 3
 
 
-def test_weights_and_metadata_from_different_runs_retrain(tmp_path, gmm_split, count_training):
-    # As if a crash fell between replacing the weights and replacing the JSON of the next run.
+def test_a_retrained_entry_replaces_the_old_one_whole(tmp_path, gmm_split, count_training):
+    """Weights and their record are one folder, renamed into place: they cannot come from two runs."""
     train, held_out = gmm_split
-    load_or_train_classifier("gmm", train, held_out, cache_dir=tmp_path, epochs=2)
-    meta_path = tmp_path / "classifiers" / "gmm.json"
-    stale_meta = meta_path.read_text()
-    load_or_train_classifier("gmm", train, held_out, cache_dir=tmp_path, epochs=3)
-    meta_path.write_text(stale_meta)
-    load_or_train_classifier("gmm", train, held_out, cache_dir=tmp_path, epochs=2)
-    assert len(count_training) == 3
+    first, _ = load_or_train_classifier("gmm", train, held_out, cache_dir=tmp_path, epochs=2)
+    second, _ = load_or_train_classifier("gmm", train, held_out, cache_dir=tmp_path, epochs=3)
+    entry = tmp_path / "classifiers" / "gmm"
+    assert json.loads((entry / "training.json").read_text())["train_kwargs"] == {"epochs": 3}
+    reloaded, _ = load_or_train_classifier("gmm", train, held_out, cache_dir=tmp_path, epochs=3)
+    assert len(count_training) == 2
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), second.state_dict().values()))
+    assert [p.name for p in entry.parent.iterdir()] == ["gmm"]
 
 
 def test_default_cache_dir_follows_environment(tmp_path, monkeypatch):
@@ -435,7 +448,7 @@ def test_precision_recall_rejects_bad_input():
 
 def test_default_blocks_bound_memory_at_paper_scale():
     # 15,000 x 15,000 (the paper's sample count) must go in blocks of at most 2**24 float64 distances.
-    rows = evaluate._block_rows(15_000, None)
+    rows = metrics_module._block_rows(15_000, None)
     assert 1 <= rows < 15_000 and rows * 15_000 <= 2**24
 
 

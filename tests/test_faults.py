@@ -10,38 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from condiff.cli import main
-from condiff.config import config_from_dict
-from condiff.experiment import train_run
-from condiff.train import StopTraining
+from condiff.experiments.training import train_run
+from condiff.training.loop import StopTraining
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = {
-    "name": "faults",
-    "data": {"dataset": "gmm", "means": [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.5]], "std": 0.2, "per_class": 40,
-             "class_counts": {"2": 10}},
-    "model": {"kind": "mlp", "hidden": 32, "layers": 1},
-    "train": {"steps": 20, "batch_size": 16, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 4,
-              "keep_checkpoints": 1, "ema_decay": 0.9},
-    "constraints": {"classes": [2], "gamma": 0.3},
-    "dual": {"batch_size": 8, "primal_steps_per_dual": 3, "lr": 1.0, "lr_relative": False},
-}
-
-
-def tiny_config(output_dir, **train):
-    table = json.loads(json.dumps(TINY))
-    table["output_dir"] = str(output_dir)
-    table["train"].update(train)
-    return config_from_dict(table)
-
-
-def write_toml(path, output_dir):
-    import tomli_w
-
-    table = json.loads(json.dumps(TINY))
-    table["output_dir"] = str(output_dir)
-    path.write_text(tomli_w.dumps(table))
-    return str(path)
+FAULTS_TRAIN = {"steps": 20, "warmup_steps": 1, "checkpoint_every": 4, "keep_checkpoints": 1}
 
 
 def crash_at(step):
@@ -75,15 +49,21 @@ def assert_same_run(a, b):
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
 
 
+@pytest.fixture(scope="session")
+def faults_config(tiny_config):
+    """The tiny run, 20 steps with a checkpoint every 4 (and only the last kept, unless said)."""
+    return lambda output_dir, **train: tiny_config(output_dir, train={**FAULTS_TRAIN, **train})
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return train_run(tiny_config(tmp_path_factory.mktemp("reference") / "run"))
+def reference(tmp_path_factory, faults_config):
+    return train_run(faults_config(tmp_path_factory.mktemp("reference") / "run"))
 
 
-def test_divergence_stops_with_one_line_and_resume_continues_with_a_smaller_rate(tmp_path, capsys):
+def test_divergence_stops_with_one_line_and_resume_continues_with_a_smaller_rate(tmp_path, capsys, faults_config):
     run = tmp_path / "run"
     with pytest.raises(StopTraining):
-        train_run(tiny_config(run), on_step=crash_at(9))     # checkpoint step-8 is healthy
+        train_run(faults_config(run), on_step=crash_at(9))     # checkpoint step-8 is healthy
     assert main(["train", str(run), "--resume", "--set", "train.lr=1e30"]) == 2
     line = error_line(capsys)
     assert line.startswith("condiff: error: step 10: ") and "not finite" in line, line
@@ -99,10 +79,10 @@ def test_divergence_stops_with_one_line_and_resume_continues_with_a_smaller_rate
     assert all(torch.isfinite(t).all() for t in weights(run).values())
 
 
-def test_a_diverging_dual_ascent_stops_before_a_non_finite_multiplier_is_written(tmp_path, capsys):
+def test_a_diverging_dual_ascent_stops_before_a_non_finite_multiplier_is_written(tmp_path, capsys, tiny_toml):
     """With a huge dual step the multipliers overflow; once they reached `NaN` in metrics.jsonl and the
     next mixture draw died with `invalid multinomial distribution`."""
-    config = write_toml(tmp_path / "c.toml", tmp_path / "run")
+    config = tiny_toml(tmp_path / "c.toml", tmp_path / "run", train=FAULTS_TRAIN)
     code = main(["train", config, "--set", "dual.lr=1e308", "--set", "dual.estimator=\"mixture\""])
     assert code == 2
     line = error_line(capsys)
@@ -110,9 +90,9 @@ def test_a_diverging_dual_ascent_stops_before_a_non_finite_multiplier_is_written
     strict_records(tmp_path / "run" / "metrics.jsonl")
 
 
-def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, reference):
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, reference, faults_config):
     run = tmp_path / "run"
-    config = tiny_config(run)
+    config = faults_config(run)
     with pytest.raises(StopTraining):
         train_run(config, on_step=crash_at(10))
     with open(run / "metrics.jsonl", "a") as file:
@@ -121,9 +101,9 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, reference):
     assert_same_run(run, reference)
 
 
-def test_a_moved_run_resumes_from_its_own_config(tmp_path, reference, capsys):
+def test_a_moved_run_resumes_from_its_own_config(tmp_path, reference, capsys, faults_config):
     with pytest.raises(StopTraining):
-        train_run(tiny_config(tmp_path / "first"), on_step=crash_at(10))
+        train_run(faults_config(tmp_path / "first"), on_step=crash_at(10))
     moved = tmp_path / "elsewhere" / "moved"
     moved.parent.mkdir()
     shutil.move(tmp_path / "first", moved)
@@ -132,9 +112,9 @@ def test_a_moved_run_resumes_from_its_own_config(tmp_path, reference, capsys):
     assert not (tmp_path / "first").exists()
 
 
-def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, reference):
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, reference, faults_config):
     run = tmp_path / "run"
-    config = tiny_config(run, keep_checkpoints=2)
+    config = faults_config(run, keep_checkpoints=2)
     with pytest.raises(StopTraining):
         train_run(config, on_step=crash_at(10))
     state = run / "checkpoints" / "step-0000008" / "state.safetensors"

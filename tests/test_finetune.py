@@ -14,12 +14,15 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from condiff.config import ConfigError, check_inputs, config_from_dict
-from condiff.constraints import Constraint, PretrainedModelTerm
-from condiff.data import class_shares
-from condiff.experiment import build_data, train_run
+from condiff.config import ConfigError, config_from_dict
+from condiff.data.datasets import class_shares
+from condiff.experiments.build import build_data, check_inputs
+from condiff.experiments.training import train_run
 from condiff.models import build_model
-from condiff.sample import generate, sampling_scheduler
+from condiff.sampling.generate import generate, sampling_scheduler
+from condiff.training.terms import Constraint, PretrainedModelTerm
+
+pytestmark = pytest.mark.slow   # pretrains and fine-tunes
 
 MEANS = [[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]]
 NEW_DATA = {"0": 0, "1": 0, "2": 0}          # only component 3 (500 samples) to adapt to

@@ -1,8 +1,8 @@
-"""Exact guidance on Gaussian mixtures (condiff.gmm_guidance) against ground truth.
+"""Exact guidance on Gaussian mixtures (condiff.gmm.guidance) against ground truth.
 
 Scores and divergences are checked against autograd derivatives of log densities written here from
 scratch; samplers against Gaussian algebra (eta = 0 must return the target component); the guidance
-claims of Wu et al. (ICML 2024) against the reference table of docs/guidance-gmm.md and their
+claims of Wu et al. (ICML 2024) against the reference table of docs/guidance-reference.md and their
 pathwise form (shared noise); the phase-shift example against its recorded behaviour.
 """
 
@@ -12,8 +12,7 @@ import pytest
 import torch
 from scipy import integrate
 
-from condiff.gmm import GaussianMixture
-from condiff.gmm_guidance import (
+from condiff.gmm.guidance import (
     METHODS,
     ODE_METHODS,
     PHASE_SHIFT_EXAMPLE,
@@ -42,6 +41,7 @@ from condiff.gmm_guidance import (
     sample_guided,
     sample_guided_sweep,
 )
+from condiff.gmm.mixture import GaussianMixture
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -245,7 +245,7 @@ def test_knn_entropy_matches_the_gaussian_closed_form(dim):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The reference run (docs/guidance-gmm.md): 2 components at +-(1, 0), T = 8, 2,000 Euler steps
+# The reference run (docs/guidance-reference.md): 2 components at +-(1, 0), T = 8, 2,000 Euler steps
 # ----------------------------------------------------------------------------------------------------
 
 REFERENCE_ETAS = (0.0, 1.0, 2.0, 4.0, 8.0)

@@ -1,4 +1,4 @@
-"""Guidance for learned models (condiff.guidance) against exact ground truth.
+"""Guidance for learned models (condiff.sampling.guidance) against exact ground truth.
 
 On a Gaussian mixture the exact noise predictor is known for every class and for the mixture, and the
 exact noisy classifier is the mixture's posterior: classifier-free and classifier guidance applied to
@@ -17,15 +17,21 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from condiff.cli import main
 from condiff.config import ConfigError, config_from_dict
-from condiff.data import class_shares, gaussian_mixture_dataset
-from condiff.evaluate import features_and_labels
-from condiff.experiment import build_data, train_run
-from condiff.run_evaluation import evaluation_classifier
-from condiff.gmm import ExactNoisePredictor, GaussianMixture
-from condiff.gmm_guidance import guided_score
-from condiff.guidance import (ClassifierFreeGuidance, ClassifierGuidance, noisy_accuracy,
-                              train_noise_aware_classifier)
-from condiff.sample import generate, sampling_scheduler
+from condiff.data.datasets import class_shares, gaussian_mixture_dataset
+from condiff.experiments.build import build_data
+from condiff.experiments.evaluation import evaluation_classifier
+from condiff.experiments.training import train_run
+from condiff.gmm.guidance import guided_score
+from condiff.gmm.mixture import ExactNoisePredictor, GaussianMixture
+from condiff.sampling.generate import generate, sampling_scheduler
+from condiff.sampling.guidance import (
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    noisy_accuracy,
+    train_noise_aware_classifier,
+)
+
+pytestmark = pytest.mark.slow   # trains class-conditional models
 
 MEANS = [[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]]
 MIXTURE = GaussianMixture.from_lists(MEANS, weights=[0.4, 0.3, 0.2, 0.1], std=0.5)

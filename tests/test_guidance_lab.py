@@ -1,4 +1,4 @@
-"""guidance-lab (condiff.guidance_lab): the guidance claims of Wu et al. (ICML 2024) at reduced sizes,
+"""guidance-lab (condiff.labs.guidance.exact): the guidance claims of Wu et al. (ICML 2024) at reduced sizes,
 and the report it writes.
 
 The claims: with exact scores guidance raises the mean confidence and lowers the output entropy, every
@@ -15,24 +15,20 @@ import numpy as np
 import pytest
 import torch
 
-from condiff.rundir import RunDirectoryError
-from condiff.gmm_guidance import PHASE_SHIFT_EXAMPLE, REFERENCE_TABLE, reference_samples
-from condiff.guidance_lab import (
-    ETAS,
+from condiff.gmm.guidance import PHASE_SHIFT_EXAMPLE, REFERENCE_TABLE, reference_samples
+from condiff.labs.guidance.geometry import (
     GEOMETRIES,
-    QUICK_SIZES,
     centre_confidence_ceiling,
-    compare_with_reference,
-    largest_pathwise_drop,
     measure_drift_signs,
-    measure_eta_sweep,
     measure_geometry,
-    measure_phase_shift,
-    pathwise_monotone_fraction,
-    run_guidance_lab,
     sample_geometry,
-    sample_phase_shift,
 )
+from condiff.labs.guidance.lab import run_guidance_lab
+from condiff.labs.guidance.measures import largest_pathwise_drop, pathwise_monotone_fraction
+from condiff.labs.guidance.phase_shift import measure_phase_shift, sample_phase_shift
+from condiff.labs.guidance.settings import ETAS, QUICK_SIZES
+from condiff.labs.guidance.sweep import compare_with_reference, measure_eta_sweep
+from condiff.rundir import RunDirectoryError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

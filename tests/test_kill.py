@@ -13,39 +13,12 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-CONFIG = """
-name = "kill"
-output_dir = "{output_dir}"
-[data]
-dataset = "gmm"
-means = [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.5]]
-std = 0.2
-per_class = 60
-class_counts = {{ 2 = 15 }}
-[model]
-kind = "mlp"
-hidden = 32
-layers = 1
-[train]
-steps = 400
-batch_size = 16
-warmup_steps = 10
-checkpoint_every = 50
-ema_decay = 0.9
-[constraints]
-classes = [2]
-gamma = 0.3
-[dual]
-batch_size = 8
-primal_steps_per_dual = 3
-lr = 1.0
-lr_relative = false
-"""
+KILL_TRAIN = {"steps": 400, "checkpoint_every": 50, "keep_checkpoints": 2}   # long enough to be caught mid-run
 
 # Kills its own process with SIGKILL at a chosen point of `condiff train`, then runs it.
 SELF_KILLING_TRAIN = """
 import os, signal, sys
-import condiff.checkpoint as checkpoint
+import condiff.training.checkpoint as checkpoint
 from condiff.cli import main
 
 point, target = sys.argv[1], int(sys.argv[2])
@@ -65,6 +38,8 @@ checkpoint.save_file, checkpoint.write_text_atomic = save_file, write_text_atomi
 sys.exit(main(sys.argv[3:]))
 """
 
+pytestmark = pytest.mark.slow   # trains in subprocesses and kills them
+
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
@@ -80,10 +55,10 @@ def finish(process, timeout=300) -> int:
     return process.returncode, err
 
 
-def config_file(tmp_path, name):
-    path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(output_dir=(tmp_path / name).as_posix()))
-    return str(path)
+@pytest.fixture(scope="session")
+def config_file(tiny_toml):
+    """`config_file(folder, name)`: the kill test's run folder/name, as a TOML file beside it."""
+    return lambda folder, name: tiny_toml(folder / f"{name}.toml", folder / name, train=KILL_TRAIN)
 
 
 def outcome(run_dir):
@@ -101,7 +76,7 @@ def last_logged_step(run_dir) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, config_file):
     tmp_path = tmp_path_factory.mktemp("kill-reference")
     code, err = finish(train(config_file(tmp_path, "run")))
     assert code == 0, err[-2000:]
@@ -117,7 +92,7 @@ def assert_same(result, reference):
     assert metrics == ref_metrics
 
 
-def test_killed_during_a_step(tmp_path, reference):
+def test_killed_during_a_step(tmp_path, reference, config_file):
     process = train(config_file(tmp_path, "run"))
     deadline = time.monotonic() + 120
     while last_logged_step(tmp_path / "run") < 120:
@@ -135,7 +110,7 @@ def test_killed_during_a_step(tmp_path, reference):
 
 
 @pytest.mark.parametrize("point", ["mid-checkpoint", "before-latest"])
-def test_killed_while_writing_a_checkpoint(tmp_path, reference, point):
+def test_killed_while_writing_a_checkpoint(tmp_path, reference, point, config_file):
     config = config_file(tmp_path, "run")
     process = train(config, kill_at=(point, 200))
     process.communicate(timeout=300)

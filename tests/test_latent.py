@@ -7,12 +7,19 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from condiff.data import load_digits_dataset, split_per_class
-from condiff.latent import (AutoencoderLoadError, build_small_autoencoder, decode_latents, encode_dataset,
-                            latent_shape, load_autoencoder, save_autoencoder, train_autoencoder)
+from condiff.data.datasets import load_digits_dataset, split_per_class
+from condiff.data.latent import (
+    AutoencoderLoadError,
+    build_small_autoencoder,
+    decode_latents,
+    encode_dataset,
+    latent_shape,
+    load_autoencoder,
+    save_autoencoder,
+    train_autoencoder,
+)
 
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]   # trains autoencoders and a latent run
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +143,7 @@ def test_sampling_in_latent_space_decodes_to_images(vae, digits):
     and ranges are checked; latents have unit variance, so the sampler must not clip them to [-1, 1]."""
     from diffusers import UNet2DModel
 
-    from condiff.sample import generate, sampling_scheduler
+    from condiff.sampling.generate import generate, sampling_scheduler
 
     pool, _ = digits
     torch.manual_seed(0)
@@ -159,7 +166,8 @@ def saved_vae(vae, tmp_path_factory):
 
 def latent_config(tmp_path, autoencoder, **sections):
     """A latent config, validated and its autoencoder checked (as `load_config` does)."""
-    from condiff.config import check_inputs, config_from_dict
+    from condiff.config import config_from_dict
+    from condiff.experiments.build import check_inputs
 
     table = {
         "name": "latent", "output_dir": str(tmp_path / "run"),
@@ -184,9 +192,11 @@ def test_latent_run_trains_on_latents_and_samples_decoded_images(saved_vae, vae,
     samples are far closer to the digits (FD of the pixel-space classifier) than decoded prior noise."""
     from diffusers import DDPMPipeline
 
-    from condiff.evaluate import extract_features, frechet_distance
-    from condiff.experiment import build_data, train_run
-    from condiff.run_evaluation import evaluate_run, evaluation_classifier
+    from condiff.evaluation.classifier import extract_features
+    from condiff.evaluation.metrics import frechet_distance
+    from condiff.experiments.build import build_data
+    from condiff.experiments.evaluation import evaluate_run, evaluation_classifier
+    from condiff.experiments.training import train_run
 
     config = latent_config(tmp_path, saved_vae)
     run = train_run(config)
@@ -194,7 +204,7 @@ def test_latent_run_trains_on_latents_and_samples_decoded_images(saved_vae, vae,
     assert pipeline.unet.config.sample_size == 4 and pipeline.unet.config.in_channels == 4
     assert pipeline.scheduler.config.clip_sample is False
     multipliers = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["multipliers"]
-    assert multipliers[0] > 0
+    assert multipliers["class 4"] > 0
 
     result = evaluate_run(run, progress=False)
     saved = np.load(run / "samples.npz")
@@ -208,7 +218,7 @@ def test_latent_run_trains_on_latents_and_samples_decoded_images(saved_vae, vae,
     reference = extract_features(classifier, data.reference.data)
     prior = decode_latents(vae, torch.randn(400, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
     prior_fd = frechet_distance(extract_features(classifier, prior), reference)
-    assert result["frechet_distance"] < 0.5 * prior_fd, (result["frechet_distance"], prior_fd)
+    assert result.frechet_distance < 0.5 * prior_fd, (result.frechet_distance, prior_fd)
 
 
 def test_latent_config_errors_name_the_field(saved_vae, tmp_path):
@@ -233,7 +243,7 @@ def test_latent_config_errors_name_the_field(saved_vae, tmp_path):
 
 def test_a_unet_preset_that_does_not_fit_the_latents_is_refused_before_anything_is_written(saved_vae, tmp_path):
     from condiff.config import ConfigError
-    from condiff.experiment import train_run
+    from condiff.experiments.training import train_run
 
     config = latent_config(tmp_path, saved_vae, model={"kind": "unet8"})
     with pytest.raises(ConfigError, match=r"model\.kind: unet8 expects images of 8x8, not samples of shape \(4, 4, 4\)"):

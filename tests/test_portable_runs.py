@@ -11,33 +11,9 @@ import numpy as np
 import pytest
 
 from condiff.cli import main
-from condiff.sample import load_samples
+from condiff.sampling.generate import load_samples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-GMM = """
-name = "{name}"
-output_dir = "{output_dir}"
-[data]
-dataset = "gmm"
-means = [[-2.0, 0.0], [2.0, 0.0]]
-std = 0.3
-per_class = 60
-[model]
-kind = "mlp"
-hidden = 16
-layers = 1
-[train]
-steps = 6
-batch_size = 16
-warmup_steps = 1
-checkpoint_every = 6
-[sample]
-num_samples = 40
-batch_size = 40
-steps = 4
-"""
-
 
 def run_cli(capsys, *argv) -> str:
     code = main(list(argv))
@@ -46,15 +22,15 @@ def run_cli(capsys, *argv) -> str:
     return err
 
 
-def test_a_finetuned_run_outlives_its_pretrained_run_and_its_working_directory(tmp_path, capsys, monkeypatch):
+def test_a_finetuned_run_outlives_its_pretrained_run_and_its_working_directory(tmp_path, capsys, monkeypatch,
+                                                                                 tiny_toml):
     project = tmp_path / "project"
     (project / "configs").mkdir(parents=True)
     monkeypatch.chdir(project)
-    (project / "configs" / "pre.toml").write_text(GMM.format(name="pre", output_dir="runs/pre"))
+    tiny_toml(project / "configs" / "pre.toml", "runs/pre", name="pre")
     # Relative to the config file's folder, not to where condiff runs.
-    (project / "configs" / "tune.toml").write_text(
-        GMM.format(name="tune", output_dir="runs/tune")
-        + '[finetune]\npretrained = "../runs/pre"\nthreshold = 0.5\ninputs = "gaussian"\n')
+    tiny_toml(project / "configs" / "tune.toml", "runs/tune", name="tune",
+              finetune={"pretrained": "../runs/pre", "threshold": 0.5, "inputs": "gaussian"})
     run_cli(capsys, "train", "configs/pre.toml")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -107,10 +83,10 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
     assert config.data.labels_path == str(tmp_path / "configs" / "x" / "l.idx")   # --set: from the cwd
 
 
-def test_evaluate_redraws_samples_drawn_differently_and_says_so(tmp_path, capsys, monkeypatch):
+def test_evaluate_redraws_samples_drawn_differently_and_says_so(tmp_path, capsys, monkeypatch, tiny_toml):
     """`condiff sample RUN --steps 1` followed by `condiff evaluate RUN` once evaluated the 1-step samples."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "c.toml").write_text(GMM.format(name="g", output_dir="run"))
+    tiny_toml(tmp_path / "c.toml", "run")
     run_cli(capsys, "train", "c.toml")
     run_cli(capsys, "sample", "run", "--steps", "1")
     assert load_samples(tmp_path / "run" / "samples.npz")[1]["steps"] == 1
@@ -118,7 +94,7 @@ def test_evaluate_redraws_samples_drawn_differently_and_says_so(tmp_path, capsys
     assert "differs from what evaluation draws" in err and "steps 1 (wanted 4)" in err
     result = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert {k: result["samples"][k] for k in ("method", "steps", "seed", "num_samples", "model_step")} == \
-        {"method": "ddim", "steps": 4, "seed": 1234, "num_samples": 40, "model_step": 6}
+        {"method": "ddim", "steps": 4, "seed": 1234, "num_samples": 40, "model_step": 40}
     samples, provenance = load_samples(tmp_path / "run" / "samples.npz")
     assert provenance == result["samples"] and len(samples) == 40
     before = (tmp_path / "run" / "samples.npz").read_bytes()

@@ -34,6 +34,16 @@ def read_png(path: Path) -> np.ndarray:
     return pixels
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions save, in order: what they show is read back from their artists."""
+    import condiff.report as report
+
+    figures, save = [], report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda figure, path: figures.append(figure) or save(figure, path))
+    return figures
+
+
 def digit_like_images(count: int, channels: int = 1) -> torch.Tensor:
     """(count, channels, 8, 8) in [-1, 1]: a distinct bright diagonal band per image on black."""
     rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
@@ -41,13 +51,18 @@ def digit_like_images(count: int, channels: int = 1) -> torch.Tensor:
     return (images * 2 - 1).unsqueeze(1).repeat(1, channels, 1, 1)
 
 
+def named(values: list[float]) -> dict[str, float]:
+    """Per-constraint values as the trainer logs them: keyed by constraint name."""
+    return {f"class {index}": value for index, value in enumerate(values)}
+
+
 def metrics_record(step: int, constrained: bool, measured: bool = True) -> dict:
     return {
         "step": step, "lr": 1e-4, "dual_lr": 0.1, "objective_loss": 1.0 / (step + 1) + 0.05,
         "lagrangian": 1.0 / (step + 1) + 0.06,
-        "multipliers": [0.001 * step, 0.002 * step, 0.0] if constrained else [],
-        "constraint_losses": [0.07, 0.06 + 0.001 * step, 0.08] if constrained and measured else None,
-        "slacks": [-0.01, 0.001 * step, 0.02] if constrained and measured else None,
+        "multipliers": named([0.001 * step, 0.002 * step, 0.0]) if constrained else {},
+        "constraint_losses": named([0.07, 0.06 + 0.001 * step, 0.08]) if constrained and measured else None,
+        "slacks": named([-0.01, 0.001 * step, 0.02]) if constrained and measured else None,
         "dual_step": constrained,
     }
 
@@ -88,13 +103,19 @@ def test_rgb_grid_from_numpy_is_clipped_and_crisp(tmp_path):
     np.testing.assert_array_equal(colours, [[0, 0, 0], [0, 1, 1], [1, 1, 1]])
 
 
-def test_scatter_of_2d_vectors_with_labels(tmp_path):
+def test_scatter_of_2d_vectors_with_labels(tmp_path, drawn):
     labels = torch.arange(3).repeat(100)
     centres = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
     points = centres[labels] + torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
 
     read_png(save_sample_grid(points, tmp_path / "scatter.png", labels=labels, title="Mixture"))
     read_png(save_sample_grid(points.numpy(), tmp_path / "scatter_unlabelled.png"))
+
+    labelled, unlabelled = (figure.axes[0].collections for figure in drawn)
+    assert [c.get_label() for c in labelled] == ["class 0", "class 1", "class 2"]
+    for label, collection in enumerate(labelled):   # every class's points, where they are
+        np.testing.assert_allclose(collection.get_offsets(), points[labels == label].numpy(), rtol=1e-6)
+    assert len(unlabelled) == 1 and len(unlabelled[0].get_offsets()) == 300
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (4, 2, 8, 8), (8, 8)])
@@ -103,7 +124,7 @@ def test_sample_grid_rejects_other_shapes(tmp_path, shape):
         save_sample_grid(torch.zeros(shape), tmp_path / "bad.png")
 
 
-def test_class_frequencies_with_target_and_intervals(tmp_path):
+def test_class_frequencies_with_target_and_intervals(tmp_path, drawn):
     frequencies = {"unconstrained": [0.30, 0.25, 0.20, 0.15, 0.10],
                    "constrained": [0.21, 0.20, 0.19, 0.20, 0.20]}
     intervals = {"constrained": ([0.18, 0.17, 0.16, 0.17, 0.17], [0.24, 0.23, 0.22, 0.23, 0.23])}
@@ -112,6 +133,16 @@ def test_class_frequencies_with_target_and_intervals(tmp_path):
                                   intervals=intervals, class_names=list("abcde"), title="Class shares")
 
     read_png(path)
+    axes = drawn[0].axes[0]
+    bars = {container.get_label(): container for container in axes.containers if hasattr(container, "patches")}
+    for model, values in frequencies.items():   # one bar per class and model, as tall as its frequency
+        np.testing.assert_allclose([bar.get_height() for bar in bars[model].patches], values)
+    whiskers = bars["constrained"].errorbar.lines[2][0].get_segments()
+    np.testing.assert_allclose([segment[:, 1] for segment in whiskers], np.transpose(intervals["constrained"]))
+    assert bars["unconstrained"].errorbar is None
+    target = next(c for c in axes.collections if c.get_label() == "target")
+    assert [segment[0, 1] for segment in target.get_segments()] == [0.2] * 5
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == list("abcde")
 
 
 def test_class_frequencies_rejects_mismatched_lengths(tmp_path):
@@ -131,7 +162,7 @@ def test_read_metrics_round_trips_nulls_and_empty_lists(tmp_path):
     read_back = read_metrics(path)
 
     assert read_back == records
-    assert read_back[1]["constraint_losses"] is None and read_back[4]["multipliers"] == []
+    assert read_back[1]["constraint_losses"] is None and read_back[4]["multipliers"] == {}
 
 
 def test_read_metrics_drops_only_a_torn_last_line(tmp_path):
@@ -154,7 +185,7 @@ def test_moving_average_is_centred_and_counts_steps_not_records():
     assert smoothed[0] == pytest.approx(10.0)
 
 
-def test_training_curves_of_unconstrained_and_constrained_runs(tmp_path):
+def test_training_curves_of_unconstrained_and_constrained_runs(tmp_path, drawn):
     unconstrained = [metrics_record(step, constrained=False) for step in range(200)]
     # Constraint losses measured every 5th step only; resumed at step 150 (steps re-logged).
     steps = [*range(180), *range(150, 200)]
@@ -168,6 +199,18 @@ def test_training_curves_of_unconstrained_and_constrained_runs(tmp_path):
 
     pixels = read_png(path)
     assert pixels.shape[0] > 600, "four panels in two rows"
+    objective, multipliers, losses, slacks = drawn[0].axes
+    assert [a.get_title() for a in drawn[0].axes] == ["(a) objective loss", "(b) multipliers",
+                                                      "(c) constraint losses", "(d) slacks"]
+    # The multipliers, unsmoothed, as logged; of the resumed run the re-logged records count once.
+    lines = {line.get_label(): line for line in multipliers.get_lines()}
+    assert sorted(lines) == ["class 0", "class 1", "class 2"]
+    np.testing.assert_allclose(lines["class 1"].get_xdata(), np.arange(200))
+    np.testing.assert_allclose(lines["class 1"].get_ydata(), 0.002 * np.arange(200))
+    # Constraint losses exist only at the measured steps.
+    np.testing.assert_allclose(losses.get_lines()[0].get_xdata(), np.arange(0, 200, 5))
+    raw_objective = objective.get_lines()[0]
+    np.testing.assert_allclose(raw_objective.get_ydata(), 1.0 / (np.arange(200) + 1) + 0.05)
 
 
 def test_training_curves_of_an_unconstrained_run_alone(tmp_path):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from condiff import reproduce as reproduce_module
-from condiff.rundir import RunDirectoryError
 from condiff.cli import main
 from condiff.config import load_config
-from condiff.reproduce import EXPERIMENTS, SCALES, old_class_coverage, reproduce
+from condiff.experiments import reproduce as reproduce_module
+from condiff.experiments.reproduce import EXPERIMENTS, SCALES, old_class_coverage, reproduce
+from condiff.rundir import RunDirectoryError
 
 TINY = """
 name = "{name}"
@@ -73,7 +73,7 @@ def test_minority_experiment_trains_evaluates_and_reports(tiny_configs, tmp_path
     assert "15.9" in text and "13.4" in text and "not Inception FID" in text
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"unconstrained", "constrained", "tv_ratio", "fd_ratio"}
-    assert summary["unconstrained"]["multipliers"] == [] and len(summary["constrained"]["multipliers"]) == 1
+    assert summary["unconstrained"]["multipliers"] == {} and len(summary["constrained"]["multipliers"]) == 1
     for png in ("class_frequencies.png", "training_curves.png", "constrained/samples.png"):
         assert (out / png).stat().st_size > 0
 
@@ -91,7 +91,7 @@ def test_resume_continues_an_interrupted_run(tiny_configs, tmp_path, monkeypatch
     def crash_in_constrained(config, **kwargs):
         if config.name == "m" and not config.constraints.classes:
             return real_train_run(config, **kwargs)
-        from condiff.train import StopTraining
+        from condiff.training.loop import StopTraining
         raise StopTraining("killed")
     monkeypatch.setattr(reproduce_module, "train_run", crash_in_constrained)
     with pytest.raises(Exception, match="killed"):

@@ -6,24 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from condiff.experiments.training import train_run
 from condiff.rundir import RunDirectoryError
-from condiff.config import config_from_dict
-from condiff.experiment import train_run
-from condiff.train import StopTraining
-
-
-def tiny_config(output_dir, estimator):
-    return config_from_dict({
-        "name": "resume", "output_dir": str(output_dir),
-        "data": {"dataset": "gmm", "means": [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.5]], "std": 0.2,
-                 "per_class": 40, "class_counts": {"2": 10}},
-        "model": {"kind": "mlp", "hidden": 32, "layers": 1},
-        "train": {"steps": 40, "batch_size": 16, "lr": 1e-3, "warmup_steps": 5, "checkpoint_every": 10,
-                  "ema_decay": 0.9},
-        "constraints": {"classes": [2], "gamma": 0.3},
-        "dual": {"estimator": estimator, "batch_size": 8, "primal_steps_per_dual": 3, "lr": 1.0,
-                 "lr_relative": False},
-    })
+from condiff.training.loop import StopTraining
 
 
 def weights(run_dir):
@@ -38,9 +23,9 @@ def crash_at(step):
 
 
 @pytest.mark.parametrize("estimator", ["stratified", "mixture"])
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, estimator):
-    reference = train_run(tiny_config(tmp_path / "reference", estimator))
-    config = tiny_config(tmp_path / "interrupted", estimator)
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, estimator, tiny_config):
+    reference = train_run(tiny_config(tmp_path / "reference", dual={"estimator": estimator}))
+    config = tiny_config(tmp_path / "interrupted", dual={"estimator": estimator})
     # step 25 is mid-window (N = 3) and after the step-20 checkpoint: steps 21-25 are redone
     with pytest.raises(StopTraining):
         train_run(config, on_step=crash_at(25))
@@ -56,8 +41,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, estimator):
     assert (resumed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
 
 
-def test_resume_refuses_a_changed_config(tmp_path):
-    config = tiny_config(tmp_path / "run", "stratified")
+def test_resume_refuses_a_changed_config(tmp_path, tiny_config):
+    config = tiny_config(tmp_path / "run", dual={"estimator": "stratified"})
     with pytest.raises(StopTraining):
         train_run(config, on_step=crash_at(12))
     config.train.batch_size = 32
@@ -65,8 +50,8 @@ def test_resume_refuses_a_changed_config(tmp_path):
         train_run(config, resume=True)
 
 
-def test_existing_run_directory_is_never_overwritten_silently(tmp_path):
-    config = tiny_config(tmp_path / "run", "stratified")
+def test_existing_run_directory_is_never_overwritten_silently(tmp_path, tiny_config):
+    config = tiny_config(tmp_path / "run", dual={"estimator": "stratified"})
     config.train.steps = 5
     train_run(config)
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
@@ -76,8 +61,8 @@ def test_existing_run_directory_is_never_overwritten_silently(tmp_path):
     train_run(config, overwrite=True)
 
 
-def test_an_unfinished_checkpoint_write_leaves_the_previous_one_in_use(tmp_path):
-    config = tiny_config(tmp_path / "run", "mixture")
+def test_an_unfinished_checkpoint_write_leaves_the_previous_one_in_use(tmp_path, tiny_config):
+    config = tiny_config(tmp_path / "run", dual={"estimator": "mixture"})
     with pytest.raises(StopTraining):
         train_run(config, on_step=crash_at(15))
     # a crash while writing step 20 leaves a temporary folder, never a half-written step-0000020
@@ -86,14 +71,14 @@ def test_an_unfinished_checkpoint_write_leaves_the_previous_one_in_use(tmp_path)
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000040"
 
 
-def test_one_concatenated_pass_gives_each_constraint_its_own_loss():
+def test_one_concatenated_pass_gives_each_constraint_its_own_loss(tiny_config):
     """The trainer sends data and constraint batches through the network together; each part's
     loss must equal the constraint's loss on its batch alone."""
-    from condiff.constraints import DenoisingBatch, per_sample_loss
-    from condiff.experiment import build_constraints, build_data, build_noise_scheduler
+    from condiff.experiments.build import build_constraints, build_data, build_noise_scheduler
     from condiff.models import build_model
+    from condiff.training.terms import DenoisingBatch, per_sample_loss
 
-    config = tiny_config("unused", "stratified")
+    config = tiny_config("unused", dual={"estimator": "stratified"})
     config.constraints.classes, config.constraints.gamma = [0, 2], 0.3
     data = build_data(config)
     constraints = build_constraints(config, data.train, build_noise_scheduler(config, False))

@@ -9,9 +9,15 @@ import pytest
 
 from condiff.cli import main
 from condiff.config import ExperimentConfig
-from condiff.experiment import train_run
-from condiff.rundir import (MARKER, PROJECT_ROOT, RunDirectoryError, check_output_directory, create_output_directory,
-                            write_text_atomic)
+from condiff.experiments.training import train_run
+from condiff.rundir import (
+    MARKER,
+    PROJECT_ROOT,
+    RunDirectoryError,
+    check_output_directory,
+    create_output_directory,
+    write_text_atomic,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from condiff.gmm import ExactNoisePredictor, GaussianMixture
+from condiff.gmm.mixture import ExactNoisePredictor, GaussianMixture
 from condiff.models import MLPDenoiser
-from condiff.sample import generate, sampling_scheduler
+from condiff.sampling.generate import generate, sampling_scheduler
 
 MIXTURE = GaussianMixture.from_lists([[-2.0, -2.0], [2.0, -2.0], [0.0, 2.0]], weights=[0.5, 0.3, 0.2], std=0.3)
 

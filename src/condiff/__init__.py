@@ -1,6 +1,45 @@
-"""condiff: diffusion models that obey distribution constraints."""
+"""condiff: diffusion models that obey distribution constraints.
 
-from condiff.models import MLPDenoiser
+The public API, in about ten lines:
 
-__all__ = ["MLPDenoiser"]
+    import condiff
+    config = condiff.ExperimentConfig(name="minority")
+    config.constraints = condiff.ConstraintsConfig(classes=[4], gamma=0.3)
+    run = condiff.train(config)                # a Run: runs/minority
+    print(run.evaluate().tv_to_uniform)        # a RunEvaluation
+
+Names are imported on first use, so `import condiff` (and the command line) stays fast.
+"""
+
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "condiff.config": ["ConfigError", "ConstraintsConfig", "DataConfig", "DiffusionConfig", "DualConfig",
+                       "EvaluateConfig", "ExperimentConfig", "FinetuneConfig", "LatentConfig", "ModelConfig",
+                       "SampleConfig", "TrainConfig", "load_config"],
+    "condiff.experiments.run": ["Run", "Samples", "TrainingSummary", "train"],
+    "condiff.experiments.evaluation": ["RunEvaluation"],
+    "condiff.experiments.demo": ["run_demo"],
+    "condiff.experiments.reproduce": ["reproduce"],
+    "condiff.labs.guidance.lab": ["run_guidance_lab"],
+    "condiff.models": ["MLPDenoiser", "build_model"],
+    "condiff.rundir": ["RunDirectoryError"],
+    "condiff.sampling.generate": ["SampleOutput", "generate", "sampling_scheduler"],
+    "condiff.sampling.guidance": ["ClassifierFreeGuidance", "ClassifierGuidance"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'condiff' has no attribute {name!r}")
+    value = getattr(import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

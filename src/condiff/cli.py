@@ -1,4 +1,4 @@
-"""Command line: a thin layer over condiff.experiment, condiff.run_sampling, condiff.run_evaluation and
+"""Command line: a thin layer over condiff.experiments.build, condiff.experiments.sampling, condiff.experiments.evaluation and
 condiff.demo.
 
 Bad input (config, run directory, infeasible constraints) prints one line naming the field or file
@@ -14,8 +14,8 @@ import tomllib
 from pathlib import Path
 
 from condiff.config import ConfigError
-from condiff.dual import InfeasibleConstraints
 from condiff.rundir import RunDirectoryError
+from condiff.training.dual import InfeasibleConstraints
 
 DEVICE_HELP = "where models run, e.g. cuda, cuda:1, cpu (default: the accelerator's device, CUDA when present)"
 
@@ -33,7 +33,7 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def cmd_train(args) -> None:
     from condiff.config import load_config
-    from condiff.experiment import train_run
+    from condiff.experiments.training import train_run
 
     overrides = dict(parse_override(s) for s in args.set)
     source = Path(args.config)
@@ -50,7 +50,7 @@ def cmd_train(args) -> None:
 
 def cmd_autoencoder(args) -> None:
     from condiff.config import config_from_dict, read_config_table
-    from condiff.experiment import train_autoencoder_for
+    from condiff.experiments.training import train_autoencoder_for
 
     # The autoencoder is what this command makes: the config's [latent] section, which names it,
     # is set aside rather than checked for a folder that does not exist yet.
@@ -65,7 +65,7 @@ def cmd_autoencoder(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from condiff.run_sampling import sample_run
+    from condiff.experiments.sampling import sample_run
 
     path = sample_run(Path(args.run), num_samples=args.num_samples, method=args.method, steps=args.steps,
                       seed=args.seed, batch_size=args.batch_size, record_x0=args.record_x0,
@@ -75,7 +75,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_noise_classifier(args) -> None:
-    from condiff.run_sampling import train_noise_classifier_run
+    from condiff.experiments.sampling import train_noise_classifier_run
 
     accuracy = train_noise_classifier_run(Path(args.run), steps=args.steps, overwrite=args.overwrite,
                                           device=args.device)
@@ -83,15 +83,15 @@ def cmd_noise_classifier(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from condiff.run_evaluation import evaluate_run
+    from condiff.experiments.evaluation import evaluate_run
 
     result = evaluate_run(Path(args.run), num_samples=args.num_samples, device=args.device)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
-                   if not isinstance(v, (list, dict))))
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.to_dict().items()
+                   if v is not None and not isinstance(v, (list, dict))))
 
 
 def cmd_demo(args) -> None:
-    from condiff.demo import run_demo
+    from condiff.experiments.demo import run_demo
 
     report = run_demo(Path(args.output), overwrite=args.overwrite, steps=args.steps, device=args.device)
     print(f"report: {report}")
@@ -100,8 +100,9 @@ def cmd_demo(args) -> None:
 def cmd_guidance_lab(args) -> None:
     from functools import partial
 
-    from condiff.guidance_lab import FULL_SIZES, QUICK_SIZES, run_guidance_lab
-    from condiff.learned_guidance_lab import FULL_LEARNED, QUICK_LEARNED, learned_sections
+    from condiff.labs.guidance.lab import run_guidance_lab
+    from condiff.labs.guidance.learned import FULL_LEARNED, QUICK_LEARNED, learned_sections
+    from condiff.labs.guidance.settings import FULL_SIZES, QUICK_SIZES
 
     learned = None if args.exact_only else partial(learned_sections, sizes=QUICK_LEARNED if args.quick else FULL_LEARNED)
     report = run_guidance_lab(Path(args.output), overwrite=args.overwrite, extra_sections=learned,
@@ -110,7 +111,7 @@ def cmd_guidance_lab(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
-    from condiff.reproduce import reproduce
+    from condiff.experiments.reproduce import reproduce
 
     output = Path(args.output or f"runs/{args.experiment}-{args.scale}")
     report = reproduce(args.experiment, output, scale=args.scale, overwrite=args.overwrite, resume=args.resume,
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="reduced sample counts and training (a smoke test)")
     p.set_defaults(func=cmd_guidance_lab)
 
-    from condiff.reproduce import EXPERIMENTS, SCALES
+    from condiff.experiments.reproduce import EXPERIMENTS, SCALES
     p = sub.add_parser("reproduce", help="one of the paper's experiments, both models, with a report")
     p.add_argument("experiment", choices=sorted(EXPERIMENTS))
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(width <= 0 for width in getattr(args, "block_out_channels", None) or []):
         print(f"condiff: error: --block-out-channels: must be positive, got {args.block_out_channels}", file=sys.stderr)
         return 2
-    from condiff.train import TrainingDiverged
+    from condiff.training.loop import TrainingDiverged
 
     try:
         args.func(args)

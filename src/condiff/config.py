@@ -3,8 +3,8 @@
 Every error names the offending field (`train.batch_size: must be positive, got -4`) so a user can
 fix a config without reading a traceback; the CLI prints it on one line and exits with code 2.
 
-`config_from_dict` checks values only, without touching a file, so a stored run's config always loads;
-`check_inputs` checks the files a config reads (data, pretrained run, autoencoder) before training.
+Validation checks values only, declared beside the fields, without touching a file, so a stored run's
+config always loads; the files a config names are checked where they are used (condiff.experiments).
 Relative input paths in a config file are resolved against the file's folder (relative `--set` values
 against the working directory) and stored resolved; `output_dir` is relative to the working directory.
 """
@@ -23,23 +23,53 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
+class InfeasibleConstraints(ValueError):
+    """The requested constraints cannot all hold at once."""
+
+
+def check_kl_feasibility(kl_bounds) -> None:
+    """Refuse KL bounds b_i (nats) with sum_i exp(-b_i) >= 1 (Theorem 2: no model can meet them)."""
+    import math
+
+    if any(b <= 0 for b in kl_bounds):
+        raise InfeasibleConstraints("KL bounds must be positive (nats)")
+    total = sum(math.exp(-b) for b in kl_bounds)
+    if total >= 1.0:
+        raise InfeasibleConstraints(
+            f"infeasible KL bounds {list(kl_bounds)}: sum of exp(-b_i) = {total:.4f} must be < 1 "
+            "(loosen the bounds: raise some b_i)")
+
+
+# Checks declared beside the fields they check (dataclass field metadata), applied by `_check_ranges`.
+def positive(default=None):
+    return field(default=default, metadata={"check": "positive"})
+
+
+def non_negative(default):
+    return field(default=default, metadata={"check": "non-negative"})
+
+
+def one_of(default, *others):
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "digits"                     # digits | gmm | mnist | fashion-mnist | idx | image-folder | image-csv
-    per_class: int | None = None                # training samples of every class (default: all)
+    dataset: str = one_of("digits", "gmm", "mnist", "fashion-mnist", "idx", "image-folder", "image-csv")
+    per_class: int | None = positive(None)      # training samples of every class (default: all)
     class_counts: dict[str, int] = field(default_factory=dict)  # per-class overrides, e.g. {"4" = 40}
-    held_out_per_class: int = 30                # image datasets: kept out of training, for the classifier
-    max_per_class: int | None = None            # image datasets: use at most this many samples of every class
+    held_out_per_class: int = non_negative(30)  # image datasets: kept out of training, for the classifier
+    max_per_class: int | None = positive(None)  # image datasets: use at most this many samples of every class
                                                 # (drawn at random before anything else; default: all)
     means: list[list[float]] = field(default_factory=list)      # gmm: component means
-    std: float = 0.1                            # gmm: component standard deviation
+    std: float = positive(0.1)                  # gmm: component standard deviation
     # Real datasets. Relative paths are relative to the config file's folder.
     path: str | None = None                     # idx: images file; image-folder: root (one sub-folder per
                                                 # class); image-csv: image directory; fashion-mnist: directory
                                                 # of its IDX files (default: Debian's dataset-fashion-mnist)
     labels_path: str | None = None              # idx: labels file; image-csv: the attribute CSV
     column: str | None = None                   # image-csv: the attribute (0/1 or -1/1) that is the label
-    resolution: int | None = None               # resize images to this; default: 28 for the IDX datasets
+    resolution: int | None = positive(None)     # resize images to this; default: 28 for the IDX datasets
                                                 # (mnist, fashion-mnist, idx: native), 32 for image-folder/-csv
     channels: int | None = None                 # image-folder/-csv: 1 (grayscale) or 3 (RGB, the default)
     seed: int = 0
@@ -47,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet8"                         # mlp | unet (sized to the data) | unet8 | unet28 | unet32
+    kind: str = one_of("unet8", "unet28", "unet32", "unet", "mlp")   # unet: sized to the data; mlp: vectors
     block_out_channels: list[int] | None = None  # UNet widths, one level each (default: the preset's;
                                                 # unet: [32, 64])
     hidden: int = 128                           # mlp width
@@ -57,10 +87,10 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    num_train_timesteps: int = positive(1000)
+    beta_schedule: str = one_of("linear", "scaled_linear", "squaredcos_cap_v2")
+    beta_start: float = positive(1e-4)
+    beta_end: float = positive(0.02)
     clip_sample: bool | None = None             # clip predicted x0 to [-1, 1]; default: for pixels
                                                 # (not vectors, not latents)
 
@@ -74,59 +104,63 @@ class LatentConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 64                        # primal batch: samples of the data per step
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0                      # 0 disables the EMA
-    label_dropout: float = 0.0                  # class-conditional models: share of labels replaced by
+    steps: int = positive(1000)
+    batch_size: int = positive(64)              # primal batch: samples of the data per step
+    lr: float = positive(1e-3)
+    warmup_steps: int = non_negative(100)
+    weight_decay: float = non_negative(0.0)
+    grad_clip: float = non_negative(1.0)
+    ema_decay: float = non_negative(0.0)        # 0 disables the EMA
+    label_dropout: float = non_negative(0.0)    # class-conditional models: share of labels replaced by
                                                 # "no class" (trains the unconditional half of
                                                 # classifier-free guidance; 0.1-0.2 is usual)
-    mixed_precision: str = "no"                 # no | fp16 | bf16
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    mixed_precision: str = one_of("no", "fp16", "bf16")
+    log_with: str | None = one_of(None, "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+                                                # an accelerate tracker beside metrics.jsonl (logs in RUN/trackers)
+    checkpoint_every: int = positive(500)
+    keep_checkpoints: int = positive(2)
     seed: int = 0
 
 
 @dataclass
 class ConstraintsConfig:
     classes: list[int] = field(default_factory=list)   # one constraint per class: its loss on its samples
-    gamma: float | None = None                  # resilient relaxation cost (paper: 0.085)
+    gamma: float | None = positive(None)        # resilient relaxation cost (paper: 0.085)
     thresholds: list[float] | None = None       # fixed thresholds in loss units, one per class
     target_shares: list[float] | None = None    # derive gamma from Theorem 1 ...
     kl_bounds: list[float] | None = None        # ... or from KL bounds via Theorem 2
-    reference_loss: float | None = None         # the constraints' expected loss, to derive gamma
+    reference_loss: float | None = positive(None)   # the constraints' expected loss, to derive gamma
 
 
 @dataclass
 class FinetuneConfig:
     """Adapt a pretrained run to the data while staying close to it (fine-tuning without forgetting)."""
     pretrained: str = ""                        # run directory of the pretrained model: the starting point
-    threshold: float | None = None              # bound on E||eps_pre - eps_theta||^2; unset: unconstrained
-    inputs: str = "gaussian"                    # x_t of that distance: gaussian (pure noise) | trajectory
-    trajectory_samples: int = 256               # trajectory: ancestral sampling paths of the pretrained model
-    states_per_trajectory: int = 50             # trajectory: states kept per path (timesteps spread evenly)
-    trajectory_steps: int | None = None         # trajectory: ancestral steps of those paths (default: every
-                                                # training timestep; fewer approximate the same marginals faster)
+    threshold: float | None = non_negative(None)    # bound on E||eps_pre - eps_theta||^2; unset: unconstrained
+    inputs: str = one_of("gaussian", "trajectory")  # x_t of that distance: pure noise, or the pretrained
+                                                    # model's own ancestral sampling paths
+    trajectory_samples: int = positive(256)     # trajectory: ancestral sampling paths of the pretrained model
+    states_per_trajectory: int = positive(50)   # trajectory: states kept per path (timesteps spread evenly)
+    trajectory_steps: int | None = positive(None)   # trajectory: ancestral steps of those paths (default:
+                                                    # every training timestep; fewer approximate the same
+                                                    # marginals faster)
 
 
 @dataclass
 class DualConfig:
-    estimator: str = "stratified"               # stratified | mixture
-    batch_size: int = 16                        # dual batch: samples of every constraint set
-    primal_steps_per_dual: int = 2              # N
-    lr: float = 1000.0                          # dual step size ...
+    estimator: str = one_of("stratified", "mixture")
+    batch_size: int = positive(16)              # dual batch: samples of every constraint set
+    primal_steps_per_dual: int = positive(2)    # N
+    lr: float = positive(1000.0)                # dual step size ...
     lr_relative: bool = True                    # ... times the current primal lr when true
 
 
 @dataclass
 class SampleConfig:
-    method: str = "ddim"                        # ddim | ddpm
-    steps: int = 50
-    num_samples: int = 1000
-    batch_size: int = 500
+    method: str = one_of("ddim", "ddpm")
+    steps: int = positive(50)
+    num_samples: int = positive(1000)
+    batch_size: int = positive(500)
     seed: int = 1234
 
 
@@ -134,12 +168,12 @@ class SampleConfig:
 class EvaluateConfig:
     """`condiff evaluate`: class shares, FD and precision/recall in a learned classifier's feature
     space, and optionally Inception FID."""
-    classifier_epochs: int = 30
-    num_samples: int | None = None              # generated samples to evaluate (default: sample.num_samples;
+    classifier_epochs: int = positive(30)
+    num_samples: int | None = positive(None)    # generated samples to evaluate (default: sample.num_samples;
                                                 # the paper evaluates 15,000)
-    reference_samples: int | None = None        # cap on the real reference set, kept class-balanced
+    reference_samples: int | None = positive(None)  # cap on the real reference set, kept class-balanced
                                                 # (default: all of it)
-    nearest_neighbours: int = 3                 # k of the k-NN manifolds of precision and recall
+    nearest_neighbours: int = positive(3)       # k of the k-NN manifolds of precision and recall
     inception_weights: str | None = None        # pt_inception-2015-12-05-6726825d.pth: also report Inception
                                                 # FID (needs pip install 'condiff[fid]'); unset: skipped
 
@@ -159,6 +193,10 @@ class ExperimentConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
+    def validated(self, source: str = "config") -> "ExperimentConfig":
+        """A checked copy (as if loaded from TOML): one-line ConfigError naming the field otherwise."""
+        return config_from_dict(self.to_dict(), source)
+
     def to_dict(self) -> dict:
         """A TOML-serialisable dict (None values dropped, as TOML has no null)."""
         def drop_none(d):
@@ -166,25 +204,6 @@ class ExperimentConfig:
         return drop_none(asdict(self))
 
 
-CHOICES = {
-    "data.dataset": {"digits", "gmm", "mnist", "fashion-mnist", "idx", "image-folder", "image-csv"},
-    "model.kind": {"mlp", "unet", "unet8", "unet28", "unet32"},
-    "diffusion.beta_schedule": {"linear", "scaled_linear", "squaredcos_cap_v2"},
-    "train.mixed_precision": {"no", "fp16", "bf16"},
-    "dual.estimator": {"stratified", "mixture"},
-    "finetune.inputs": {"gaussian", "trajectory"},
-    "sample.method": {"ddim", "ddpm"},
-}
-POSITIVE = {"data.per_class", "data.max_per_class", "data.std", "data.resolution", "diffusion.num_train_timesteps", "diffusion.beta_start",
-            "diffusion.beta_end", "train.steps", "train.batch_size", "train.lr", "train.checkpoint_every",
-            "train.keep_checkpoints", "dual.batch_size", "dual.primal_steps_per_dual", "dual.lr",
-            "sample.steps", "sample.num_samples", "sample.batch_size", "evaluate.classifier_epochs",
-            "constraints.gamma", "constraints.reference_loss", "finetune.trajectory_samples", "evaluate.num_samples",
-            "evaluate.reference_samples", "evaluate.nearest_neighbours",
-            "finetune.states_per_trajectory", "finetune.trajectory_steps"}
-NON_NEGATIVE = {"train.label_dropout", "finetune.threshold", "data.held_out_per_class", "train.warmup_steps",
-                "train.weight_decay", "train.grad_clip",
-                "train.ema_decay"}
 DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "image-csv": 2}
 IDX_DATASETS = {"mnist", "fashion-mnist", "idx"}           # grayscale, 28x28 unless resized
 IMAGE_DATASETS = {"image-folder", "image-csv"}
@@ -252,14 +271,15 @@ def _check_ranges(config: ExperimentConfig) -> None:
         if not is_dataclass(sub):
             continue
         for f in fields(sub):
-            where, value = f"{section.name}.{f.name}", getattr(sub, f.name)
+            where, value, check = f"{section.name}.{f.name}", getattr(sub, f.name), f.metadata
             if value is None:
                 continue
-            if where in CHOICES and value not in CHOICES[where]:
-                raise ConfigError(f"{where}: {value!r} is not one of {', '.join(sorted(CHOICES[where]))}")
-            if where in POSITIVE and value <= 0:
+            if "choices" in check and value not in check["choices"]:
+                options = ", ".join(str(choice) for choice in check["choices"] if choice is not None)
+                raise ConfigError(f"{where}: {value!r} is not one of {options}")
+            if check.get("check") == "positive" and value <= 0:
                 raise ConfigError(f"{where}: must be positive, got {value}")
-            if where in NON_NEGATIVE and value < 0:
+            if check.get("check") == "non-negative" and value < 0:
                 raise ConfigError(f"{where}: must be non-negative, got {value}")
 
 
@@ -268,21 +288,6 @@ def known_num_classes(data: DataConfig) -> int | None:
     if data.dataset == "gmm":
         return len(data.means)
     return DATASET_CLASSES.get(data.dataset)
-
-
-def dataset_num_classes(data: DataConfig) -> int:
-    """Classes of the configured dataset; reads an image folder's sub-folders and an IDX labels file."""
-    if data.dataset not in ("image-folder", "idx"):
-        return known_num_classes(data)
-    from condiff.data import DataError, image_folder_classes, load_idx_labels  # torch: only when needed
-
-    try:
-        if data.dataset == "image-folder":
-            return len(image_folder_classes(data.path))
-        return int(load_idx_labels(data.labels_path).max()) + 1
-    except DataError as err:
-        field_name = "path" if data.dataset == "image-folder" else "labels_path"
-        raise ConfigError(f"data.{field_name}: {err}") from None
 
 
 def _check_data_fields(data: DataConfig) -> None:
@@ -323,28 +328,6 @@ def _check_latent(config: ExperimentConfig) -> None:
         raise ConfigError(f"latent.autoencoder: latent diffusion needs images, the {config.data.dataset} data are vectors")
 
 
-def _check_autoencoder_file(config: ExperimentConfig) -> None:
-    """The autoencoder must be a diffusers AutoencoderKL folder that takes the data's images."""
-    path, channels = config.latent.autoencoder, image_channels(config.data)
-    if path is None:
-        return
-    import json
-
-    file = Path(path).expanduser() / "config.json"
-    try:
-        vae_config = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"latent.autoencoder: {file} not found; give a diffusers AutoencoderKL folder "
-                          "(e.g. Stable Diffusion's vae/) or make one with `condiff autoencoder CONFIG`") from None
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"latent.autoencoder: {file} is unreadable ({err})") from None
-    if vae_config.get("_class_name") != "AutoencoderKL":
-        raise ConfigError(f"latent.autoencoder: {file} describes {vae_config.get('_class_name')!r}, not an AutoencoderKL")
-    if vae_config.get("in_channels") != channels:
-        raise ConfigError(f"latent.autoencoder: it takes {vae_config.get('in_channels')}-channel images, "
-                          f"the {config.data.dataset} data have {channels}")
-
-
 def _check_consistency(config: ExperimentConfig) -> None:
     data, cons = config.data, config.constraints
     _check_data_fields(data)
@@ -364,7 +347,7 @@ def _check_consistency(config: ExperimentConfig) -> None:
             raise ConfigError(f"data.class_counts.{key}: must be non-negative, got {count}")
     num_classes = known_num_classes(data)
     if num_classes is not None:
-        _check_classes(config, num_classes)
+        check_classes(config, num_classes)
     if len(set(cons.classes)) != len(cons.classes):
         raise ConfigError("constraints.classes: a class is listed twice")
     modes = [k for k in ("gamma", "thresholds", "target_shares", "kl_bounds") if getattr(cons, k) is not None]
@@ -382,7 +365,6 @@ def _check_consistency(config: ExperimentConfig) -> None:
         raise ConfigError(f"constraints.target_shares: each share must be positive and together below 1 "
                           f"(they sum to {sum(cons.target_shares):.4g})")
     if cons.kl_bounds is not None:
-        from condiff.dual import InfeasibleConstraints, check_kl_feasibility
         try:
             check_kl_feasibility(cons.kl_bounds)
         except InfeasibleConstraints as err:
@@ -405,7 +387,7 @@ def _check_consistency(config: ExperimentConfig) -> None:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {config.train.ema_decay}")
 
 
-def _check_classes(config: ExperimentConfig, num_classes: int) -> None:
+def check_classes(config: ExperimentConfig, num_classes: int) -> None:
     data = config.data
     for key in data.class_counts:
         if int(key) >= num_classes:
@@ -417,34 +399,12 @@ def _check_classes(config: ExperimentConfig, num_classes: int) -> None:
                               f"(classes 0-{num_classes - 1})")
 
 
-def check_inputs(config: ExperimentConfig, source: str = "config") -> None:
-    """Check the files a config reads before it trains: the dataset's classes (image folders, IDX labels),
-    the pretrained run, the autoencoder. Errors name `source` and the field."""
-    try:
-        if known_num_classes(config.data) is None:
-            _check_classes(config, dataset_num_classes(config.data))
-        pretrained = config.finetune.pretrained
-        if pretrained and not (Path(pretrained) / "model" / "model_index.json").is_file():
-            raise ConfigError(f"finetune.pretrained: {pretrained} is not a trained condiff run "
-                              "(model/model_index.json missing)")
-        _check_autoencoder_file(config)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
-
-
-def get_dotted(table: dict, dotted: str):
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        table = table.get(key, {}) if isinstance(table, dict) else {}
-    return table.get(leaf) if isinstance(table, dict) else None
-
-
 def resolve_input_paths(table: dict, base: Path) -> None:
     """Make the table's relative input paths absolute against `base` (in place)."""
     for dotted in INPUT_PATHS:
-        value = get_dotted(table, dotted)
+        section, leaf = dotted.split(".")
+        value = table.get(section, {}).get(leaf) if isinstance(table.get(section), dict) else None
         if isinstance(value, str) and value.strip() and not Path(value).expanduser().is_absolute():
-            section, leaf = dotted.split(".")
             table[section][leaf] = os.path.normpath(base / value)
 
 
@@ -489,8 +449,6 @@ def read_config_table(path: str | Path, overrides: dict | None = None) -> dict:
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
-    """Read and validate a TOML experiment config (optionally with nested overrides applied), and
-    check the files it reads."""
-    config = config_from_dict(read_config_table(path, overrides), str(path))
-    check_inputs(config, str(path))
-    return config
+    """Read and validate a TOML experiment config (optionally with nested overrides applied). The files
+    it names are checked where they are used (`condiff.experiments.build.check_inputs`)."""
+    return config_from_dict(read_config_table(path, overrides), str(path))

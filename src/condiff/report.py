@@ -227,17 +227,23 @@ def _moving_average(steps: np.ndarray, values: np.ndarray, window: int) -> np.nd
     return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
+def _per_constraint(value) -> list:
+    """Per-constraint values in constraint order: keyed by name (or, in older metrics, a list)."""
+    return list(value.values()) if isinstance(value, dict) else list(value or ())
+
+
 def _series(records: list[dict[str, Any]], key: str, index: int | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of record[key], or of record[key][index] for per-constraint lists; nulls skipped."""
-    kept = [(record["step"], record[key] if index is None else record[key][index]) for record in records
-            if record.get(key) is not None and (index is None or len(record[key]) > index)]
+    """(steps, values) of record[key], or of its index-th constraint's value; nulls skipped."""
+    kept = [(record["step"], record[key] if index is None else _per_constraint(record[key])[index])
+            for record in records
+            if record.get(key) is not None and (index is None or len(_per_constraint(record[key])) > index)]
     steps, values = zip(*kept) if kept else ((), ())
     return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
 def _num_constraints(records: list[dict[str, Any]], key: str) -> int:
-    return max((len(record.get(key) or ()) for record in records), default=0)
+    return max((len(_per_constraint(record.get(key))) for record in records), default=0)
 
 
 def _plot_per_constraint(axes: Axes, runs: dict[str, list[dict[str, Any]]], key: str,

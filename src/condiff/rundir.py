@@ -114,7 +114,7 @@ def create_output_directory(path: str | os.PathLike, kind: str, *, overwrite: bo
                             resumable: bool = False) -> Path:
     """Check as `check_output_directory` (on every process, so that a refusal stops them all), then
     (re)create `path` empty and marked as condiff's (on the main process alone)."""
-    from condiff.runtime import process_state   # accelerate and torch only once a directory is made
+    from condiff.runtime import process_state  # accelerate and torch only once a directory is made
 
     state = process_state()
     path = check_output_directory(path, overwrite=overwrite, resumable=resumable)

@@ -1,12 +1,16 @@
-"""Where models run: one device for training, sampling, evaluation and every auxiliary network.
+"""Where and how work runs: one device for training, sampling, evaluation and every auxiliary network,
+the process state, and progress bars.
 
-The default is accelerate's choice for this process (its CUDA device under a multi-GPU launch, else
-the CPU; `ACCELERATE_USE_CPU=true` forces the CPU), so that nothing is hard-coded to "cpu" or "cuda".
+The default device is accelerate's choice for this process (its CUDA device under a multi-GPU launch,
+else the CPU; `ACCELERATE_USE_CPU=true` forces the CPU), so that nothing is hard-coded to "cpu" or "cuda".
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
+from tqdm.auto import tqdm
 
 from condiff.config import ConfigError
 
@@ -31,3 +35,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     return device
+
+
+def progress_bar(iterable=None, *, desc: str, enabled: bool = True, **options) -> tqdm:
+    """A tqdm bar that redraws freely on a terminal but writes a line at most every 30 s into a log
+    file or pipe (a carriage-return redraw per step would flood it)."""
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=interactive,
+                mininterval=0.1 if interactive else 30.0, **options)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler
 
-from condiff.data import EpochSampler, LabelledDataset
+from condiff.data.datasets import EpochSampler, LabelledDataset
 from condiff.models import null_class_label
-from condiff.sample import generate, sampling_scheduler
+from condiff.sampling.generate import generate, sampling_scheduler
 
 
 @dataclass
@@ -177,10 +177,6 @@ class Constraint:
     @property
     def name(self) -> str:
         return self.term.name
-
-    @property
-    def resilient(self) -> bool:
-        return self.relaxation_cost > 0
 
     def loss(self, model: torch.nn.Module, batch: DenoisingBatch) -> torch.Tensor:
         return per_sample_loss(model, batch).mean()

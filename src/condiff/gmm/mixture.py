@@ -58,7 +58,7 @@ class ExactNoisePredictor(torch.nn.Module):
 
     Class-conditional like condiff's models: label k < K gives component k's noise predictor (the
     score of N(sqrt(abar) mu_k, v I)), label K ("no class", also used without labels) the mixture's;
-    so guidance (condiff.guidance) applies to it exactly as to a learned model."""
+    so guidance (condiff.sampling.guidance) applies to it exactly as to a learned model."""
 
     def __init__(self, mixture: GaussianMixture, alphas_cumprod: torch.Tensor):
         super().__init__()

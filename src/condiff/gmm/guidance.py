@@ -28,7 +28,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from condiff.gmm import GaussianMixture
+from condiff.gmm.mixture import GaussianMixture
 
 ODE_METHODS = ("ode_euler", "ode_exponential", "ddim")
 SDE_METHODS = ("sde_euler", "sde_exponential", "ddpm")
@@ -407,7 +407,7 @@ def phase_shift_samples(example: PhaseShiftExample, steps: int, num_samples: int
 
 
 # ----------------------------------------------------------------------------------------------------
-# The reference run of guidance-gmm.md
+# The reference run (docs/guidance-reference.md)
 # ----------------------------------------------------------------------------------------------------
 
 class ReferenceRow(NamedTuple):
@@ -417,7 +417,7 @@ class ReferenceRow(NamedTuple):
 
 
 # Two components at +-(1, 0), equal weights, s = 1, target +(1, 0), T = 8, exact start, 2,000 Euler
-# steps, 20,000 samples (docs guidance-gmm.md). The variance orthogonal to the means stays 1.00.
+# steps, 20,000 samples (docs/guidance-reference.md). The variance orthogonal to the means stays 1.00.
 REFERENCE_TABLE: dict[float, ReferenceRow] = {
     0.0: ReferenceRow(0.776, 2.838, 0.776),
     1.0: ReferenceRow(0.920, 2.557, 0.894),
@@ -448,16 +448,3 @@ def reference_row(ode: GuidedSamples, sde: GuidedSamples) -> ReferenceRow:
     mixture = reference_mixture()
     return ReferenceRow(mean_confidence(mixture, ode.samples, REFERENCE_TARGET), ode_output_entropy(ode),
                         mean_confidence(mixture, sde.samples, REFERENCE_TARGET))
-
-
-def reference_runs(etas: Sequence[float], num_samples: int = 20000, steps: int = 2000, *,
-                   generator: torch.Generator | None = None) -> list[ReferenceRow]:
-    """`reference_run` at several etas in one batch (same noise for every eta)."""
-    ode, sde = reference_samples(etas, num_samples, steps, generator=generator)
-    return [reference_row(o, s) for o, s in zip(ode, sde)]
-
-
-def reference_run(eta: float, num_samples: int = 20000, steps: int = 2000, *,
-                  generator: torch.Generator | None = None) -> ReferenceRow:
-    """(ODE confidence, ODE entropy, SDE confidence) of the reference setting at one eta."""
-    return reference_runs([eta], num_samples, steps, generator=generator)[0]

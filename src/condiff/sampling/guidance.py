@@ -3,7 +3,7 @@ classifier that condiff trains.
 
 Both turn the model's noise prediction at (x_t, t) into the guided one that the scheduler steps
 with, so they work with any diffusers scheduler (DDPM, DDIM). With the score s = -eps / sqrt(1 - abar_t),
-guidance of strength eta for class y is (Wu et al. 2024; `condiff.gmm_guidance` has its exact form)
+guidance of strength eta for class y is (Wu et al. 2024; `condiff.gmm.guidance` has its exact form)
 
     s_guided = grad log p_t(x | y) + eta grad log p_t(y | x),
 
@@ -18,17 +18,15 @@ so that eta = 0 samples the class-conditional distribution and eta > 0 sharpens 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
-from tqdm.auto import tqdm
 
-from condiff.data import EpochSampler, LabelledDataset
+from condiff.data.datasets import EpochSampler, LabelledDataset
+from condiff.fit import fit
 from condiff.models import null_class_label, timestep_embedding
 from condiff.runtime import resolve_device
 
@@ -122,24 +120,19 @@ def train_noise_aware_classifier(dataset: LabelledDataset, noise_scheduler: DDPM
     classifier.to(device)
     generator = torch.Generator().manual_seed(seed)
     sampler = EpochSampler(len(dataset))
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    classifier.train()
-    bar = tqdm(range(steps), desc="noise-aware classifier", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
+
+    def step_loss():
         idx = sampler.draw(batch_size, generator)
         clean = dataset.data[idx]
         timesteps = torch.randint(0, num_timesteps, (len(idx),), generator=generator)
         noisy = noise_scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), timesteps)
         # Noise is drawn on the CPU generator, so a run is the same on every device up to arithmetic.
         loss = F.cross_entropy(classifier(noisy.to(device), timesteps.to(device)), dataset.labels[idx].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return classifier.eval()
+        return loss, {"loss": loss.detach()}
+
+    return fit(classifier, step_loss, steps=steps, lr=lr, weight_decay=1e-4, desc="noise-aware classifier",
+               progress=progress)
 
 
 @torch.no_grad()

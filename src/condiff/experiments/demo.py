@@ -13,14 +13,12 @@ from pathlib import Path
 import torch
 
 from condiff.config import load_config
-from condiff.experiment import train_run
-from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves,
-                            write_report)
-from condiff.run_evaluation import class_share_rows, evaluate_run
-from condiff.rundir import create_output_directory, read_metrics
+from condiff.experiments.evaluation import class_share_rows, describe_multipliers, evaluate_run, plot_runs_side_by_side
+from condiff.experiments.training import CONFIG_DIR, train_run
+from condiff.report import image_md, markdown_table, write_report
+from condiff.rundir import create_output_directory
 from condiff.runtime import process_state
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEMO_CONFIGS = {"unconstrained": "digits-minority-unconstrained.toml", "constrained": "digits-minority.toml"}
 
 
@@ -42,23 +40,14 @@ def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None,
     if not process_state().is_main_process:
         return output / "report.md"
 
-    num_classes = len(results["unconstrained"]["class_frequencies"])
-    plot_class_frequencies({n: r["class_frequencies"] for n, r in results.items()}, output / "class_frequencies.png",
-                           target=[1.0 / num_classes] * num_classes,
-                           intervals={n: (r["class_frequencies_low"], r["class_frequencies_high"])
-                                      for n, r in results.items()},
-                           title="digits 4, 5, 7 under-represented: generated class frequencies")
-    plot_training_curves({n: read_metrics(output / n / "metrics.jsonl") for n in results},
-                         output / "training_curves.png",
-                         constraint_names=[f"class {c}" for c in configs["constrained"].constraints.classes])
+    plot_runs_side_by_side(output, results, "digits 4, 5, 7 under-represented")
     table = markdown_table(
         ["model", "class TV to uniform", "Frechet distance (FD)", "classifier held-out accuracy", "samples"],
-        [[n, r["tv_to_uniform"], r["frechet_distance"], r["classifier_accuracy"], r["num_samples"]]
+        [[n, r.tv_to_uniform, r.frechet_distance, r.classifier_accuracy, r.num_samples]
          for n, r in results.items()])
-    ratio = results["constrained"]["tv_to_uniform"] / max(results["unconstrained"]["tv_to_uniform"], 1e-12)
+    ratio = results["constrained"].tv_to_uniform / max(results["unconstrained"].tv_to_uniform, 1e-12)
     constrained = configs["constrained"]
-    multipliers = ", ".join(f"{c}: {m:.4f}" for c, m in zip(constrained.constraints.classes,
-                                                             results["constrained"]["multipliers"]))
+    multipliers = describe_multipliers(results["constrained"].multipliers)
     shares = markdown_table(["class", "data share", "Theorem 1 share", "sampled share", "95% interval"],
                             class_share_rows(results["constrained"]))
     return write_report(output / "report.md", "condiff demo: minority digits 4, 5, 7", [

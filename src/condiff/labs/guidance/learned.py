@@ -2,7 +2,7 @@
 
 Two class-conditional models that condiff trains itself (label dropout, so that classifier-free
 guidance applies) are swept over the guidance strength eta with shared noise:
-- the reference mixture of guidance-gmm.md (unit-variance components at +-(1, 0), target +(1, 0)): the
+- the reference mixture of docs/guidance-reference.md (unit-variance components at +-(1, 0), target +(1, 0)): the
   learned model's guided samples beside those of the exact noise predictor, run through the same
   diffusers schedulers (DDIM and DDPM), noise and guidance code, so that the only difference is the
   learned score. Confidence is the exact posterior p_0(y | x), diversity the k-NN entropy.
@@ -20,16 +20,18 @@ import numpy as np
 import torch
 
 from condiff.config import ExperimentConfig, config_from_dict
-from condiff.evaluate import features_and_labels, frechet_distance
-from condiff.experiment import build_data, load_pipeline, train_run
-from condiff.gmm import ExactNoisePredictor
-from condiff.gmm_guidance import knn_entropy, mean_confidence
-from condiff.guidance import ClassifierFreeGuidance
-from condiff.guidance_lab import is_non_decreasing, is_non_increasing
+from condiff.evaluation.classifier import features_and_labels
+from condiff.evaluation.metrics import frechet_distance
+from condiff.experiments.build import build_data, load_pipeline
+from condiff.experiments.evaluation import evaluation_classifier
+from condiff.experiments.training import train_run
+from condiff.gmm.guidance import knn_entropy, mean_confidence
+from condiff.gmm.mixture import ExactNoisePredictor
+from condiff.labs.guidance.measures import is_non_decreasing, is_non_increasing
 from condiff.report import image_md, markdown_table, new_figure, save_figure, save_sample_grid
-from condiff.run_evaluation import evaluation_classifier
 from condiff.rundir import write_json_atomic
-from condiff.sample import generate, sampling_scheduler
+from condiff.sampling.generate import generate, sampling_scheduler
+from condiff.sampling.guidance import ClassifierFreeGuidance
 
 LEARNED_ETAS = (0.0, 0.5, 1.0, 2.0, 4.0)
 METHODS = ("ddim", "ddpm")

@@ -22,15 +22,12 @@ import numpy as np
 import torch
 
 from condiff.config import ConstraintsConfig, ExperimentConfig, load_config
-from condiff.experiment import train_run
-from condiff.report import (image_md, markdown_table, plot_class_frequencies, plot_training_curves,
-                            write_report)
-from condiff.run_evaluation import evaluate_run
-from condiff.rundir import (RunDirectoryError, create_output_directory, is_condiff_directory, read_metrics,
-                            write_json_atomic)
+from condiff.experiments.evaluation import RunEvaluation, describe_multipliers, evaluate_run, plot_runs_side_by_side
+from condiff.experiments.training import CONFIG_DIR, train_run
+from condiff.report import image_md, markdown_table, write_report
+from condiff.rundir import RunDirectoryError, create_output_directory, is_condiff_directory, write_json_atomic
 from condiff.runtime import process_state
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SCALES = {"cpu": CONFIG_DIR, "paper": CONFIG_DIR / "paper"}
 
 
@@ -72,7 +69,7 @@ def unconstrained_variant(config: ExperimentConfig) -> ExperimentConfig:
     return config
 
 
-def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> dict:
+def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> RunEvaluation:
     """Train (or continue, or keep a finished) run, then evaluate it unless already evaluated."""
     run_dir = Path(config.output_dir)
     if not (run_dir / "summary.json").is_file():
@@ -81,7 +78,7 @@ def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> 
         train_run(config, resume=continuing, overwrite=resume and not continuing)
     evaluation = run_dir / "evaluation.json"
     if resume and evaluation.is_file():
-        return json.loads(evaluation.read_text())
+        return RunEvaluation.from_dict(json.loads(evaluation.read_text()))
     print(f"== {run_dir.name}: evaluating")
     return evaluate_run(run_dir, device=device, progress=progress)
 
@@ -101,7 +98,7 @@ def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = 
         raise RunDirectoryError(f"{output}: nothing to resume (not a directory condiff created)")
 
     configs: dict[str, ExperimentConfig] = {}
-    results: dict[str, dict] = {}
+    results: dict[str, RunEvaluation] = {}
     overrides = {}
     if experiment.pretrain_config:
         configs["pretrained"] = load_config(config_dir / experiment.pretrain_config,
@@ -127,40 +124,32 @@ def old_class_coverage(frequencies, reference, new_classes: list[int]) -> float:
 
 
 def write_reproduction_report(experiment: Experiment, scale: str, output: Path, configs: dict[str, ExperimentConfig],
-                              results: dict[str, dict]) -> Path:
-    num_classes = len(results["constrained"]["class_frequencies"])
-    plot_class_frequencies({n: r["class_frequencies"] for n, r in results.items()}, output / "class_frequencies.png",
-                           target=[1.0 / num_classes] * num_classes,
-                           intervals={n: (r["class_frequencies_low"], r["class_frequencies_high"])
-                                      for n, r in results.items()},
-                           title=f"{experiment.title}: generated class frequencies")
-    plot_training_curves({n: read_metrics(output / n / "metrics.jsonl") for n in results},
-                         output / "training_curves.png",
-                         constraint_names=results["constrained"]["constraint_names"])
+                              results: dict[str, RunEvaluation]) -> Path:
+    plot_runs_side_by_side(output, results, experiment.title)
 
     headers = ["model", "class TV to uniform", "FD (condiff classifier)", "precision", "recall",
                "classifier held-out accuracy", "samples"]
-    rows = [[n, r["tv_to_uniform"], r["frechet_distance"], r["precision"], r["recall"], r["classifier_accuracy"],
-             r["num_samples"]] for n, r in results.items()]
-    summary = {"scale": scale, **{n: {k: r[k] for k in ("tv_to_uniform", "frechet_distance", "precision", "recall",
+    rows = [[n, r.tv_to_uniform, r.frechet_distance, r.precision, r.recall, r.classifier_accuracy,
+             r.num_samples] for n, r in results.items()]
+    summary = {"scale": scale, **{n: {k: getattr(r, k) for k in ("tv_to_uniform", "frechet_distance", "precision", "recall",
                                                         "classifier_accuracy", "class_frequencies", "multipliers")}
                                   for n, r in results.items()}}
     findings = []
     if experiment.new_classes:
-        reference = results["pretrained"]["class_frequencies"]
+        reference = results["pretrained"].class_frequencies
         headers[1:1] = ["new-class share", "old-class coverage"]
         for row, (n, r) in zip(rows, results.items()):
-            new_share = float(sum(r["class_frequencies"][c] for c in experiment.new_classes))
-            coverage = old_class_coverage(r["class_frequencies"], reference, experiment.new_classes)
+            new_share = float(sum(r.class_frequencies[c] for c in experiment.new_classes))
+            coverage = old_class_coverage(r.class_frequencies, reference, experiment.new_classes)
             row[1:1] = [new_share, coverage]
             summary[n].update(new_class_share=new_share, old_class_coverage=coverage)
         findings.append("Old-class coverage: sum over the old classes of min(p(c), p_pretrained(c)), divided by "
                         "the pretrained model's old-class mass (1 = keeps everything it generated).")
     else:
-        ratio = results["constrained"]["tv_to_uniform"] / max(results["unconstrained"]["tv_to_uniform"], 1e-12)
+        ratio = results["constrained"].tv_to_uniform / max(results["unconstrained"].tv_to_uniform, 1e-12)
         summary["tv_ratio"] = ratio
         findings.append(f"Constrained / unconstrained class TV to uniform: {ratio:.3f}.")
-    fd_ratio = results["constrained"]["frechet_distance"] / results["unconstrained"]["frechet_distance"]
+    fd_ratio = results["constrained"].frechet_distance / results["unconstrained"].frechet_distance
     summary["fd_ratio"] = fd_ratio
     findings.append(f"Constrained / unconstrained FD: {fd_ratio:.3f}.")
     write_json_atomic(output / "summary.json", summary)
@@ -170,12 +159,10 @@ def write_reproduction_report(experiment: Experiment, scale: str, output: Path, 
         ["source", "metric", "unconstrained", "constrained", "constrained / unconstrained"],
         [["paper (Khalafi et al. 2024)", paper.metric, paper.unconstrained, paper.constrained, paper.ratio],
          [f"condiff, --scale {scale}", "FD on condiff's own classifier features (not Inception FID), "
-          f"{results['constrained']['num_samples']} samples against a balanced reference of "
-          f"{results['constrained']['num_reference']}", results["unconstrained"]["frechet_distance"],
-          results["constrained"]["frechet_distance"], fd_ratio]])
-    constrained = configs["constrained"]
-    lam = ", ".join(f"{n}: {m:.4f}" for n, m in zip(results["constrained"]["constraint_names"],
-                                                    results["constrained"]["multipliers"]))
+          f"{results['constrained'].num_samples} samples against a balanced reference of "
+          f"{results['constrained'].num_reference}", results["unconstrained"].frechet_distance,
+          results["constrained"].frechet_distance, fd_ratio]])
+    lam = describe_multipliers(results["constrained"].multipliers)
     setup = "\n".join(f"- **{n}**: `{c.data.dataset}` data, model `{c.model.kind}`, {c.train.steps} steps of batch "
                       f"{c.train.batch_size}, lr {c.train.lr:g}, {describe_constraints(c)}; sampled with "
                       f"{c.sample.method.upper()}-{c.sample.steps}." for n, c in configs.items())

@@ -12,18 +12,24 @@ from accelerate.utils import gather_object
 from diffusers import DDPMPipeline
 
 from condiff.config import ConfigError
-from condiff.experiment import build_data, load_latent_autoencoder, load_pipeline, load_run_config
-from condiff.guidance import (GUIDANCE_KINDS, ClassifierFreeGuidance, ClassifierGuidance, NoiseAwareClassifier,
-                              noisy_accuracy, train_noise_aware_classifier)
-from condiff.latent import decode_latents, encode_dataset
+from condiff.data.latent import decode_latents, encode_dataset
+from condiff.experiments.build import build_data, load_latent_autoencoder, load_pipeline, load_run_config
 from condiff.models import null_class_label
 from condiff.report import save_sample_grid
 from condiff.rundir import RunDirectory, RunDirectoryError, save_pretrained_atomic, write_json_atomic
 from condiff.runtime import process_state, resolve_device
-from condiff.sample import SampleOutput, generate, sampling_scheduler
+from condiff.sampling.generate import SampleOutput, generate, sampling_scheduler
+from condiff.sampling.guidance import (
+    GUIDANCE_KINDS,
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    NoiseAwareClassifier,
+    noisy_accuracy,
+    train_noise_aware_classifier,
+)
 
 # The arrays of a SampleOutput that have one entry per sample, and the axis it is on.
-PER_SAMPLE_AXIS = {"samples": 0, "x0_predictions": 1, "noisy_inputs": 1, "latents": 0}
+PER_SAMPLE_AXIS = {"samples": 0, "x0_predictions": 1, "latents": 0}
 
 
 def model_provenance(run_dir: Path) -> dict:
@@ -69,7 +75,7 @@ def sample_run(run_dir: Path, *, num_samples: int | None = None, method: str | N
 
     `class_label` samples one class: a class-conditional model by its label, an unconditional one
     through its noise-aware classifier (`train_noise_classifier_run`). `guidance` = eta > 0 sharpens
-    that class (condiff.guidance): `guidance_kind` "cfg" (classifier-free; the default for
+    that class (condiff.sampling.guidance): `guidance_kind` "cfg" (classifier-free; the default for
     class-conditional models) or "classifier". Class samples go to RUN/samples-class{C}-{kind}{eta}.npz,
     so that RUN/samples.npz stays the unconditional samples `evaluate` reads."""
     run_dir = Path(run_dir)

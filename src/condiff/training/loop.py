@@ -20,19 +20,20 @@ from accelerate.utils import gather_object
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
-from condiff.checkpoint import load_checkpoint, optimizer_state_from_json, save_checkpoint
 from condiff.config import DualConfig, TrainConfig
-from condiff.constraints import Constraint, DatasetTerm, DenoisingBatch, per_sample_loss
-from condiff.dual import resilient_ascent
 from condiff.rundir import RunDirectoryError, read_metrics, write_text_atomic
+from condiff.runtime import progress_bar
+from condiff.training.checkpoint import load_checkpoint, optimizer_state_from_json, save_checkpoint
+from condiff.training.dual import DualState
+from condiff.training.estimators import ESTIMATORS
+from condiff.training.terms import Constraint, DatasetTerm
 
 
 @dataclass
 class TrainResult:
     model: torch.nn.Module          # the trained network (EMA weights when the EMA is on), unwrapped
-    multipliers: list[float]
+    multipliers: dict[str, float]   # by constraint name
     step: int
 
 
@@ -65,78 +66,12 @@ def restore_learning_rate(optimizer, lr_schedule, lr: float) -> None:
     lr_schedule._last_lr = [group["lr"] for group in optimizer.param_groups]   # what get_last_lr() reports
 
 
-class DualState:
-    """The multipliers and the constraint losses accumulated since the last dual step."""
-
-    def __init__(self, constraints: list[Constraint]):
-        m = len(constraints)
-        self.multipliers = torch.zeros(m, dtype=torch.float64)
-        self.loss_sum = torch.zeros(m, dtype=torch.float64)
-        self.loss_count = 0
-        self.thresholds = torch.tensor([c.threshold for c in constraints], dtype=torch.float64)
-        self.relaxation_costs = torch.tensor([c.relaxation_cost for c in constraints], dtype=torch.float64)
-
-    def accumulate(self, losses: torch.Tensor) -> None:
-        self.loss_sum += losses.double().cpu()
-        self.loss_count += 1
-
-    def step(self, losses: torch.Tensor, step_size: float) -> None:
-        # gamma = 0 makes the resilient rule exactly projected ascent, so one call serves both kinds.
-        self.multipliers = resilient_ascent(self.multipliers, losses.double().cpu(), self.thresholds,
-                                            step_size, self.relaxation_costs)
-        self.loss_sum.zero_()
-        self.loss_count = 0
-
-    def state_dict(self) -> dict:
-        return {"multipliers": self.multipliers.tolist(), "loss_sum": self.loss_sum.tolist(),
-                "loss_count": self.loss_count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.multipliers = torch.tensor(state["multipliers"], dtype=torch.float64)
-        self.loss_sum = torch.tensor(state["loss_sum"], dtype=torch.float64)
-        self.loss_count = state["loss_count"]
-
-
-def stratified_lagrangian(model, objective: DatasetTerm, constraints: list[Constraint], dual: DualState,
-                          batch_size: int, dual_batch_size: int, generator, device):
-    """The paper's estimator: one minibatch of the data and one of every constraint set.
-
-    The batches go through the network as one concatenated batch: the same losses as separate
-    passes (the networks have no batch statistics), and one forward per backward, as DDP requires.
-    """
-    batches = [objective.draw(batch_size, generator)] + [c.term.draw(dual_batch_size, generator) for c in constraints]
-    losses = per_sample_loss(model, DenoisingBatch.concatenate(batches).to(device))
-    objective_loss, *constraint_losses = [part.mean() for part in losses.split([len(b) for b in batches])]
-    lagrangian = objective_loss + sum(float(lam) * l for lam, l in zip(dual.multipliers, constraint_losses))
-    measured = torch.stack([l.detach() for l in constraint_losses]) if constraints else None
-    return lagrangian, objective_loss.detach(), measured
-
-
-def mixture_lagrangian(model, objective: DatasetTerm, constraints: list[Constraint], dual: DualState,
-                       batch_size: int, generator, device):
-    """One minibatch from the lambda-weighted mixture of the data and the constraint sets.
-
-    E[(1 + sum lambda) mean_batch loss] = l_0 + sum lambda_i l_i, so the gradient is unbiased for
-    the Lagrangian while a step costs one forward/backward of `batch_size`, whatever the number of
-    constraints. Constraint losses for the dual step come from a separate forward-only batch.
-    """
-    weights = torch.cat([torch.ones(1, dtype=torch.float64), dual.multipliers])
-    sources = torch.multinomial(weights / weights.sum(), batch_size, replacement=True, generator=generator)
-    counts = torch.bincount(sources, minlength=len(weights)).tolist()
-    terms = [objective] + [c.term for c in constraints]
-    batch = DenoisingBatch.concatenate([t.draw(n, generator) for t, n in zip(terms, counts) if n > 0])
-    losses = per_sample_loss(model, batch.to(device))
-    lagrangian = weights.sum().item() * losses.mean()
-    objective_loss = losses[:counts[0]].detach().mean() if counts[0] else torch.full((), float("nan"), device=device)
-    return lagrangian, objective_loss, None
-
-
-@torch.no_grad()
-def measure_constraint_losses(model, constraints: list[Constraint], batch_size: int, generator, device):
-    """Forward-only estimate of every constraint's loss, all constraints in one batch."""
-    batch = DenoisingBatch.concatenate([c.term.draw(batch_size, generator) for c in constraints])
-    losses = per_sample_loss(model, batch.to(device))
-    return torch.stack([part.mean() for part in losses.split(batch_size)])
+def tracked_scalars(record: dict) -> dict[str, float]:
+    """A metrics record as flat scalars for accelerate's trackers (tensorboard, wandb, ...)."""
+    scalars = {key: record[key] for key in ("lr", "dual_lr", "objective_loss", "lagrangian") if record[key] is not None}
+    for key, prefix in (("multipliers", "multiplier"), ("constraint_losses", "constraint_loss"), ("slacks", "slack")):
+        scalars.update({f"{prefix}/{name}": value for name, value in (record[key] or {}).items()})
+    return scalars
 
 
 def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: DatasetTerm,
@@ -153,7 +88,9 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
     # The schedule stays outside accelerate.prepare, which would step it once per process per step.
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMAModel(model.parameters(), decay=config.ema_decay) if config.ema_decay > 0 else None
-    dual = DualState(constraints)
+    dual = DualState([c.name for c in constraints], [c.threshold for c in constraints],
+                     [c.relaxation_cost for c in constraints])
+    estimator = ESTIMATORS[dual_config.estimator](objective, constraints, config.batch_size, dual_config.batch_size)
     terms = [objective] + [c.term for c in constraints]
     start = 0
 
@@ -197,22 +134,16 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
         accelerator.wait_for_everyone()
 
     names = [c.name for c in constraints]
-    progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train",
-                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    progress = progress_bar(range(start, config.steps), initial=start, total=config.steps, desc="train",
+                            enabled=accelerator.is_main_process)
     metrics_file = open(metrics_path, "a") if accelerator.is_main_process else None
     try:
         for step in progress:
             model.train()
             lr = lr_schedule.get_last_lr()[0]  # the rate this step uses
-            if dual_config.estimator == "stratified":
-                lagrangian, objective_loss, measured = stratified_lagrangian(
-                    model, objective, constraints, dual, config.batch_size, dual_config.batch_size,
-                    generator, device)
-                if measured is not None:
-                    dual.accumulate(accelerator.reduce(measured, "mean"))
-            else:
-                lagrangian, objective_loss, measured = mixture_lagrangian(
-                    model, objective, constraints, dual, config.batch_size, generator, device)
+            lagrangian, objective_loss, measured = estimator.lagrangian(model, dual, generator, device)
+            if measured is not None:
+                dual.accumulate(accelerator.reduce(measured, "mean"))
             accelerator.backward(lagrangian)
             # max_norm = inf measures without clipping; the norm and the averaged Lagrangian are the same
             # on every process, so every process stops at the same step.
@@ -232,30 +163,28 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
             dual_step = bool(constraints) and (step + 1) % dual_config.primal_steps_per_dual == 0
             estimates = None
             if dual_step:
-                if dual_config.estimator == "stratified":
-                    estimates = dual.loss_sum / dual.loss_count  # reuses the primal phase's losses
-                else:
-                    estimates = accelerator.reduce(measure_constraint_losses(
-                        model, constraints, dual_config.batch_size, generator, device), "mean").double().cpu()
+                estimates = estimator.dual_estimates(model, dual, generator, device,
+                                                     lambda t: accelerator.reduce(t, "mean"))
                 check_finite(step + 1, f"a constraint loss ({', '.join(names)})", estimates, checkpoints_dir)
                 dual.step(estimates, dual_lr)
                 check_finite(step + 1, f"a multiplier ({', '.join(names)})", dual.multipliers, checkpoints_dir)
 
             losses = measured if measured is not None else estimates
-            losses = None if losses is None else [float(l) for l in losses]
             objective_value = float(logged[0])  # NaN when a mixture batch drew no data sample
             record = {"step": step + 1, "lr": lr, "dual_lr": dual_lr,
                       "objective_loss": None if objective_value != objective_value else objective_value,
-                      "lagrangian": float(logged[1]), "multipliers": dual.multipliers.tolist(),
-                      "constraint_losses": losses,
-                      "slacks": None if losses is None else [
-                          c.slack(l, float(lam)) for c, l, lam in zip(constraints, losses, dual.multipliers)],
+                      "lagrangian": float(logged[1]), "multipliers": dual.named(dual.multipliers),
+                      "constraint_losses": None if losses is None else dual.named(losses),
+                      "slacks": None if losses is None else {
+                          c.name: c.slack(float(l), float(lam)) for c, l, lam in zip(constraints, losses, dual.multipliers)},
                       "dual_step": dual_step}
+            accelerator.log(tracked_scalars(record), step=step + 1)   # no trackers: nothing happens
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
                 metrics_file.flush()
-                progress.set_postfix({"loss": f"{objective_value:.4f}",
-                                      **{f"λ[{n}]": f"{float(v):.3f}" for n, v in zip(names, dual.multipliers)}})
+                progress.set_postfix({"loss": f"{objective_value:.4f}",   # drawn at the bar's own pace
+                                      **{f"λ[{n}]": f"{float(v):.3f}" for n, v in zip(names, dual.multipliers)}},
+                                     refresh=False)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 checkpoint(step + 1)
             if on_step is not None:
@@ -267,4 +196,4 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
     trained = accelerator.unwrap_model(model)
     if ema is not None:
         ema.copy_to(trained.parameters())
-    return TrainResult(trained, dual.multipliers.tolist(), config.steps)
+    return TrainResult(trained, dual.named(dual.multipliers), config.steps)

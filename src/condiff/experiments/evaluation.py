@@ -9,6 +9,7 @@ only the main process evaluates and writes.
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +17,18 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from condiff.config import ConfigError, ExperimentConfig
-from condiff.evaluate import (InceptionFIDUnavailable, check_inception_fid, class_frequency_intervals,
-                              features_and_labels, frechet_distance, inception_fid, load_or_train_classifier,
-                              precision_recall, predict_labels, total_variation)
-from condiff.experiment import ExperimentData, load_evaluation_data, load_run_config
-from condiff.data import take_per_class
-from condiff.gmm import GaussianMixture
+from condiff.data.datasets import take_per_class
+from condiff.evaluation.classifier import features_and_labels, load_or_train_classifier, predict_labels
+from condiff.evaluation.inception import InceptionFIDUnavailable, check_inception_fid, inception_fid
+from condiff.evaluation.metrics import evaluate_samples, total_variation
+from condiff.experiments.build import ExperimentData, load_run_config
+from condiff.experiments.sampling import sample_run, sampling_settings
+from condiff.experiments.training import load_evaluation_data
+from condiff.gmm.mixture import GaussianMixture
 from condiff.report import image_md, markdown_table, plot_class_frequencies, plot_training_curves, write_report
-from condiff.run_sampling import sample_run, sampling_settings
 from condiff.rundir import RunDirectory, read_metrics, write_json_atomic
 from condiff.runtime import process_state, resolve_device
-from condiff.sample import load_samples
+from condiff.sampling.generate import load_samples
 
 
 class MixtureBayesClassifier(torch.nn.Module):
@@ -82,7 +84,7 @@ def evaluation_samples(run_dir: Path, num_samples: int, device, progress: bool) 
 
 
 def evaluate_run(run_dir: Path, *, num_samples: int | None = None, device: str | torch.device | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True) -> RunEvaluation:
     """Sample (unless RUN/samples.npz already holds exactly that drawing), classify and compare with the
     data the run keeps: class frequencies, TV to uniform and to Theorem 1's prediction, Frechet distance
     to a balanced reference in the classifier's feature space. Writes RUN/evaluation.json (with the
@@ -106,7 +108,42 @@ def evaluate_run(run_dir: Path, *, num_samples: int | None = None, device: str |
     return result[0]
 
 
-def measure(run_dir: Path, config: ExperimentConfig, samples: torch.Tensor, provenance: dict, device) -> dict:
+@dataclass
+class RunEvaluation:
+    """What `evaluate` measured of a run's samples (RUN/evaluation.json), in the feature space of
+    condiff's classifier (the exact Bayes classifier for Gaussian mixtures)."""
+
+    num_samples: int
+    samples: dict                      # how the samples were drawn (their provenance)
+    classifier_accuracy: float         # the classifier's held-out accuracy on real data
+    tv_to_uniform: float               # total variation of the class frequencies to uniform
+    tv_to_predicted: float             # ... and to the shares Theorem 1 predicts from the multipliers
+    frechet_distance: float            # FD against a class-balanced reference (not Inception FID)
+    num_reference: int
+    precision: float                   # k-NN manifold precision and recall (Kynkaanniemi et al. 2019)
+    recall: float
+    nearest_neighbours: int
+    class_frequencies: list[float]
+    class_frequencies_low: list[float]     # 95% Wilson interval of each frequency
+    class_frequencies_high: list[float]
+    predicted_class_shares: list[float]
+    data_class_shares: list[float]
+    multipliers: dict[str, float]      # the run's final multipliers, by constraint name
+    inception_fid: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunEvaluation":
+        """Read evaluation.json, also as written before multipliers were keyed by name."""
+        values = {k: v for k, v in values.items() if k in {f.name for f in fields(cls)} | {"constraint_names"}}
+        if "constraint_names" in values:
+            values["multipliers"] = dict(zip(values.pop("constraint_names"), values["multipliers"]))
+        return cls(**{"samples": {}, **values})
+
+
+def measure(run_dir: Path, config: ExperimentConfig, samples: torch.Tensor, provenance: dict, device) -> RunEvaluation:
     run = RunDirectory(run_dir)
     evaluation = config.evaluate
     data = load_evaluation_data(config, run_dir)
@@ -115,65 +152,63 @@ def measure(run_dir: Path, config: ExperimentConfig, samples: torch.Tensor, prov
         per_class = max(1, evaluation.reference_samples // reference.num_classes)
         reference = take_per_class(reference, [min(per_class, n) for n in reference.class_counts()], config.data.seed)
     classifier, accuracy = evaluation_classifier(config, data, device)
-    features, labels = features_and_labels(classifier, samples)
     reference_features, _ = features_and_labels(classifier, reference.data)
-    quality = precision_recall(reference_features, features, evaluation.nearest_neighbours)
     num_classes = reference.num_classes
-    intervals = class_frequency_intervals(labels, num_classes)
+    measured = evaluate_samples(samples, classifier, accuracy, reference_features, np.full(num_classes, 1 / num_classes),
+                                num_classes, nearest_neighbours=evaluation.nearest_neighbours)
     summary = run.read_json(run.summary_file)
-    uniform = np.full(num_classes, 1.0 / num_classes)
-    result = {
-        "num_samples": len(samples), "samples": provenance, "classifier_accuracy": accuracy,
-        "tv_to_uniform": total_variation(intervals.freq, uniform),
-        "tv_to_predicted": total_variation(intervals.freq, summary["predicted_class_shares"]),
-        "frechet_distance": frechet_distance(features, reference_features), "num_reference": len(reference),
-        "precision": quality.precision, "recall": quality.recall, "nearest_neighbours": evaluation.nearest_neighbours,
-        "class_frequencies": intervals.freq.tolist(), "class_frequencies_low": intervals.low.tolist(),
-        "class_frequencies_high": intervals.high.tolist(),
-        "predicted_class_shares": summary["predicted_class_shares"],
-        "data_class_shares": summary["data_class_shares"],
-        "multipliers": [c["multiplier"] for c in summary["constraints"]],
-        "constraint_names": [c["name"] for c in summary["constraints"]],
-    }
+    result = RunEvaluation(
+        num_samples=measured.num_samples, samples=provenance, classifier_accuracy=accuracy,
+        tv_to_uniform=measured.tv_to_target,
+        tv_to_predicted=total_variation(measured.class_frequencies, summary["predicted_class_shares"]),
+        frechet_distance=measured.frechet_distance, num_reference=len(reference), precision=measured.precision,
+        recall=measured.recall, nearest_neighbours=measured.nearest_neighbours,
+        class_frequencies=measured.class_frequencies, class_frequencies_low=measured.class_frequencies_low,
+        class_frequencies_high=measured.class_frequencies_high,
+        predicted_class_shares=summary["predicted_class_shares"], data_class_shares=summary["data_class_shares"],
+        multipliers={c["name"]: c["multiplier"] for c in summary["constraints"]})
     if evaluation.inception_weights:
         if samples.ndim != 4:
             raise ConfigError("evaluate.inception_weights: Inception FID needs image samples")
-        result["inception_fid"] = inception_fid(samples, reference.data, evaluation.inception_weights, device=device)
-    write_json_atomic(run.evaluation_file, result)
+        result.inception_fid = inception_fid(samples, reference.data, evaluation.inception_weights, device=device)
+    write_json_atomic(run.evaluation_file, result.to_dict())
     write_run_report(run_dir, config, result)
     return result
 
 
-def class_share_rows(result: dict) -> list[list]:
-    return [[c, result["data_class_shares"][c], result["predicted_class_shares"][c], result["class_frequencies"][c],
-             f"[{result['class_frequencies_low'][c]:.3f}, {result['class_frequencies_high'][c]:.3f}]"]
-            for c in range(len(result["class_frequencies"]))]
+def class_share_rows(result: RunEvaluation) -> list[list]:
+    return [[c, result.data_class_shares[c], result.predicted_class_shares[c], result.class_frequencies[c],
+             f"[{result.class_frequencies_low[c]:.3f}, {result.class_frequencies_high[c]:.3f}]"]
+            for c in range(len(result.class_frequencies))]
 
 
-def write_run_report(run_dir: Path, config: ExperimentConfig, result: dict) -> Path:
+def describe_multipliers(multipliers: dict[str, float]) -> str:
+    return ", ".join(f"{name}: {value:.4f}" for name, value in multipliers.items())
+
+
+def write_run_report(run_dir: Path, config: ExperimentConfig, result: RunEvaluation) -> Path:
     """RUN/report.md with the samples, class frequencies, training curves and a table of metrics."""
-    num_classes = len(result["class_frequencies"])
-    plot_class_frequencies({config.name: result["class_frequencies"]}, run_dir / "class_frequencies.png",
+    num_classes = len(result.class_frequencies)
+    plot_class_frequencies({config.name: result.class_frequencies}, run_dir / "class_frequencies.png",
                            target=[1.0 / num_classes] * num_classes,
-                           intervals={config.name: (result["class_frequencies_low"],
-                                                    result["class_frequencies_high"])},
+                           intervals={config.name: (result.class_frequencies_low, result.class_frequencies_high)},
                            title="generated class frequencies (95% Wilson intervals); line: uniform")
     metrics = read_metrics(RunDirectory(run_dir).metrics_file)
     plot_training_curves({config.name: metrics}, run_dir / "training_curves.png",
-                         constraint_names=result["constraint_names"])
-    inception = ["Inception FID"] if "inception_fid" in result else []
+                         constraint_names=list(result.multipliers))
+    inception = [] if result.inception_fid is None else ["Inception FID"]
     overview = markdown_table(
         ["samples", "classifier held-out accuracy", "TV to uniform", "TV to Theorem 1 prediction", "Frechet distance (FD)",
-         f"precision (k={result['nearest_neighbours']})", "recall"] + inception,
-        [[result["num_samples"], result["classifier_accuracy"], result["tv_to_uniform"], result["tv_to_predicted"],
-          result["frechet_distance"], result["precision"], result["recall"]]
-         + [result[k] for k in ("inception_fid",) if k in result]])
+         f"precision (k={result.nearest_neighbours})", "recall"] + inception,
+        [[result.num_samples, result.classifier_accuracy, result.tv_to_uniform, result.tv_to_predicted,
+          result.frechet_distance, result.precision, result.recall]
+         + ([] if result.inception_fid is None else [result.inception_fid])])
     per_class = markdown_table(["class", "data share", "Theorem 1 share", "sampled share", "95% interval"],
                                class_share_rows(result))
-    multipliers = ", ".join(f"{name}: {m:.4f}" for name, m in zip(result["constraint_names"], result["multipliers"]))
+    multipliers = describe_multipliers(result.multipliers)
     return write_report(run_dir / "report.md", f"condiff run: {config.name}", [
         ("Metrics", overview + f"\n\nFD is a Frechet distance on the features of condiff's own classifier "
-         f"against a class-balanced reference set of {result['num_reference']} samples (not Inception FID); "
+         f"against a class-balanced reference set of {result.num_reference} samples (not Inception FID); "
          "precision and recall (k-nearest-neighbour manifolds, Kynkaanniemi et al. 2019) are measured in the "
          "same feature space."),
         ("Class shares", per_class + (f"\n\nFinal multipliers: {multipliers}." if multipliers else "")
@@ -181,3 +216,15 @@ def write_run_report(run_dir: Path, config: ExperimentConfig, result: dict) -> P
         ("Samples", image_md("samples.png", "samples")),
         ("Training", image_md("training_curves.png", "training curves")),
     ])
+
+
+def plot_runs_side_by_side(output: Path, results: dict[str, RunEvaluation], title: str) -> None:
+    """output/class_frequencies.png and output/training_curves.png of the runs output/NAME, one per result."""
+    num_classes = len(next(iter(results.values())).class_frequencies)
+    plot_class_frequencies({n: r.class_frequencies for n, r in results.items()}, output / "class_frequencies.png",
+                           target=[1.0 / num_classes] * num_classes,
+                           intervals={n: (r.class_frequencies_low, r.class_frequencies_high) for n, r in results.items()},
+                           title=f"{title}: generated class frequencies")
+    names = max((list(r.multipliers) for r in results.values()), key=len)
+    plot_training_curves({n: read_metrics(RunDirectory(output / n).metrics_file) for n in results},
+                         output / "training_curves.png", constraint_names=names)

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
-from tqdm.auto import tqdm
 
 from condiff.models import null_class_label, sample_shape_of
-from condiff.runtime import resolve_device
 from condiff.rundir import RunDirectoryError, write_atomic
+from condiff.runtime import progress_bar, resolve_device
 
 
 @dataclass
@@ -27,16 +26,15 @@ class SampleOutput:
     samples: torch.Tensor                   # (N, *shape): the generated x_0
     timesteps: torch.Tensor                 # (S,): the timesteps visited, from noisy to clean
     x0_predictions: torch.Tensor | None     # (S, N, *shape): the model's x_0 estimate at every step
-    noisy_inputs: torch.Tensor | None = None  # (S, N, *shape): the x_t the model saw at every step
     latents: torch.Tensor | None = None     # latent diffusion: the generated latents, `samples` their decodes
-                                            # (x0_predictions and noisy_inputs stay in the latent space)
+                                            # (x0_predictions stay in the latent space)
     provenance: dict | None = None          # how they were drawn (method, steps, seed, guidance, model step...)
 
     def save_npz(self, path) -> Path:
         """Write the arrays and the provenance (a JSON string: no pickle needed to read it) atomically."""
         arrays = {"samples": self.samples.numpy(), "timesteps": self.timesteps.numpy(),
                   "provenance": np.array(json.dumps(self.provenance or {}))}
-        for name in ("x0_predictions", "noisy_inputs", "latents"):
+        for name in ("x0_predictions", "latents"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name).numpy()
 
@@ -79,7 +77,7 @@ def sampling_scheduler(training_scheduler: DDPMScheduler, method: str, *, guided
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inference_steps: int = 50,
-             batch_size: int = 500, seed: int = 0, record_x0: bool = False, record_inputs: bool = False,
+             batch_size: int = 500, seed: int = 0, record_x0: bool = False,
              class_labels: torch.Tensor | None = None, guidance=None, device: str | torch.device | None = None,
              first_index: int = 0, progress: bool = True, on_step=None) -> SampleOutput:
     """Draw `num_samples` samples on `device` (default: the accelerator's). Sample i's noise comes from
@@ -87,10 +85,9 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
     the batch size, and a run split across processes (`first_index`) gives those of a single one.
 
     `class_labels` (N,) gives every sample's class (a class-conditional model without them samples
-    unconditionally: label "no class"); `guidance` (see condiff.guidance) replaces the model's noise
-    prediction by a guided one. `record_x0` keeps the x_0 prediction at every step, `record_inputs`
-    the noisy x_t the model was given; `on_step(first_index, t, x_t)` sees every step's input of every
-    batch (to keep parts of it)."""
+    unconditionally: label "no class"); `guidance` (see condiff.sampling.guidance) replaces the model's noise
+    prediction by a guided one. `record_x0` keeps the x_0 prediction at every step;
+    `on_step(first_index, t, x_t)` sees every step's input of every batch (to keep parts of it)."""
     device = resolve_device(device)
     model = model.to(device).eval()
     shape = sample_shape_of(model)
@@ -98,19 +95,16 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
     if class_labels is None and null is not None:
         class_labels = torch.full((num_samples,), null, dtype=torch.long)
     scheduler.set_timesteps(num_inference_steps)
-    samples, x0_batches, input_batches = [], [], []
+    samples, x0_batches = [], []
     starts = range(0, num_samples, batch_size)
-    bar = tqdm(total=len(starts) * len(scheduler.timesteps), desc="sample", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(starts) * len(scheduler.timesteps), desc="sample", enabled=progress)
     for start in starts:
         n = min(batch_size, num_samples - start)
         generator = sample_generators(seed, range(first_index + start, first_index + start + n))
         x = randn_tensor((n, *shape), generator=generator, device=device)
         labels = None if class_labels is None else class_labels[start:start + n].to(device)
-        x0_steps, input_steps = [], []
+        x0_steps = []
         for t in scheduler.timesteps:
-            if record_inputs:
-                input_steps.append(x.cpu())
             if on_step is not None:
                 on_step(start, int(t), x)
             timesteps = t.expand(n).to(device)
@@ -124,9 +118,6 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
         samples.append(x.cpu())
         if record_x0:
             x0_batches.append(torch.stack(x0_steps))
-        if record_inputs:
-            input_batches.append(torch.stack(input_steps))
     bar.close()
     return SampleOutput(torch.cat(samples), scheduler.timesteps.clone(),
-                        torch.cat(x0_batches, dim=1) if record_x0 else None,
-                        torch.cat(input_batches, dim=1) if record_inputs else None)
+                        torch.cat(x0_batches, dim=1) if record_x0 else None)

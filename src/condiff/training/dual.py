@@ -1,7 +1,9 @@
-"""Dual-variable (multiplier) update rules and the closed-form facts of constrained diffusion.
+"""Dual variables: the update rules, the multipliers' state, and the closed-form facts of constrained
+diffusion (Theorems 1 and 2).
 
-Pure functions of tensors: they take multipliers and measured constraint losses and return new
-multipliers, so they can be unit-tested without a model (Cooper's separation of the dual optimiser).
+The rules are pure functions of tensors behind small objects (`ProjectedAscent`, `ResilientAscent`), so
+they are unit-tested without a model (Cooper's separation of the dual optimiser); `DualState` holds the
+multipliers keyed by constraint name and the losses accumulated since the last dual step.
 """
 
 from __future__ import annotations
@@ -9,9 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-class InfeasibleConstraints(ValueError):
-    """The requested constraints cannot all hold at once."""
+from condiff.config import InfeasibleConstraints, check_kl_feasibility
 
 
 def projected_ascent(multipliers: torch.Tensor, losses: torch.Tensor, thresholds: torch.Tensor,
@@ -31,16 +31,80 @@ def resilient_ascent(multipliers: torch.Tensor, losses: torch.Tensor, thresholds
         multipliers + step_size * (losses - thresholds - 2.0 * relaxation_cost * multipliers), min=0.0)
 
 
-def check_kl_feasibility(kl_bounds: list[float] | np.ndarray) -> None:
-    """Refuse KL bounds b_i (nats) with sum_i exp(-b_i) >= 1 (Theorem 2: no model can meet them)."""
-    bounds = np.asarray(kl_bounds, dtype=float)
-    if np.any(bounds <= 0):
-        raise InfeasibleConstraints("KL bounds must be positive (nats)")
-    total = float(np.exp(-bounds).sum())
-    if total >= 1.0:
-        raise InfeasibleConstraints(
-            f"infeasible KL bounds {bounds.tolist()}: sum of exp(-b_i) = {total:.4f} must be < 1 "
-            "(loosen the bounds: raise some b_i)")
+class ProjectedAscent:
+    """Hard constraints: lambda <- max(0, lambda + eta (l - b))."""
+
+    def update(self, multipliers: torch.Tensor, losses: torch.Tensor, thresholds: torch.Tensor,
+               step_size: float) -> torch.Tensor:
+        return projected_ascent(multipliers, losses, thresholds, step_size)
+
+
+class ResilientAscent:
+    """Resilient constraints with relaxation costs gamma_i (a hard constraint among them has gamma_i = 0,
+    for which the rule is exactly projected ascent)."""
+
+    def __init__(self, relaxation_costs: torch.Tensor):
+        self.relaxation_costs = relaxation_costs
+
+    def update(self, multipliers: torch.Tensor, losses: torch.Tensor, thresholds: torch.Tensor,
+               step_size: float) -> torch.Tensor:
+        return resilient_ascent(multipliers, losses, thresholds, step_size, self.relaxation_costs)
+
+
+def dual_rule(relaxation_costs: list[float]) -> ProjectedAscent | ResilientAscent:
+    """The rule for constraints with these relaxation costs."""
+    if not any(relaxation_costs):
+        return ProjectedAscent()
+    return ResilientAscent(torch.tensor(relaxation_costs, dtype=torch.float64))
+
+
+class DualState:
+    """The multipliers (keyed by constraint name in what is saved and logged), the rule that updates them,
+    and the constraint losses accumulated since the last dual step."""
+
+    def __init__(self, names: list[str], thresholds: list[float], relaxation_costs: list[float]):
+        if len(set(names)) != len(names):
+            raise ValueError(f"constraint names must be distinct, got {names}")
+        self.names = list(names)
+        m = len(names)
+        self.multipliers = torch.zeros(m, dtype=torch.float64)
+        self.loss_sum = torch.zeros(m, dtype=torch.float64)
+        self.loss_count = 0
+        self.thresholds = torch.tensor(thresholds, dtype=torch.float64)
+        self.rule = dual_rule(relaxation_costs)
+
+    def named(self, values) -> dict[str, float]:
+        return {name: float(value) for name, value in zip(self.names, values)}
+
+    def accumulate(self, losses: torch.Tensor) -> None:
+        self.loss_sum += losses.double().cpu()
+        self.loss_count += 1
+
+    def mean_losses(self) -> torch.Tensor:
+        return self.loss_sum / self.loss_count
+
+    def step(self, losses: torch.Tensor, step_size: float) -> None:
+        self.multipliers = self.rule.update(self.multipliers, losses.double().cpu(), self.thresholds, step_size)
+        self.loss_sum.zero_()
+        self.loss_count = 0
+
+    def state_dict(self) -> dict:
+        return {"multipliers": self.named(self.multipliers), "loss_sum": self.named(self.loss_sum),
+                "loss_count": self.loss_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state keyed by name (or, from checkpoints before names, by position)."""
+        def values(saved) -> torch.Tensor:
+            if isinstance(saved, list):
+                if len(saved) != len(self.names):
+                    raise ValueError(f"the checkpoint holds {len(saved)} multipliers for {len(self.names)} constraints")
+                return torch.tensor(saved, dtype=torch.float64)
+            if set(saved) != set(self.names):
+                raise ValueError(f"the checkpoint's constraints {sorted(saved)} are not the config's {self.names}")
+            return torch.tensor([saved[name] for name in self.names], dtype=torch.float64)
+
+        self.multipliers, self.loss_sum = values(state["multipliers"]), values(state["loss_sum"])
+        self.loss_count = state["loss_count"]
 
 
 def multipliers_from_kl_bounds(kl_bounds: list[float] | np.ndarray) -> np.ndarray:

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from condiff.data import EpochSampler, LabelledDataset
+from condiff.data.datasets import EpochSampler, LabelledDataset
+from condiff.fit import fit
 from condiff.rundir import save_pretrained_atomic
 from condiff.runtime import resolve_device
 
@@ -104,33 +105,24 @@ def train_autoencoder(dataset: LabelledDataset, *, steps: int, batch_size: int =
     the training set's latents (posterior means), the Stable Diffusion convention under which
     `latents * scaling_factor` has unit variance.
     """
-    from tqdm.auto import tqdm
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = build_small_autoencoder(dataset.sample_shape, latent_channels, tuple(block_out_channels))
     device = resolve_device(device)
-    vae.to(device).train()
+    vae.to(device)
     generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator().manual_seed(seed + 1)   # CPU noise: the same on every device
     sampler = EpochSampler(len(dataset))
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
-    bar = tqdm(range(steps), desc="autoencoder", disable=not progress)
-    for _ in bar:
+
+    def step_loss():
         x = dataset.data[sampler.draw(batch_size, generator)].to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=noise_generator)).sample
         mse = torch.nn.functional.mse_loss(recon, x)
         kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = mse + kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.3f}", refresh=False)
-    vae.eval()
+        return mse + kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}
+
+    fit(vae, step_loss, steps=steps, lr=lr, desc="autoencoder", progress=progress)
     with torch.no_grad():
         latents = _posterior_means(vae, dataset.data, batch_size=max(batch_size, 256))
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))

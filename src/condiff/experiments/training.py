@@ -1,0 +1,251 @@
+"""Training a run directory from a config, and opening it again.
+
+`train_run(load_config("configs/digits-minority.toml"))` is what `condiff train` does. A run directory
+holds everything needed to sample and evaluate it later, from anywhere: its config (paths resolved), its
+model, a copy of its autoencoder (latent runs) and the data evaluation compares with
+(`evaluation_data.safetensors`).
+"""
+
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tomli_w
+from diffusers import DDPMPipeline
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from condiff.config import ConfigError, ExperimentConfig
+from condiff.data.datasets import LabelledDataset
+from condiff.data.latent import encode_dataset, save_autoencoder, train_autoencoder
+from condiff.experiments.build import (
+    ExperimentData,
+    build_constraints,
+    build_data,
+    build_network,
+    build_noise_scheduler,
+    check_inputs,
+    load_latent_autoencoder,
+    load_run_config,
+    pretrained_constraint,
+)
+from condiff.rundir import (
+    RunDirectory,
+    RunDirectoryError,
+    check_output_directory,
+    create_output_directory,
+    save_pretrained_atomic,
+    write_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+from condiff.training.dual import predicted_shares
+from condiff.training.loop import train
+from condiff.training.terms import DatasetTerm
+
+
+def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two nested config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differing_fields(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"    # the shipped configs (package data)
+
+TRACKERS = "trackers"    # RUN/trackers: accelerate's tracker logs when train.log_with is set
+
+# What may change when a run is resumed: where it lies, how fast it learns (a diverged run continues
+# from its last checkpoint with a smaller rate), how long, and how it is sampled and evaluated.
+RESUMABLE_FIELDS = ("output_dir", "train.lr", "train.steps", "train.checkpoint_every", "train.keep_checkpoints",
+                    "dual.lr", "sample.", "evaluate.")
+
+
+def run_directory(config: ExperimentConfig) -> Path:
+    """The config's output directory; a config built in Python without one gets runs/NAME."""
+    return Path(config.output_dir or Path("runs") / config.name)
+
+
+def check_resumable(run: RunDirectory, config: ExperimentConfig) -> None:
+    if not run.checkpoints.is_dir() or not any(run.checkpoints.glob("step-*")):
+        raise RunDirectoryError(f"{run.path}: no checkpoint to resume from")
+    run.require_run()
+    changed = [name for name in differing_fields(load_run_config(run.path).to_dict(), config.to_dict())
+               if not name.startswith(RESUMABLE_FIELDS)]
+    if changed:
+        raise ConfigError(f"{run.config_file}: cannot resume with a different config (changed: {', '.join(changed)})")
+
+
+def save_evaluation_data(run: RunDirectory, data: ExperimentData) -> None:
+    """Keep the sets evaluation compares with inside the run, so that it evaluates without the data."""
+    if data.mixture is not None:   # a Gaussian mixture is rebuilt from the config itself
+        return
+    sets = {"reference": data.reference, "classifier_train": data.classifier_train, "held_out": data.held_out}
+    tensors = {f"{name}.{part}": getattr(dataset, part).contiguous() for name, dataset in sets.items()
+               for part in ("data", "labels")}
+    metadata = {"num_classes": str(data.reference.num_classes),
+                **{f"{name}.name": dataset.name for name, dataset in sets.items()}}
+    write_atomic(run.evaluation_data, lambda p: save_file(tensors, p, metadata=metadata))
+
+
+def load_evaluation_data(config: ExperimentConfig, run_dir: Path) -> ExperimentData:
+    """What evaluation needs (reference, classifier sets, mixture): the run's own copy when it has one,
+    else the data rebuilt from the config (runs made before condiff kept a copy)."""
+    path = RunDirectory(run_dir).evaluation_data
+    if not path.is_file():
+        return build_data(config)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata()
+        tensors = load_file(path)
+        sets = {name: LabelledDataset(tensors[f"{name}.data"], tensors[f"{name}.labels"], int(metadata["num_classes"]),
+                                      metadata[f"{name}.name"])
+                for name in ("reference", "classifier_train", "held_out")}
+    except (OSError, KeyError, ValueError, SafetensorError) as err:
+        raise RunDirectoryError(f"{path}: unreadable ({err})") from None
+    return ExperimentData(sets["reference"], sets["classifier_train"], sets["held_out"], sets["reference"], None)
+
+
+def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, on_step=None,
+              accelerator=None) -> Path:
+    """Train the model a config describes into its run directory; returns the directory.
+
+    `overwrite` replaces only an empty directory or one condiff created (see condiff.rundir); `resume`
+    continues from the newest complete checkpoint, wherever the directory now lies."""
+    from accelerate import Accelerator
+
+    config = config.validated()     # a config built or changed in Python is checked like a file
+    run = RunDirectory(run_directory(config))
+    check_inputs(config)
+    accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision,
+                                             log_with=config.train.log_with, project_dir=str(run.path))
+    data = build_data(config)
+    autoencoder = load_latent_autoencoder(config)
+    # Latent diffusion: the training set (and with it every class constraint's set) is encoded once,
+    # up front; from here on the run is ordinary diffusion on those tensors.
+    train_set = data.train if autoencoder is None else encode_dataset(autoencoder.to(accelerator.device), data.train)
+    noise_scheduler = build_noise_scheduler(config, pixels=len(train_set.sample_shape) == 3 and autoencoder is None)
+    model, pretrained = build_network(config, train_set, noise_scheduler)
+    constraints = build_constraints(config, train_set, noise_scheduler)
+    if config.finetune.threshold is not None:
+        constraints.append(pretrained_constraint(config, pretrained.to(accelerator.device), train_set.sample_shape,
+                                                 noise_scheduler, progress=accelerator.is_main_process))
+    objective = DatasetTerm("data", train_set, noise_scheduler, config.train.label_dropout)
+
+    # Only now, with everything built and checked, is anything written.
+    # Every process checks (so a refusal exits all of them instead of leaving some at a barrier);
+    # then the main process alone writes.
+    if resume:
+        check_resumable(run, config)
+    else:
+        create_output_directory(run.path, "run", overwrite=overwrite, resumable=True)
+    if accelerator.is_main_process:
+        # Stored with its location resolved; on resume, with what changed (e.g. a smaller train.lr).
+        write_text_atomic(run.config_file, tomli_w.dumps({**config.to_dict(), "output_dir": str(run.path.resolve())}))
+        if autoencoder is not None:
+            save_pretrained_atomic(autoencoder, run.autoencoder)
+        save_evaluation_data(run, data)
+    accelerator.wait_for_everyone()
+
+    if config.train.log_with:
+        accelerator.init_trackers(TRACKERS, config=tracker_hyperparameters(config))
+    result = train(model, noise_scheduler, objective, constraints, config.train, config.dual, run.path,
+                   resume=resume, on_step=on_step, accelerator=accelerator)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        summary = training_summary(config, data, constraints, result)
+        save_pretrained_atomic(DDPMPipeline(unet=result.model, scheduler=noise_scheduler), run.model)
+        write_text_atomic(run.model / "README.md", model_card(config, summary, len(data.train)))
+        write_json_atomic(run.summary_file, summary)
+    accelerator.wait_for_everyone()
+    return run.path
+
+
+def tracker_hyperparameters(config: ExperimentConfig) -> dict:
+    """The config as flat `section.key` scalars, as trackers' hyperparameter tables take them."""
+    flat = {}
+    for section, values in config.to_dict().items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            name = f"{section}.{key}" if key else section
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
+
+
+def training_summary(config: ExperimentConfig, data: ExperimentData, constraints, result) -> dict:
+    """summary.json: the final multipliers and the class shares Theorem 1 predicts from them."""
+    shares = np.asarray(data.train.class_counts()) / len(data.train)
+    classes = config.constraints.classes
+    lam = {label: result.multipliers[c.name] for label, c in zip(classes, constraints)}
+    reference = {}
+    if config.finetune.threshold is not None:  # the pretrained model's own predicted shares join the mixture
+        pretrained_summary = json.loads((Path(config.finetune.pretrained) / "summary.json").read_text())
+        reference = {"reference_shares": pretrained_summary["predicted_class_shares"],
+                     "reference_multiplier": result.multipliers[constraints[len(classes)].name]}
+    return {"steps": result.step, "data_class_shares": shares.tolist(), "multipliers": result.multipliers,
+            "constraints": [{"name": c.name, "threshold": c.threshold, "relaxation_cost": c.relaxation_cost,
+                             "multiplier": result.multipliers[c.name]} for c in constraints],
+            "predicted_class_shares": predicted_shares(shares, lam, **reference).tolist()}
+
+
+def model_card(config: ExperimentConfig, summary: dict, num_train: int) -> str:
+    """model/README.md: what the model was trained on and under which constraints, and how to load it."""
+    constraints = "\n".join(
+        f"| {c['name']} | {c['threshold']:g} | {c['relaxation_cost']:g} | {c['multiplier']:.4f} |"
+        for c in summary["constraints"]) or "| (none: unconstrained) | | | |"
+    shares = ", ".join(f"{c}: {data:.3f} -> {predicted:.3f}" for c, (data, predicted) in
+                       enumerate(zip(summary["data_class_shares"], summary["predicted_class_shares"])))
+    return f"""---
+library_name: diffusers
+tags: [condiff, diffusion, constrained-training]
+---
+
+# {config.name}
+
+A `{config.model.kind}` diffusion model trained by condiff (primal-dual training, Khalafi, Ding, Ribeiro,
+NeurIPS 2024) for {summary['steps']} steps on `{config.data.dataset}` data ({num_train} training samples).
+
+| constraint | threshold | relaxation cost | final multiplier |
+|---|---|---|---|
+{constraints}
+
+Class shares of the data -> the shares Theorem 1 predicts for the constrained optimum: {shares}.
+
+## Load it
+
+```python
+from diffusers import DDPMPipeline
+
+pipeline = DDPMPipeline.from_pretrained("{Path(config.output_dir).resolve() / 'model'}")
+```
+
+or `condiff.Run("{Path(config.output_dir).resolve()}").sample(...)` for condiff's seeded, guided sampling.
+The run's `config.toml` holds every setting it was trained with.
+"""
+
+
+def train_autoencoder_for(config: ExperimentConfig, output: Path, *, steps: int, overwrite: bool = False,
+                          block_out_channels: tuple[int, ...] = (16, 32), latent_channels: int = 4,
+                          progress: bool = True) -> Path:
+    """Train condiff's small AutoencoderKL on the images a config trains on and save it to `output`
+    (diffusers format, safetensors), for `latent.autoencoder`. An existing folder is kept unless
+    `overwrite`; the new one replaces it atomically."""
+    data = build_data(config)
+    if len(data.train.sample_shape) != 3:
+        raise ConfigError(f"data.dataset: an autoencoder needs images, the {config.data.dataset} data are vectors")
+    output = check_output_directory(output, overwrite=overwrite)
+    try:
+        vae = train_autoencoder(data.train, steps=steps, seed=config.train.seed, latent_channels=latent_channels,
+                                block_out_channels=tuple(block_out_channels), progress=progress)
+    except ValueError as err:  # widths that cannot halve the image size
+        raise ConfigError(f"autoencoder: {err}") from None
+    return save_autoencoder(vae, output)
