@@ -247,6 +247,7 @@ def test_invalid_toml_is_refused_naming_the_path(tmp_path, text):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_the_shipped_configs_pass_without_the_optional_data(tmp_path):
     """`make test` once failed on a machine without Debian's dataset-fashion-mnist (issue 10, item 1)."""
     import os

@@ -42,6 +42,7 @@ def test_tensorboard_logs_the_metrics_offline(tmp_path, tiny_config):
     assert {"objective_loss", "lagrangian", "lr", "slack/class 2"} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_progress_bars_write_a_few_lines_into_a_log_not_one_per_step(tmp_path, tiny_toml):
     config = tiny_toml(tmp_path / "tiny.toml", tmp_path / "run", train={"steps": 200})
     done = subprocess.run([sys.executable, "-m", "condiff", "train", config], capture_output=True, text=True,

@@ -257,6 +257,7 @@ def reference():
     return reference_samples(REFERENCE_ETAS, num_samples=20000, steps=2000, generator=gen(0))
 
 
+@pytest.mark.slow
 def test_reference_table_is_reproduced_within_001(reference):
     ode, sde = reference
     for o, s in zip(ode, sde):

@@ -41,12 +41,13 @@ def gmm_config(tmp_path, name, estimator="stratified", constrained=False):
 
 
 def sampled_shares(config):
+    """(sampled class shares, summary.json, run directory) of a freshly trained run."""
     run_dir = train_run(config)
     pipeline = DDPMPipeline.from_pretrained(run_dir / "model")
     out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), NUM_SAMPLES,
                    num_inference_steps=50, batch_size=NUM_SAMPLES, seed=0, progress=False)
     labels = build_data(config).mixture.classify(out.samples)
-    return class_shares(labels, 4), json.loads((run_dir / "summary.json").read_text())
+    return class_shares(labels, 4), json.loads((run_dir / "summary.json").read_text()), run_dir
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +55,23 @@ def unconstrained(tmp_path_factory):
     return sampled_shares(gmm_config(tmp_path_factory.mktemp("gt"), "unconstrained"))
 
 
+@pytest.fixture(scope="module", params=["stratified", "mixture"])
+def constrained(request, tmp_path_factory):
+    """One constrained run per estimator, trained once for every test that checks it."""
+    root = tmp_path_factory.mktemp("gt")
+    return request.param, sampled_shares(gmm_config(root, f"constrained-{request.param}", request.param,
+                                                    constrained=True))
+
+
 def test_unconstrained_model_reproduces_the_component_shares(unconstrained):
-    shares, summary = unconstrained
+    shares, summary, _ = unconstrained
     data_shares = np.array([1000, 1000, 200, 200]) / 2400
     assert np.allclose(summary["data_class_shares"], data_shares)
     assert np.abs(shares - data_shares).max() <= 0.03, shares
 
 
-@pytest.mark.parametrize("estimator", ["stratified", "mixture"])
-def test_constrained_model_generates_the_theorem_1_mixture(tmp_path, unconstrained, estimator):
-    shares, summary = sampled_shares(gmm_config(tmp_path, f"constrained-{estimator}", estimator, constrained=True))
+def test_constrained_model_generates_the_theorem_1_mixture(unconstrained, constrained):
+    _, (shares, summary, _) = constrained
     multipliers = [c["multiplier"] for c in summary["constraints"]]
     pi = np.array(summary["data_class_shares"])
     lam = np.array([0.0, 0.0, *multipliers])
@@ -75,14 +83,11 @@ def test_constrained_model_generates_the_theorem_1_mixture(tmp_path, unconstrain
     assert total_variation(shares, uniform) < total_variation(unconstrained[0], uniform)
 
 
-def test_both_estimators_settle_at_the_resilient_fixed_point(tmp_path):
+def test_both_estimators_settle_at_the_resilient_fixed_point(constrained):
     """lambda = l / (2 gamma) at convergence: the logged constraint losses and multipliers agree."""
-    for estimator in ("stratified", "mixture"):
-        config = gmm_config(tmp_path, f"fixed-point-{estimator}", estimator, constrained=True)
-        config.train.steps = 1000
-        run_dir = train_run(config)
-        records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        tail = [r for r in records[-300:] if r["dual_step"]]
-        losses = np.mean([list(r["constraint_losses"].values()) for r in tail], axis=0)
-        lam = np.mean([list(r["multipliers"].values()) for r in tail], axis=0)
-        assert np.allclose(lam, losses / (2 * 0.5), rtol=0.15), (estimator, lam, losses)
+    estimator, (_, _, run_dir) = constrained
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tail = [r for r in records[-300:] if r["dual_step"]]
+    losses = np.mean([list(r["constraint_losses"].values()) for r in tail], axis=0)
+    lam = np.mean([list(r["multipliers"].values()) for r in tail], axis=0)
+    assert np.allclose(lam, losses / (2 * 0.5), rtol=0.15), (estimator, lam, losses)

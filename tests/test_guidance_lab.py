@@ -214,6 +214,7 @@ def test_refuses_to_overwrite_a_run_without_overwrite(lab, tmp_path):
     assert not (stale / "old.txt").exists() and (stale / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_command_runs_the_exact_lab_and_the_learned_models_into_one_report(tmp_path):
     """`condiff guidance-lab --quick`: both parts, every linked figure present, the learned numbers saved."""
     from condiff.cli import main
