@@ -64,3 +64,22 @@ def tiny_toml():
         path.write_text(tomli_w.dumps(tiny_table(output_dir, **sections)))
         return str(path)
     return write
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures condiff saves, in order: what they show is read back from their artists."""
+    import sys
+
+    import condiff.report as report
+
+    figures, save = [], report.save_figure
+
+    def recording_save(figure, path):
+        figures.append(figure)
+        return save(figure, path)
+
+    for module in list(sys.modules.values()):   # every module that imported save_figure by name
+        if getattr(module, "save_figure", None) is save and module.__name__.startswith("condiff"):
+            monkeypatch.setattr(module, "save_figure", recording_save)
+    return figures

@@ -180,6 +180,24 @@ def test_report_links_only_figures_that_exist(lab):
         assert (output / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_confidence_entropy_figure_shows_the_measured_sweep(lab, tmp_path, drawn):
+    """What the figure plots, read back from its artists, is the sweep guidance_lab.json records."""
+    from condiff.labs.guidance.sweep import EtaSweep, plot_confidence_entropy
+
+    output, _, _ = lab
+    sweep = EtaSweep(**json.loads((output / "guidance_lab.json").read_text())["eta_sweep"])
+    plot_confidence_entropy(sweep, tmp_path / "figure.png")
+    confidence, entropy = drawn[0].axes
+    plotted = {line.get_label(): np.asarray(line.get_ydata(), dtype=float) for axes in (confidence, entropy) for line in axes.get_lines()
+               if not line.get_label().startswith("_")}
+    ode, sde = (np.asarray(c.lines[0].get_ydata(), dtype=float) for c in confidence.containers)   # errorbar lines
+    np.testing.assert_allclose(ode, sweep.ode_confidence)
+    np.testing.assert_allclose(sde, sweep.sde_confidence)
+    np.testing.assert_allclose(plotted["ODE, divergence identity"], sweep.ode_entropy)
+    np.testing.assert_allclose(plotted["SDE, k-NN"], sweep.sde_entropy_knn)
+    np.testing.assert_allclose(np.asarray(confidence.containers[0].lines[0].get_xdata(), dtype=float), sweep.etas)
+
+
 def test_json_holds_the_numbers_and_claims(lab):
     output, _, _ = lab
     results = json.loads((output / "guidance_lab.json").read_text())

@@ -34,16 +34,6 @@ def read_png(path: Path) -> np.ndarray:
     return pixels
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures the plot functions save, in order: what they show is read back from their artists."""
-    import condiff.report as report
-
-    figures, save = [], report.save_figure
-    monkeypatch.setattr(report, "save_figure", lambda figure, path: figures.append(figure) or save(figure, path))
-    return figures
-
-
 def digit_like_images(count: int, channels: int = 1) -> torch.Tensor:
     """(count, channels, 8, 8) in [-1, 1]: a distinct bright diagonal band per image on black."""
     rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")

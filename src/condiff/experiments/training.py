@@ -161,7 +161,8 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
         accelerator.init_trackers(TRACKERS, config=tracker_hyperparameters(config))
     result = train(model, noise_scheduler, objective, constraints, config.train, config.dual, run.path,
                    resume=resume, on_step=on_step, accelerator=accelerator)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:   # not end_training(): it also ends the process group sampling needs
+        tracker.finish()
     if accelerator.is_main_process:
         summary = training_summary(config, data, constraints, result)
         save_pretrained_atomic(DDPMPipeline(unet=result.model, scheduler=noise_scheduler), run.model)
