@@ -12,7 +12,19 @@ from typing import Callable
 
 import torch
 
-from condiff.runtime import progress_bar
+from condiff.runtime import progress_bar, resolve_device
+
+
+def seeded_model(build: Callable[[], torch.nn.Module], seed: int, device: str | torch.device | None = None
+                 ) -> tuple[torch.nn.Module, torch.device]:
+    """(`build()` with its initial weights drawn from `seed`, the device it was moved to: default the
+    accelerator's). A seeded copy of the global RNG: the caller's global seed neither matters nor moves."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    device = resolve_device(device)
+    return model.to(device), device
+
 
 StepLoss = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]   # (loss, values to show)
 

@@ -26,9 +26,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from condiff.data.datasets import EpochSampler, LabelledDataset
-from condiff.fit import fit
+from condiff.fit import fit, seeded_model
 from condiff.rundir import save_pretrained_atomic
-from condiff.runtime import resolve_device
 
 
 class AutoencoderLoadError(ValueError):
@@ -105,11 +104,8 @@ def train_autoencoder(dataset: LabelledDataset, *, steps: int, batch_size: int =
     the training set's latents (posterior means), the Stable Diffusion convention under which
     `latents * scaling_factor` has unit variance.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = build_small_autoencoder(dataset.sample_shape, latent_channels, tuple(block_out_channels))
-    device = resolve_device(device)
-    vae.to(device)
+    vae, device = seeded_model(
+        lambda: build_small_autoencoder(dataset.sample_shape, latent_channels, tuple(block_out_channels)), seed, device)
     generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator().manual_seed(seed + 1)   # CPU noise: the same on every device
     sampler = EpochSampler(len(dataset))

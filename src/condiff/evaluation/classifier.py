@@ -19,7 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from condiff.data.datasets import EpochSampler, LabelledDataset
-from condiff.fit import fit
+from condiff.fit import fit, seeded_model
 from condiff.rundir import write_atomic
 from condiff.runtime import resolve_device
 
@@ -111,13 +111,7 @@ def train_classifier(train: LabelledDataset, held_out: LabelledDataset, *, epoch
     accuracy on `held_out`. Images get random 1-pixel shifts. Deterministic given `seed`."""
     if train.sample_shape != held_out.sample_shape or train.num_classes != held_out.num_classes:
         raise ValueError(f"{train.name} and {held_out.name} differ in sample shape or number of classes")
-    # Initialise from a seeded copy of the global RNG, so that the result does not depend on (and
-    # does not disturb) whatever the caller did with torch's global seed.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        classifier = Classifier(train.sample_shape, train.num_classes)
-    device = resolve_device(device)
-    classifier.to(device)
+    classifier, device = seeded_model(lambda: Classifier(train.sample_shape, train.num_classes), seed, device)
     generator = torch.Generator().manual_seed(seed)
     sampler = EpochSampler(len(train))
     is_image = len(train.sample_shape) == 3

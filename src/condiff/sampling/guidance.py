@@ -26,9 +26,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from condiff.data.datasets import EpochSampler, LabelledDataset
-from condiff.fit import fit
+from condiff.fit import fit, seeded_model
 from condiff.models import null_class_label, timestep_embedding
-from condiff.runtime import resolve_device
 
 GUIDANCE_KINDS = ("cfg", "classifier")
 
@@ -113,11 +112,8 @@ def train_noise_aware_classifier(dataset: LabelledDataset, noise_scheduler: DDPM
     """Train p_phi(y | x_t, t) by cross-entropy on x_t = add_noise(x_0, eps, t), t uniform over the
     training chain: exactly the inputs guidance will see. AdamW with cosine decay; deterministic given
     `seed` (which also leaves torch's global RNG alone)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        classifier = NoiseAwareClassifier(dataset.sample_shape, dataset.num_classes)
-    device = resolve_device(device)
-    classifier.to(device)
+    classifier, device = seeded_model(lambda: NoiseAwareClassifier(dataset.sample_shape, dataset.num_classes),
+                                      seed, device)
     generator = torch.Generator().manual_seed(seed)
     sampler = EpochSampler(len(dataset))
     num_timesteps = noise_scheduler.config.num_train_timesteps
