@@ -13,9 +13,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-from condiff.config import ConfigError
+from condiff.config import ConfigError, InfeasibleConstraints
 from condiff.rundir import RunDirectoryError
-from condiff.training.dual import InfeasibleConstraints
+from condiff.runtime import end_processes
 
 DEVICE_HELP = "where models run, e.g. cuda, cuda:1, cpu (default: the accelerator's device, CUDA when present)"
 
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
+        end_processes()
     except (ConfigError, RunDirectoryError, InfeasibleConstraints, TrainingDiverged, FileNotFoundError) as err:
         print("condiff: error: " + " ".join(str(err).split()), file=sys.stderr)   # one line, whatever the message
         return 2

@@ -43,3 +43,11 @@ def progress_bar(iterable=None, *, desc: str, enabled: bool = True, **options) -
     interactive = sys.stderr.isatty()
     return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=interactive,
                 mininterval=0.1 if interactive else 30.0, **options)
+
+
+def end_processes() -> None:
+    """Leave the process group together at the end of a command: a rank that exits while the group is
+    still open can abort ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
