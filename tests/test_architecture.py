@@ -16,7 +16,7 @@ LAYERS = [
     ["condiff.models", "condiff.gmm"],
     ["condiff.sampling"],
     ["condiff.training"],
-    ["condiff.evaluation", "condiff.report"],
+    ["condiff.evaluation", "condiff.report", "condiff.attribution"],
     ["condiff.experiments"],
     ["condiff.labs"],
     ["condiff.cli", "condiff.__main__", "condiff"],

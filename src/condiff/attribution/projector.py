@@ -1,0 +1,56 @@
+"""Random projections of per-example gradients (Johnson-Lindenstrauss), made once per model and applied
+with one BLAS product or one scatter-add, on the device the gradients are on.
+
+Written here rather than taken from traker: its CPU `BasicProjector` regenerates its random matrix block
+by block for every batch, so random number generation, not the product, dominates on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class GaussianProjector:
+    """x -> x P with P (p x k) of i.i.d. N(0, 1/k) entries, float32, seeded and generated once (in row
+    chunks, each from its own seed, so that the matrix is the same whatever the chunk size or device).
+    Memory p * k * 4 bytes: for large models use `SparseProjector`."""
+
+    def __init__(self, num_params: int, dim: int, *, seed: int = 0, device: str | torch.device = "cpu",
+                 chunk_rows: int = 65536):
+        self.num_params, self.dim = num_params, dim
+        chunks = []
+        for index, start in enumerate(range(0, num_params, chunk_rows)):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            rows = min(chunk_rows, num_params - start)
+            chunks.append(torch.randn(rows, dim, generator=generator) / math.sqrt(dim))
+        self.matrix = torch.cat(chunks).to(device)
+
+    def project(self, gradients: torch.Tensor) -> torch.Tensor:
+        """(B, p) -> (B, k)."""
+        return gradients.to(self.matrix) @ self.matrix
+
+
+class SparseProjector:
+    """A sparse JL transform (Kane and Nelson): every input coordinate goes to `nonzeros` random output
+    coordinates with random signs / sqrt(nonzeros). Inner products are preserved in expectation like the
+    Gaussian projection's, at a cost of B * p * nonzeros whatever k, with p * nonzeros indices in memory."""
+
+    def __init__(self, num_params: int, dim: int, *, seed: int = 0, device: str | torch.device = "cpu",
+                 nonzeros: int = 4):
+        generator = torch.Generator().manual_seed(seed)
+        self.num_params, self.dim = num_params, dim
+        self.rows = torch.randint(0, dim, (nonzeros, num_params), generator=generator).to(device)
+        signs = torch.randint(0, 2, (nonzeros, num_params), generator=generator) * 2 - 1
+        self.weights = (signs.float() / math.sqrt(nonzeros)).to(device)
+
+    def project(self, gradients: torch.Tensor) -> torch.Tensor:
+        gradients = gradients.to(self.weights.device, torch.float32)
+        out = torch.zeros(len(gradients), self.dim, device=gradients.device)
+        for rows, weights in zip(self.rows, self.weights):
+            out.index_add_(1, rows, gradients * weights)
+        return out
+
+
+PROJECTORS = {"gaussian": GaussianProjector, "sparse": SparseProjector}
