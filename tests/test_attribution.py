@@ -3,6 +3,8 @@ projections preserve inner products, per-example gradients equal one-at-a-time a
 Gaussian mixture the training examples that guide a sample's late steps come from its own component
 while those of the noisiest steps do not."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +113,68 @@ def test_late_steps_are_guided_by_the_samples_own_component_and_the_noisiest_by_
     top = trak_scores(train_features, targets, 0.1).topk(20, dim=0).indices
     purity = (train_labels[top] == components[None]).float().mean().item()
     assert low <= purity <= high, purity
+
+
+SMALL = dict(num_targets=3, steps=(900, 100), top=4, train_timesteps=4, resamplings=5, dimension=128,
+             batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_config):
+    from condiff.experiments.training import train_run
+
+    return train_run(tiny_config(tmp_path_factory.mktemp("attribute") / "run", train={"steps": 20}))
+
+
+def test_attribute_writes_scores_tops_journeys_and_a_report(tiny_run):
+    from condiff.experiments.attribution import AttributionSettings, attribute_run
+
+    result = attribute_run(tiny_run, AttributionSettings(**SMALL), overwrite=True, progress=False)
+    folder = tiny_run / "attribution"
+    scores = np.load(folder / "scores.npy", mmap_mode="r")
+    assert scores.shape == (90, 3, 2)                   # 40 + 40 + 10 training points, 3 targets, 2 steps
+    saved = json.loads((folder / "attribution.json").read_text())
+    assert saved["settings"]["steps"] == [900, 100] and len(saved["target_classes"]) == 3
+    for column, step in enumerate(result.steps):
+        for target in range(3):   # the listed examples are the highest and lowest scores, in order
+            order = np.argsort(-scores[:, target, column])
+            assert step.helpful[target] == order[:4].tolist() and step.harmful[target] == order[::-1][:4].tolist()
+    assert all((folder / f"journey-{t}.png").is_file() for t in range(3))
+    assert "## Journeys" in (folder / "report.md").read_text()
+
+
+def test_featurization_resumes_after_a_kill(tiny_run, tmp_path, monkeypatch):
+    """A run killed while featurizing keeps its finished batches; the resumed features equal a fresh run's."""
+    from condiff.experiments.attribution import AttributionSettings, attribute_run
+
+    settings = AttributionSettings(**SMALL)
+    fresh = attribute_run(tiny_run, settings, overwrite=True, progress=False).directory
+    expected = np.load(fresh / "features-dtrak-K4-k128-sparse.npy").copy()
+
+    calls, original = [], GradientFeaturizer.train_features
+
+    def killed_after_two_batches(self, data, timesteps, **kwargs):
+        calls.append(kwargs.get("first_index"))
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return original(self, data, timesteps, **kwargs)
+
+    monkeypatch.setattr(GradientFeaturizer, "train_features", killed_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        attribute_run(tiny_run, settings, overwrite=True, progress=False)
+    monkeypatch.setattr(GradientFeaturizer, "train_features", original)
+    calls.clear()
+    monkeypatch.setattr(GradientFeaturizer, "train_features",
+                        lambda self, data, timesteps, **kw: calls.append(kw.get("first_index")) or original(
+                            self, data, timesteps, **kw))
+    attribute_run(tiny_run, settings, resume=True, progress=False)
+    resumed = np.load(tiny_run / "attribution" / "features-dtrak-K4-k128-sparse.npy")
+    assert 0 not in calls and 16 not in calls         # the two finished batches were not redone
+    np.testing.assert_array_equal(resumed, expected)
+
+
+def test_attribute_refuses_bad_steps_in_one_line(tiny_run, capsys):
+    from condiff.cli import main
+
+    assert main(["attribute", str(tiny_run), "--steps", "900,late"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("condiff: error: --steps:")

@@ -21,6 +21,7 @@ _EXPORTS = {
                        "SampleConfig", "TrainConfig", "load_config"],
     "condiff.experiments.run": ["Run", "Samples", "TrainingSummary", "train"],
     "condiff.experiments.evaluation": ["RunEvaluation"],
+    "condiff.experiments.attribution": ["AttributionResult", "AttributionSettings"],
     "condiff.experiments.demo": ["run_demo"],
     "condiff.experiments.reproduce": ["reproduce"],
     "condiff.labs.guidance.lab": ["run_guidance_lab"],

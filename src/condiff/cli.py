@@ -90,6 +90,20 @@ def cmd_evaluate(args) -> None:
                    if v is not None and not isinstance(v, (list, dict))))
 
 
+def cmd_attribute(args) -> None:
+    from condiff.experiments.attribution import AttributionSettings, attribute_run
+
+    try:
+        steps = tuple(int(t) for t in args.timesteps.split(","))
+    except ValueError:
+        raise ConfigError(f"--steps: expected timesteps like 900,500,100, got {args.timesteps!r}") from None
+    settings = AttributionSettings(output=args.output, steps=steps, num_targets=args.samples, seed=args.seed,
+                                   top=args.top, train_timesteps=args.train_timesteps, resamplings=args.resamplings,
+                                   projection=args.projection, dimension=args.dimension, ridge=args.ridge)
+    result = attribute_run(Path(args.run), settings, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    print(f"report: {result.directory / 'report.md'}")
+
+
 def cmd_demo(args) -> None:
     from condiff.experiments.demo import run_demo
 
@@ -174,6 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="default: the config's sample.num_samples")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("attribute", help="which training examples guided each step of a run's generations (TRAK)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--samples", type=int, default=4, help="targets to generate and explain (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the targets and of every noise (default 0)")
+    p.add_argument("--steps", dest="timesteps", default="900,700,500,300,100", help="sampling timesteps to attribute")
+    p.add_argument("--top", type=int, default=6, help="helpful and harmful examples shown per step (default 6)")
+    p.add_argument("--output", choices=["dtrak", "loss"], default="dtrak",
+                   help="output function: D-TRAK's ||eps||^2/d (default) or the denoising loss (Journey-TRAK)")
+    p.add_argument("--train-timesteps", type=int, default=10, help="K training-side timesteps (default 10)")
+    p.add_argument("--resamplings", type=int, default=20, help="R re-noisings per target (default 20)")
+    p.add_argument("--projection", choices=["sparse", "gaussian"], default="sparse", help="default sparse")
+    p.add_argument("--dimension", type=int, default=2048, help="projected dimension k (default 2048)")
+    p.add_argument("--ridge", type=float, default=0.1, help="c of the ridge c trace(Phi^T Phi) / k (default 0.1)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="keep the training features a killed run computed")
+    group.add_argument("--overwrite", action="store_true", help="replace RUN/attribution")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("demo", help="minority digits 4, 5, 7: unconstrained vs constrained, with a report")
     p.add_argument("--output", default="runs/demo", help="where the two runs and report.md go")

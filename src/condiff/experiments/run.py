@@ -16,6 +16,7 @@ import torch
 from diffusers import DDPMPipeline
 
 from condiff.config import ExperimentConfig
+from condiff.experiments.attribution import AttributionResult, AttributionSettings, attribute_run
 from condiff.experiments.build import load_pipeline, load_run_config
 from condiff.experiments.evaluation import RunEvaluation, evaluate_run
 from condiff.experiments.sampling import sample_run
@@ -84,6 +85,11 @@ class Run:
                  progress: bool = True) -> RunEvaluation:
         """Evaluate the run's samples (drawn when RUN/samples.npz does not match); see `evaluate_run`."""
         return evaluate_run(self.path, num_samples=num_samples, device=device, progress=progress)
+
+    def attribute(self, settings: AttributionSettings | None = None, *, resume: bool = False, overwrite: bool = False,
+                  device: str | torch.device | None = None, progress: bool = True) -> AttributionResult:
+        """Which training examples guided each chosen step of new samples (RUN/attribution); see `attribute_run`."""
+        return attribute_run(self.path, settings, resume=resume, overwrite=overwrite, device=device, progress=progress)
 
 
 def train(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, on_step=None,
