@@ -142,3 +142,19 @@ def test_concurrent_atomic_writers_never_collide(tmp_path):
     assert errors == []
     assert path.read_text() in ("a" * 5000, "b" * 5000)
     assert [p.name for p in tmp_path.iterdir()] == ["evaluation.json"]
+
+
+def test_atomic_writes_get_the_modes_a_plain_write_would(tmp_path):
+    """Temporary files are private while written; what lands must be as readable as any other file."""
+    import os
+
+    from condiff.models import build_model
+    from condiff.rundir import save_pretrained_atomic
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = write_text_atomic(tmp_path / "atomic.txt", "x")
+    assert os.stat(atomic).st_mode == os.stat(plain).st_mode
+    folder = save_pretrained_atomic(build_model("mlp", (2,), hidden=8, layers=1), tmp_path / "model")
+    (tmp_path / "plain-folder").mkdir()
+    assert os.stat(folder).st_mode == os.stat(tmp_path / "plain-folder").st_mode

@@ -40,6 +40,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, di
     old = None
     try:
         write(temporary)
+        # mkstemp/mkdtemp make private (0600/0700) entries; give the result the modes a plain write would.
+        os.chmod(temporary, (0o777 if directory else 0o666) & ~current_umask())
         if directory and path.exists():   # os.replace cannot replace a non-empty folder: move it aside first
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".old"))
             os.replace(path, old / path.name)
@@ -51,6 +53,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, di
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
