@@ -33,6 +33,7 @@ test-fast: $(BIN)/condiff
 
 benchmark: $(BIN)/condiff
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/step_time.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/projection.py
 
 clean-venv:
 	rm -rf $(VENV)

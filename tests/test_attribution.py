@@ -35,6 +35,21 @@ def test_trak_scores_equal_the_formula_computed_directly():
                                (direct + trak_scores(*other, coefficient)) / 2)
 
 
+def test_scores_equal_trakers_when_fed_the_same_projected_features():
+    """traker's score computer (0.3.2, no ridge) on the same features: the same scores once its division of
+    the kernel inverse by that inverse's mean absolute entry (a per-model scale condiff does not copy) is
+    undone. (Its single-block computer cannot be instantiated in 0.3.2: an abstract __init__.)"""
+    score_computers = pytest.importorskip("trak.score_computers", reason="traker (pip install 'condiff[dev]')")
+    generator = torch.Generator().manual_seed(4)
+    phi, targets = torch.randn(200, 16, generator=generator), torch.randn(5, 16, generator=generator)
+    ours = trak_scores(phi, targets, 1e-12).float()
+    computer = score_computers.BasicScoreComputer(dtype=torch.float32, device="cpu")
+    xtx = computer.get_xtx(phi)
+    theirs = torch.zeros(200, 5)
+    computer.get_scores(computer.get_x_xtx_inv(phi, xtx), targets, accumulator=theirs)   # adds in place
+    torch.testing.assert_close(ours, theirs * float(torch.linalg.inv(xtx).abs().mean()), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("projector", [GaussianProjector, SparseProjector])
 def test_projections_preserve_inner_products(projector):
     generator = torch.Generator().manual_seed(1)
