@@ -173,9 +173,6 @@ class RunDirectory:
         self.autoencoder = self.path / "autoencoder"           # latent runs: a copy of their AutoencoderKL
         self.noise_classifier = self.path / "noise_classifier"  # p_phi(y | x_t, t), for classifier guidance
 
-    def __fspath__(self) -> str:
-        return str(self.path)
-
     def require_run(self) -> "RunDirectory":
         if not self.config_file.is_file():
             raise RunDirectoryError(f"{self.path}: not a condiff run directory (config.toml missing)")

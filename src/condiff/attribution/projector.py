@@ -13,19 +13,13 @@ import torch
 
 
 class GaussianProjector:
-    """x -> x P with P (p x k) of i.i.d. N(0, 1/k) entries, float32, seeded and generated once (in row
-    chunks, each from its own seed, so that the matrix is the same whatever the chunk size or device).
-    Memory p * k * 4 bytes: for large models use `SparseProjector`."""
+    """x -> x P with P (p x k) of i.i.d. N(0, 1/k) entries, float32, seeded and generated once on the CPU
+    (so the same on every device). Memory p * k * 4 bytes: for large models use `SparseProjector`."""
 
-    def __init__(self, num_params: int, dim: int, *, seed: int = 0, device: str | torch.device = "cpu",
-                 chunk_rows: int = 65536):
+    def __init__(self, num_params: int, dim: int, *, seed: int = 0, device: str | torch.device = "cpu"):
         self.num_params, self.dim = num_params, dim
-        chunks = []
-        for index, start in enumerate(range(0, num_params, chunk_rows)):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-            rows = min(chunk_rows, num_params - start)
-            chunks.append(torch.randn(rows, dim, generator=generator) / math.sqrt(dim))
-        self.matrix = torch.cat(chunks).to(device)
+        generator = torch.Generator().manual_seed(seed)
+        self.matrix = (torch.randn(num_params, dim, generator=generator) / math.sqrt(dim)).to(device)
 
     def project(self, gradients: torch.Tensor) -> torch.Tensor:
         """(B, p) -> (B, k)."""

@@ -51,9 +51,10 @@ class AttributionSettings:
         checks.update({name: getattr(self, name) > 0 for name in (
             "num_targets", "top", "train_timesteps", "resamplings", "dimension", "ridge", "sampling_steps",
             "batch_size")})
+        flags = {"num_targets": "samples"}   # the command line's name where it differs
         for name, ok in checks.items():
             if not ok:
-                raise ConfigError(f"--{name.replace('_', '-')}: {getattr(self, name)!r} is not allowed")
+                raise ConfigError(f"--{flags.get(name, name).replace('_', '-')}: {getattr(self, name)!r} is not allowed")
         return self
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 from diffusers import DDPMPipeline
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from condiff.config import ConfigError, ExperimentConfig
 from condiff.data.datasets import LabelledDataset
@@ -102,15 +102,12 @@ def load_evaluation_data(config: ExperimentConfig, run_dir: Path) -> ExperimentD
     path = RunDirectory(run_dir).evaluation_data
     if not path.is_file():
         return build_data(config)
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata()
-        tensors = load_file(path)
-        sets = {name: LabelledDataset(tensors[f"{name}.data"], tensors[f"{name}.labels"], int(metadata["num_classes"]),
-                                      metadata[f"{name}.name"])
-                for name in ("reference", "classifier_train", "held_out")}
+            sets = {name: LabelledDataset(file.get_tensor(f"{name}.data"), file.get_tensor(f"{name}.labels"),
+                                          int(metadata["num_classes"]), metadata[f"{name}.name"])
+                    for name in ("reference", "classifier_train", "held_out")}
     except (OSError, KeyError, ValueError, SafetensorError) as err:
         raise RunDirectoryError(f"{path}: unreadable ({err})") from None
     return ExperimentData(sets["reference"], sets["classifier_train"], sets["held_out"], sets["reference"], None)
@@ -152,9 +149,10 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     if accelerator.is_main_process:
         # Stored with its location resolved; on resume, with what changed (e.g. a smaller train.lr).
         write_text_atomic(run.config_file, tomli_w.dumps({**config.to_dict(), "output_dir": str(run.path.resolve())}))
-        if autoencoder is not None:
+        if autoencoder is not None and not run.autoencoder.is_dir():   # a resumed run keeps its copies
             save_pretrained_atomic(autoencoder, run.autoencoder)
-        save_evaluation_data(run, data)
+        if not run.evaluation_data.is_file():
+            save_evaluation_data(run, data)
     accelerator.wait_for_everyone()
 
     if config.train.log_with:

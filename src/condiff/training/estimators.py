@@ -23,17 +23,21 @@ class LagrangianEstimate(NamedTuple):
     constraint_losses: torch.Tensor | None   # detached, per constraint, when the step measured them
 
 
-class StratifiedEstimator:
+class Estimator:
+    """What both estimators draw from: the data term, the constraints, and the two batch sizes."""
+
+    def __init__(self, objective: DatasetTerm, constraints: list[Constraint], batch_size: int, dual_batch_size: int):
+        self.objective, self.constraints = objective, constraints
+        self.batch_size, self.dual_batch_size = batch_size, dual_batch_size
+
+
+class StratifiedEstimator(Estimator):
     """The paper's estimator: one minibatch of the data and one of every constraint set, so a step's cost
     grows with the number of constraints. The dual step reuses the constraint losses of the primal steps.
 
     The batches go through the network as one concatenated batch: the same losses as separate passes
     (the networks have no batch statistics), and one forward per backward, as DDP requires.
     """
-
-    def __init__(self, objective: DatasetTerm, constraints: list[Constraint], batch_size: int, dual_batch_size: int):
-        self.objective, self.constraints = objective, constraints
-        self.batch_size, self.dual_batch_size = batch_size, dual_batch_size
 
     def lagrangian(self, model, dual: DualState, generator: torch.Generator, device) -> LagrangianEstimate:
         batches = [self.objective.draw(self.batch_size, generator)] + [
@@ -48,17 +52,13 @@ class StratifiedEstimator:
         return dual.mean_losses()
 
 
-class MixtureEstimator:
+class MixtureEstimator(Estimator):
     """One minibatch from the lambda-weighted mixture of the data and the constraint sets.
 
     E[(1 + sum lambda) mean_batch loss] = l_0 + sum lambda_i l_i, so the gradient is unbiased for the
     Lagrangian while a step costs one forward/backward of `batch_size`, whatever the number of
     constraints. Constraint losses for the dual step come from a separate forward-only batch.
     """
-
-    def __init__(self, objective: DatasetTerm, constraints: list[Constraint], batch_size: int, dual_batch_size: int):
-        self.objective, self.constraints = objective, constraints
-        self.batch_size, self.dual_batch_size = batch_size, dual_batch_size
 
     def lagrangian(self, model, dual: DualState, generator: torch.Generator, device) -> LagrangianEstimate:
         weights = torch.cat([torch.ones(1, dtype=torch.float64), dual.multipliers])

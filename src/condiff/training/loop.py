@@ -45,16 +45,19 @@ class TrainingDiverged(RuntimeError):
     """A loss, gradient norm, multiplier or weight became NaN or infinite; nothing of that step was saved."""
 
 
-def check_finite(step: int, quantity: str, value, checkpoints_dir: Path) -> None:
-    values = torch.as_tensor(value, dtype=torch.float64).flatten().tolist()
-    if all(math.isfinite(v) for v in values):
+def check_finite(step: int, quantities: dict[str, torch.Tensor], checkpoints_dir: Path) -> None:
+    """Stop on the first of `quantities` (name -> scalar) that is NaN or infinite; one host sync for all."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in quantities.values()]).tolist()
+    bad = [(name, value) for name, value in zip(quantities, values) if not math.isfinite(value)]
+    if not bad:
         return
     latest = checkpoints_dir / "latest"
     advice = (f"the last finite checkpoint, {latest.read_text().strip()}, is kept: continue with `condiff train "
               f"--resume {checkpoints_dir.parent} --set train.lr=...`" if latest.is_file() else
               "no checkpoint was written yet: start again with `--overwrite --set train.lr=...`")
-    raise TrainingDiverged(f"step {step}: {quantity} is not finite ({', '.join(f'{v:.4g}' for v in values)}); "
-                           f"training stopped and {advice} (a smaller rate)")
+    name, value = bad[0]
+    raise TrainingDiverged(f"step {step}: {name} is not finite ({value:.4g}); training stopped and {advice} "
+                           "(a smaller rate)")
 
 
 def restore_learning_rate(optimizer, lr_schedule, lr: float) -> None:
@@ -123,7 +126,7 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
 
     def checkpoint(step: int) -> None:
         largest_weight = torch.stack([p.detach().float().abs().max() for p in model.parameters()]).max()
-        check_finite(step, "a model weight", largest_weight, checkpoints_dir)   # never rotate a good one away
+        check_finite(step, {"a model weight": largest_weight}, checkpoints_dir)   # never rotate a good one away
         ranks = gather_object([(accelerator.process_index, {
             "generator": generator.get_state(), "terms": [t.state_dict() for t in terms]})])
         if accelerator.is_main_process:
@@ -133,7 +136,6 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
             save_checkpoint(checkpoints_dir, step, accelerator.unwrap_model(model), state, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    names = [c.name for c in constraints]
     progress = progress_bar(range(start, config.steps), initial=start, total=config.steps, desc="train",
                             enabled=accelerator.is_main_process)
     metrics_file = open(metrics_path, "a") if accelerator.is_main_process else None
@@ -150,9 +152,9 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
             grad_norm = accelerator.clip_grad_norm_(model.parameters(),
                                                     config.grad_clip if config.grad_clip > 0 else math.inf)
             logged = accelerator.reduce(torch.stack([objective_loss.float(), lagrangian.detach().float()]), "mean")
-            check_finite(step + 1, "the Lagrangian", logged[1], checkpoints_dir)
-            if accelerator.mixed_precision != "fp16":   # fp16's grad scaler skips non-finite steps by design
-                check_finite(step + 1, "the gradient norm", grad_norm, checkpoints_dir)
+            check_finite(step + 1, {"the Lagrangian": logged[1]} if accelerator.mixed_precision == "fp16" else
+                         {"the Lagrangian": logged[1], "the gradient norm": grad_norm},   # fp16's scaler skips
+                         checkpoints_dir)                                                 # non-finite steps
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -165,9 +167,11 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
             if dual_step:
                 estimates = estimator.dual_estimates(model, dual, generator, device,
                                                      lambda t: accelerator.reduce(t, "mean"))
-                check_finite(step + 1, f"a constraint loss ({', '.join(names)})", estimates, checkpoints_dir)
+                check_finite(step + 1, {f"the constraint loss of {n}": v for n, v in zip(dual.names, estimates)},
+                             checkpoints_dir)
                 dual.step(estimates, dual_lr)
-                check_finite(step + 1, f"a multiplier ({', '.join(names)})", dual.multipliers, checkpoints_dir)
+                check_finite(step + 1, {f"the multiplier of {n}": v for n, v in zip(dual.names, dual.multipliers)},
+                             checkpoints_dir)
 
             losses = measured if measured is not None else estimates
             objective_value = float(logged[0])  # NaN when a mixture batch drew no data sample
@@ -183,7 +187,7 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
                 metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
                 metrics_file.flush()
                 progress.set_postfix({"loss": f"{objective_value:.4f}",   # drawn at the bar's own pace
-                                      **{f"λ[{n}]": f"{float(v):.3f}" for n, v in zip(names, dual.multipliers)}},
+                                      **{f"λ[{n}]": f"{float(v):.3f}" for n, v in zip(dual.names, dual.multipliers)}},
                                      refresh=False)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 checkpoint(step + 1)
