@@ -83,12 +83,12 @@ def test_per_example_gradients_equal_one_at_a_time_autograd(output, kind, shape)
     featurizer = GradientFeaturizer(model, alphas, Identity(), output=output)
     clean, noise = torch.randn(3, *shape), torch.randn(3, *shape)
     timesteps = torch.tensor([10, 500, 990])
-    batched = featurizer.gradients(clean, timesteps, noise)
+    abar = alphas[timesteps].view(-1, *[1] * len(shape))
+    noisy = abar.sqrt() * clean + (1 - abar).sqrt() * noise
+    batched = featurizer.gradients(noisy, timesteps, noise)
     for i in range(3):
         model.zero_grad()
-        abar = alphas[timesteps[i]]
-        noisy = abar.sqrt() * clean[i:i + 1] + (1 - abar).sqrt() * noise[i:i + 1]
-        output_value(output, model(noisy, timesteps[i:i + 1]).sample[0], noise[i]).backward()
+        output_value(output, model(noisy[i:i + 1], timesteps[i:i + 1]).sample[0], noise[i]).backward()
         single = torch.cat([p.grad.flatten() for p in model.parameters()])
         torch.testing.assert_close(batched[i], single, rtol=1e-4, atol=1e-6)
 

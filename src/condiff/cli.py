@@ -99,7 +99,8 @@ def cmd_attribute(args) -> None:
         raise ConfigError(f"--steps: expected timesteps like 900,500,100, got {args.timesteps!r}") from None
     settings = AttributionSettings(output=args.output, steps=steps, num_targets=args.samples, seed=args.seed,
                                    top=args.top, train_timesteps=args.train_timesteps, resamplings=args.resamplings,
-                                   projection=args.projection, dimension=args.dimension, ridge=args.ridge)
+                                   projection=args.projection, dimension=args.dimension, ridge=args.ridge,
+                                   samples_file=args.samples_file, checkpoints=args.checkpoints)
     result = attribute_run(Path(args.run), settings, resume=args.resume, overwrite=args.overwrite, device=args.device)
     print(f"report: {result.directory / 'report.md'}")
 
@@ -202,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--projection", choices=["sparse", "gaussian"], default="sparse", help="default sparse")
     p.add_argument("--dimension", type=int, default=2048, help="projected dimension k (default 2048)")
     p.add_argument("--ridge", type=float, default=0.1, help="c of the ridge c trace(Phi^T Phi) / k (default 0.1)")
+    p.add_argument("--samples-file", metavar="NPZ",
+                   help="explain the first --samples samples of this file (from `condiff sample --record-x0`) "
+                        "instead of new ones")
+    p.add_argument("--checkpoints", type=int, default=1, metavar="N",
+                   help="average the scores of the final model and the N-1 newest saved checkpoints (default 1)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="keep the training features a killed run computed")
     group.add_argument("--overwrite", action="store_true", help="replace RUN/attribution")
@@ -223,11 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="reduced sample counts and training (a smoke test)")
     p.set_defaults(func=cmd_guidance_lab)
 
-    from condiff.experiments.reproduce import EXPERIMENTS, SCALES
-    p = sub.add_parser("reproduce", help="one of the paper's experiments, both models, with a report")
-    p.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                   help="cpu: reduced, within the hour on 2 cores (default); paper: the authors' settings, for GPUs")
+    from condiff.experiments.reproduce import ATTRIBUTION_EXPERIMENTS, EXPERIMENTS, SCALES
+    p = sub.add_parser("reproduce", help="one of the papers' experiments, with a report")
+    p.add_argument("experiment", choices=sorted([*EXPERIMENTS, *ATTRIBUTION_EXPERIMENTS]))
+    p.add_argument("--scale", choices=sorted({*SCALES, "smoke"}), default="cpu",
+                   help="cpu: reduced, within the hour on 2 cores (default); paper: the authors' settings, for GPUs; "
+                        "smoke: attribution-digits' pipeline in minutes (its figures mean nothing)")
     p.add_argument("--output", help="where the runs and report.md go (default: runs/EXPERIMENT-SCALE)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace the output directory if condiff created it")

@@ -170,6 +170,7 @@ class RunDirectory:
         self.samples_file = self.path / "samples.npz"
         self.evaluation_file = self.path / "evaluation.json"
         self.evaluation_data = self.path / "evaluation_data.safetensors"   # what evaluation compares with
+        self.train_subset = self.path / "train_subset.json"   # counterfactual retraining: the examples kept
         self.autoencoder = self.path / "autoencoder"           # latent runs: a copy of their AutoencoderKL
         self.noise_classifier = self.path / "noise_classifier"  # p_phi(y | x_t, t), for classifier guidance
 

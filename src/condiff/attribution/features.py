@@ -34,6 +34,43 @@ def example_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]))
 
 
+def timestep_grid(count: int, num_train_timesteps: int = 1000) -> list[int]:
+    """K evenly spread timesteps, the middles of K equal bins. (D-TRAK's range(0, T, T // K) starts at t = 0,
+    where the noise is all but invisible in x_t: its loss there is noise, and it dominates a mean over t.)"""
+    return [int((i + 0.5) * num_train_timesteps / count) for i in range(count)]
+
+
+def target_seed(seed: int) -> int:
+    """The noise seed of target-side features, kept apart from the training side's."""
+    return seed + 1_000_003
+
+
+def noised_batches(clean: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: torch.Tensor, *, seed: int,
+                   first_index: int = 0):
+    """Per timestep: (x_t, t, noise) of every example, its noise drawn from (seed, example index) in
+    timestep order, so that features and measured losses see the same noise whatever the batching."""
+    generators = [example_generator(seed, first_index + i) for i in range(len(clean))]
+    for t in timesteps:
+        noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in generators]).to(clean.device)
+        abar = alphas_cumprod[t].to(clean.device, torch.float32)
+        yield abar.sqrt() * clean + (1 - abar).sqrt() * noise, torch.full((len(clean),), t, device=clean.device), noise
+
+
+@torch.no_grad()
+def denoising_losses(model: torch.nn.Module, alphas_cumprod: torch.Tensor, clean: torch.Tensor,
+                     timesteps: Sequence[int], *, seed: int, batch_size: int = 256) -> torch.Tensor:
+    """(N,): each example's denoising loss ||eps_theta(x_t, t) - eps||^2 / d averaged over `timesteps`, under
+    the noise `GradientFeaturizer` draws with the same seed: what counterfactual validation measures."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(clean), batch_size):
+        batch, total = clean[start:start + batch_size].to(device), 0
+        for noisy, t, noise in noised_batches(batch, timesteps, alphas_cumprod, seed=seed, first_index=start):
+            total = total + (model(noisy, t).sample - noise).pow(2).flatten(1).mean(1)
+        out.append((total / len(timesteps)).cpu())
+    return torch.cat(out)
+
+
 class GradientFeaturizer:
     """Projected per-example gradients of `output` for `model` (a diffusers UNet2DModel or condiff's MLP),
     under the noise schedule `alphas_cumprod`."""
@@ -52,10 +89,8 @@ class GradientFeaturizer:
         self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)
         self.num_params = sum(p.numel() for p in self.params.values())
 
-    def gradients(self, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """(B, p): the gradient of each example's output at x_t = sqrt(abar) x_0 + sqrt(1 - abar) noise."""
-        abar = self.alphas_cumprod[timesteps].view(-1, *[1] * (clean.ndim - 1))
-        noisy = abar.sqrt() * clean + (1 - abar).sqrt() * noise
+    def gradients(self, noisy: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """(B, p): the gradient of each example's output at x_t (noised with `noise`)."""
 
         def one(params, x, t, eps):
             prediction = functional_call(self.model, params, (x[None], t[None])).sample[0]
@@ -70,12 +105,10 @@ class GradientFeaturizer:
         then projected."""
         out = []
         for start in range(0, len(data), self.batch_size):
-            clean = data[start:start + self.batch_size].to(self.device)
-            generators = [example_generator(seed, first_index + start + i) for i in range(len(clean))]
-            total = 0
-            for t in timesteps:
-                noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in generators]).to(self.device)
-                total = total + self.gradients(clean, torch.full((len(clean),), t, device=self.device), noise)
+            clean, total = data[start:start + self.batch_size].to(self.device), 0
+            for noisy, t, noise in noised_batches(clean, timesteps, self.alphas_cumprod, seed=seed,
+                                                  first_index=first_index + start):
+                total = total + self.gradients(noisy, t, noise)
             out.append(self.projector.project(total / len(timesteps)).cpu())
         return torch.cat(out)
 
@@ -83,4 +116,4 @@ class GradientFeaturizer:
                         seed: int = 0) -> torch.Tensor:
         """(M, k): per target, the gradient at its x0 prediction re-noised to `timestep`, averaged over
         `resamplings` fresh noises, then projected."""
-        return self.train_features(x0_predictions, [timestep] * resamplings, seed=seed + 1_000_003)
+        return self.train_features(x0_predictions, [timestep] * resamplings, seed=target_seed(seed))

@@ -1,8 +1,8 @@
 """The TRAK estimator on projected gradients, in float64.
 
 For one model: Phi (n x k) the training examples' features, G (m x k) the targets'; scores
-S = Phi (Phi^T Phi + lambda I)^-1 G^T (n x m): positive when the training example raises the target's
-output function. The ridge lambda = c * trace(Phi^T Phi) / k is relative, so its coefficient c means the
+S = Phi (Phi^T Phi + lambda I)^-1 G^T (n x m): positive for a helpful example (in the linearised model,
+training on it lowers the target's loss, for the `loss` output; D-TRAK's output keeps the convention). The ridge lambda = c * trace(Phi^T Phi) / k is relative, so its coefficient c means the
 same whatever the gradients' scale; choose c on held-out targets (`choose_ridge`), never on reported ones.
 Several models (checkpoints, or runs trained independently) are averaged without per-model rescaling.
 """

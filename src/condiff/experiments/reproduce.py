@@ -29,6 +29,8 @@ from condiff.rundir import RunDirectoryError, create_output_directory, is_condif
 from condiff.runtime import process_state
 
 SCALES = {"cpu": CONFIG_DIR, "paper": CONFIG_DIR / "paper"}
+# Attribution validated by retraining (condiff.experiments.attribution_reproduce), with its own scales.
+ATTRIBUTION_EXPERIMENTS = ("attribution-digits",)
 
 
 @dataclass
@@ -88,8 +90,16 @@ def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = 
     """Run experiment `name` into `output` and write output/report.md; returns the report's path.
     Models are evaluated on `device` (default: the accelerator's); `overwrite` replaces only a
     directory condiff made."""
+    if name in ATTRIBUTION_EXPERIMENTS:
+        from condiff.experiments.attribution_reproduce import reproduce_attribution
+
+        return reproduce_attribution(output, scale=scale, overwrite=overwrite, resume=resume, device=device,
+                                     progress=progress)
     if name not in EXPERIMENTS:
-        raise RunDirectoryError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+        raise RunDirectoryError(f"unknown experiment {name!r}; choose one of "
+                                f"{', '.join([*EXPERIMENTS, *ATTRIBUTION_EXPERIMENTS])}")
+    if scale not in SCALES:
+        raise RunDirectoryError(f"--scale {scale}: {name} has the scales {', '.join(SCALES)}")
     experiment, config_dir = EXPERIMENTS[name], SCALES[scale]
     output = Path(output)
     if not resume:

@@ -9,11 +9,13 @@ model, a copy of its autoencoder (latent runs) and the data evaluation compares 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import tomli_w
+import torch
 from diffusers import DDPMPipeline
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -114,11 +116,15 @@ def load_evaluation_data(config: ExperimentConfig, run_dir: Path) -> ExperimentD
 
 
 def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, on_step=None,
-              accelerator=None) -> Path:
+              accelerator=None, keep: np.ndarray | None = None, coupled: bool = True) -> Path:
     """Train the model a config describes into its run directory; returns the directory.
 
     `overwrite` replaces only an empty directory or one condiff created (see condiff.rundir); `resume`
-    continues from the newest complete checkpoint, wherever the directory now lies."""
+    continues from the newest complete checkpoint, wherever the directory now lies.
+    `keep` (a boolean mask over the training set) trains on those examples only, for counterfactual
+    retraining (RUN/train_subset.json records it): `coupled` draws the full set's random stream and gives
+    the left-out examples weight 0 (common random numbers: runs differ by their data alone), otherwise
+    the subset is sampled on its own, as a fresh run on it would be."""
     from accelerate import Accelerator
 
     config = config.validated()     # a config built or changed in Python is checked like a file
@@ -127,26 +133,39 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision,
                                              log_with=config.train.log_with, project_dir=str(run.path))
     data = build_data(config)
+    subset = training_subset(keep, coupled, len(data.train))
+    sampled = data.train   # what the data term draws from: with a coupled subset, the full set
+    if subset is not None:
+        kept = torch.from_numpy(np.asarray(subset["kept"], dtype=np.int64))
+        data = dataclasses.replace(data, train=data.train.subset(kept))
+        sampled = sampled if coupled else data.train
     autoencoder = load_latent_autoencoder(config)
     # Latent diffusion: the training set (and with it every class constraint's set) is encoded once,
     # up front; from here on the run is ordinary diffusion on those tensors.
-    train_set = data.train if autoencoder is None else encode_dataset(autoencoder.to(accelerator.device), data.train)
+    train_set = sampled if autoencoder is None else encode_dataset(autoencoder.to(accelerator.device), sampled)
+    weights = None if subset is None or not coupled else torch.from_numpy(np.asarray(keep, dtype=np.float32))
+    constraint_set = train_set if weights is None else train_set.subset(kept)
     noise_scheduler = build_noise_scheduler(config, pixels=len(train_set.sample_shape) == 3 and autoencoder is None)
     model, pretrained = build_network(config, train_set, noise_scheduler)
-    constraints = build_constraints(config, train_set, noise_scheduler)
+    constraints = build_constraints(config, constraint_set, noise_scheduler)
     if config.finetune.threshold is not None:
         constraints.append(pretrained_constraint(config, pretrained.to(accelerator.device), train_set.sample_shape,
                                                  noise_scheduler, progress=accelerator.is_main_process))
-    objective = DatasetTerm("data", train_set, noise_scheduler, config.train.label_dropout)
+    objective = DatasetTerm("data", train_set, noise_scheduler, config.train.label_dropout, example_weights=weights)
 
     # Only now, with everything built and checked, is anything written.
     # Every process checks (so a refusal exits all of them instead of leaving some at a barrier);
     # then the main process alone writes.
     if resume:
         check_resumable(run, config)
+        recorded = json.loads(run.train_subset.read_text()) if run.train_subset.is_file() else None
+        if recorded != subset:
+            raise ConfigError(f"{run.train_subset}: cannot resume with a different training subset")
     else:
         create_output_directory(run.path, "run", overwrite=overwrite, resumable=True)
     if accelerator.is_main_process:
+        if subset is not None:
+            write_json_atomic(run.train_subset, subset)
         # Stored with its location resolved; on resume, with what changed (e.g. a smaller train.lr).
         write_text_atomic(run.config_file, tomli_w.dumps({**config.to_dict(), "output_dir": str(run.path.resolve())}))
         if autoencoder is not None and not run.autoencoder.is_dir():   # a resumed run keeps its copies
@@ -168,6 +187,17 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
         write_json_atomic(run.summary_file, summary)
     accelerator.wait_for_everyone()
     return run.path
+
+
+def training_subset(keep: np.ndarray | None, coupled: bool, num_train: int) -> dict | None:
+    """What RUN/train_subset.json records of a `keep` mask (None: the whole training set)."""
+    if keep is None:
+        return None
+    keep = np.asarray(keep)
+    if keep.dtype != bool or keep.shape != (num_train,) or not keep.any():
+        raise ConfigError(f"keep: a boolean mask of the {num_train} training examples with at least one kept, "
+                          f"not {keep.dtype} of shape {keep.shape}")
+    return {"kept": np.flatnonzero(keep).tolist(), "coupled": bool(coupled), "num_train": num_train}
 
 
 def tracker_hyperparameters(config: ExperimentConfig) -> dict:

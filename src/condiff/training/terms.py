@@ -25,18 +25,24 @@ class DenoisingBatch:
     timesteps: torch.Tensor      # t, integer training timesteps
     target: torch.Tensor         # what the network should output at (x_t, t)
     class_labels: torch.Tensor   # labels of the clean samples (used by class-conditional models)
+    weights: torch.Tensor | None = None   # per-sample loss weights averaging to 1 over the batch (None: all 1)
+
+    FIELDS = ("noisy", "timesteps", "target", "class_labels")
 
     def __len__(self) -> int:
         return len(self.noisy)
 
+    def sample_weights(self) -> torch.Tensor:
+        return torch.ones(len(self)) if self.weights is None else self.weights
+
     def to(self, device: torch.device) -> "DenoisingBatch":
-        return DenoisingBatch(*(getattr(self, f).to(device) for f in ("noisy", "timesteps", "target",
-                                                                      "class_labels")))
+        return DenoisingBatch(*(getattr(self, f).to(device) for f in self.FIELDS),
+                              None if self.weights is None else self.weights.to(device))
 
     @staticmethod
     def concatenate(batches: list["DenoisingBatch"]) -> "DenoisingBatch":
-        return DenoisingBatch(*(torch.cat([getattr(b, f) for b in batches])
-                                for f in ("noisy", "timesteps", "target", "class_labels")))
+        weights = None if all(b.weights is None for b in batches) else torch.cat([b.sample_weights() for b in batches])
+        return DenoisingBatch(*(torch.cat([getattr(b, f) for b in batches]) for f in DenoisingBatch.FIELDS), weights)
 
 
 def per_sample_loss(model: torch.nn.Module, batch: DenoisingBatch) -> torch.Tensor:
@@ -46,7 +52,8 @@ def per_sample_loss(model: torch.nn.Module, batch: DenoisingBatch) -> torch.Tens
     """
     conditional = null_class_label(model) is not None
     output = model(batch.noisy, batch.timesteps, class_labels=batch.class_labels if conditional else None).sample
-    return (output.float() - batch.target.float()).pow(2).flatten(1).mean(dim=1)
+    losses = (output.float() - batch.target.float()).pow(2).flatten(1).mean(dim=1)
+    return losses if batch.weights is None else losses * batch.weights
 
 
 class DatasetTerm:
@@ -54,14 +61,22 @@ class DatasetTerm:
 
     With `label_dropout` p every drawn label becomes "no class" (label K of a K-class dataset) with
     probability p, so that a class-conditional model also learns the unconditional score that
-    classifier-free guidance needs (and that Theorem 1's mixture describes)."""
+    classifier-free guidance needs (and that Theorem 1's mixture describes).
+
+    With `example_weights` (one per example, e.g. 0/1 to leave examples out), a batch's losses are
+    weighted so that their mean is the weighted mean: the loss of the weighted set, drawn from the same
+    random stream as the unweighted run (counterfactual retraining with common random numbers)."""
 
     def __init__(self, name: str, dataset: LabelledDataset, noise_scheduler: DDPMScheduler,
-                 label_dropout: float = 0.0):
+                 label_dropout: float = 0.0, example_weights: torch.Tensor | None = None):
+        if example_weights is not None and (len(example_weights) != len(dataset) or example_weights.min() < 0
+                                            or example_weights.sum() <= 0):
+            raise ValueError(f"{name}: example weights must be {len(dataset)} non-negative numbers, not all 0")
         self.name = name
         self.dataset = dataset
         self.noise_scheduler = noise_scheduler
         self.label_dropout = label_dropout
+        self.example_weights = None if example_weights is None else example_weights.float()
         self.sampler = EpochSampler(len(dataset))
 
     def draw(self, n: int, generator: torch.Generator) -> DenoisingBatch:
@@ -75,7 +90,11 @@ class DatasetTerm:
         if self.label_dropout > 0:  # drawn only then, so that runs without dropout keep their random streams
             dropped = torch.rand(n, generator=generator) < self.label_dropout
             labels = torch.where(dropped, self.dataset.num_classes, labels)
-        return DenoisingBatch(noisy, timesteps, noise, labels)
+        weights = None
+        if self.example_weights is not None:
+            drawn = self.example_weights[idx]
+            weights = drawn * (n / drawn.sum()) if drawn.sum() > 0 else drawn   # an all-excluded batch: no gradient
+        return DenoisingBatch(noisy, timesteps, noise, labels, weights)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
