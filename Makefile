@@ -34,6 +34,7 @@ test-fast: $(BIN)/condiff
 benchmark: $(BIN)/condiff
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/step_time.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/projection.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/attribution_budget.py
 
 clean-venv:
 	rm -rf $(VENV)
