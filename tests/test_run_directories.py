@@ -158,3 +158,24 @@ def test_atomic_writes_get_the_modes_a_plain_write_would(tmp_path):
     folder = save_pretrained_atomic(build_model("mlp", (2,), hidden=8, layers=1), tmp_path / "model")
     (tmp_path / "plain-folder").mkdir()
     assert os.stat(folder).st_mode == os.stat(tmp_path / "plain-folder").st_mode
+
+
+def test_demo_seed_offsets_both_models_training_and_sampling_seeds(tmp_path, monkeypatch):
+    """`condiff demo --seed 2`: both runs train and sample with their configs' seeds + 2, on the same data."""
+    import condiff.experiments.demo as demo
+    from condiff.cli import main
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(config, **kwargs):
+        seen.append((config.train.seed, config.sample.seed, config.data.seed))
+        raise Stop
+
+    monkeypatch.setattr(demo, "train_run", record)
+    with pytest.raises(Stop):
+        main(["demo", "--output", str(tmp_path / "demo"), "--seed", "2"])
+    defaults = demo.load_config(demo.CONFIG_DIR / demo.DEMO_CONFIGS["unconstrained"])
+    assert seen == [(defaults.train.seed + 2, defaults.sample.seed + 2, defaults.data.seed)]

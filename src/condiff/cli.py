@@ -108,7 +108,8 @@ def cmd_attribute(args) -> None:
 def cmd_demo(args) -> None:
     from condiff.experiments.demo import run_demo
 
-    report = run_demo(Path(args.output), overwrite=args.overwrite, steps=args.steps, device=args.device)
+    report = run_demo(Path(args.output), overwrite=args.overwrite, steps=args.steps, seed=args.seed,
+                      device=args.device)
     print(f"report: {report}")
 
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="where the two runs and report.md go")
     p.add_argument("--overwrite", action="store_true", help="replace the demo directory if condiff created it")
     p.add_argument("--steps", type=int, help="training steps per model (default: the demo configs')")
+    p.add_argument("--seed", type=int, default=0, help="offset of both models' training and sampling seeds")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_demo)
 

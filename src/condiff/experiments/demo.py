@@ -22,11 +22,15 @@ from condiff.runtime import process_state
 DEMO_CONFIGS = {"unconstrained": "digits-minority-unconstrained.toml", "constrained": "digits-minority.toml"}
 
 
-def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None,
+def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None, seed: int = 0,
              device: str | torch.device | None = None, progress: bool = True) -> Path:
     """Train, evaluate and compare both models under `output` (evaluated on `device`, default the
-    accelerator's); returns the report's path. `overwrite` replaces only a directory condiff made."""
+    accelerator's); returns the report's path. `overwrite` replaces only a directory condiff made.
+    `seed` offsets the training and sampling seeds of both models (the data stay the same)."""
     configs = {name: load_config(CONFIG_DIR / file) for name, file in DEMO_CONFIGS.items()}
+    for config in configs.values():
+        config.train.seed += seed
+        config.sample.seed += seed
     output = create_output_directory(output, "demo", overwrite=overwrite)
     results = {}
     for name, config in configs.items():
@@ -55,7 +59,8 @@ def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None,
                   f"{constrained.data.class_counts['4']} for each of digits 4, 5, 7. Both models: "
                   f"{constrained.train.steps} steps of batch {constrained.train.batch_size}, UNet "
                   f"`{constrained.model.kind}`, DDIM-{constrained.sample.steps} sampling. The constrained model "
-                  f"has one resilient constraint per minority digit ({constrained.dual.estimator} estimator)."),
+                  f"has one resilient constraint per minority digit ({constrained.dual.estimator} estimator). "
+                  f"Training seed {constrained.train.seed}, sampling seed {constrained.sample.seed}."),
         ("Results", table + f"\n\nConstrained / unconstrained class TV to uniform: {ratio:.3f}. FD is a Frechet "
                     "distance on the features of condiff's own digits classifier against a class-balanced "
                     "reference set (not Inception FID)."),
