@@ -17,6 +17,11 @@ from condiff.training.terms import DatasetTerm
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+class Identity:
+    def project(self, gradients):
+        return gradients
+
+
 def test_weighted_dataset_term_draws_the_same_stream_and_averages_over_kept_examples():
     from diffusers import DDPMScheduler
 
@@ -54,7 +59,15 @@ def test_denoising_losses_see_the_noise_the_features_see():
             prediction = model(noisy, t).sample
         direct += torch.stack([output_value("loss", prediction[i], noise[i]) for i in range(5)]) / 3
     torch.testing.assert_close(measured, direct)
-    assert GradientFeaturizer   # the features draw through the same noised_batches (test_attribution checks them)
+    # ... and the features are the gradient of exactly that loss: example 0's, by autograd.
+    model.zero_grad()
+    total = 0
+    for noisy, t, noise in noised_batches(clean[:1], timesteps, alphas, seed=target_seed(3)):
+        total = total + output_value("loss", model(noisy, t).sample[0], noise[0]) / 3
+    total.backward()
+    featurizer = GradientFeaturizer(model, alphas, Identity(), output="loss")
+    torch.testing.assert_close(featurizer.train_features(clean[:1], timesteps, seed=target_seed(3))[0],
+                               torch.cat([p.grad.flatten() for p in model.parameters()]), rtol=1e-4, atol=1e-6)
 
 
 def test_baselines_score_like_trak():

@@ -248,7 +248,7 @@ def attribute_run(run_dir: Path, settings: AttributionSettings | None = None, *,
                            on_step=lambda first, t, x: noisy_inputs.setdefault(t, x.detach().cpu()))
     else:
         noisy_inputs, targets = None, saved   # a samples file keeps no x_t
-    indices = [int((targets.timesteps - t).abs().argmin()) for t in settings.steps]
+    indices = [targets.step_index(t) for t in settings.steps]
     scores = np.lib.format.open_memmap(folder / "scores.npy", mode="w+", dtype=np.float32,
                                        shape=(len(data.train), settings.num_targets, len(indices)))
     labels, num_classes = data.train.labels.numpy(), data.train.num_classes

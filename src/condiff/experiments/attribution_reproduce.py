@@ -113,12 +113,14 @@ def removal_rows(effects: list[RemovalEffect]) -> list[list]:
 
 
 def removal_summary(effects: list[RemovalEffect]) -> list[list]:
-    """Per kind of removal: the mean change of x0_hat(T) and of the sample over the rows examined."""
-    kinds = list(dict.fromkeys(e.removed if not e.removed.startswith("random") else "random k" for e in effects))
+    """Per kind of removal (the random draws pooled): the mean change of x0_hat(T) and of the sample."""
+    def kind(effect: RemovalEffect) -> str:
+        return "random k" if effect.removed.startswith("random") else effect.removed
+
     rows = []
-    for kind in kinds:
-        chosen = [e for e in effects if (e.removed if not e.removed.startswith("random") else "random k") == kind]
-        rows.append([kind, len(chosen), float(np.mean([e.x0_change for e in chosen])),
+    for name in dict.fromkeys(map(kind, effects)):
+        chosen = [e for e in effects if kind(e) == name]
+        rows.append([name, len(chosen), float(np.mean([e.x0_change for e in chosen])),
                      float(np.mean([e.sample_change for e in chosen]))])
     return rows
 

@@ -38,7 +38,7 @@ from condiff.evaluation.classifier import extract_features
 from condiff.experiments.attribution import AttributionSettings, train_features
 from condiff.experiments.build import ExperimentData, load_pipeline
 from condiff.experiments.evaluation import evaluation_classifier
-from condiff.experiments.training import train_run
+from condiff.experiments.training import train_run, training_subset
 from condiff.rundir import RunDirectoryError, create_output_directory
 from condiff.runtime import progress_bar, resolve_device
 from condiff.sampling.generate import SampleOutput, generate, sampling_scheduler
@@ -94,8 +94,8 @@ def retrain(config: ExperimentConfig, output: Path, keep: np.ndarray | None, cou
     config.train.seed += seed
     if (output / "summary.json").is_file():
         subset = output / "train_subset.json"
-        recorded = json.loads(subset.read_text())["kept"] if subset.is_file() else None
-        if recorded != (None if keep is None else np.flatnonzero(keep).tolist()):
+        recorded = json.loads(subset.read_text()) if subset.is_file() else None
+        if recorded != training_subset(keep, coupled, 0 if keep is None else len(keep)):
             raise RunDirectoryError(f"{output}: trained on other examples than this validation asks for "
                                     "(settings changed since); start it afresh (--overwrite)")
         return output
@@ -112,7 +112,7 @@ def make_targets(pipeline, settings: ValidationSettings, device) -> Targets:
     grid = [t for t in timestep_grid(settings.measured_timesteps) for _ in range(settings.resamplings)]
     targets = Targets(samples, {"sample": (samples.samples, grid)})
     for t in settings.steps:
-        index = int((samples.timesteps - t).abs().argmin())
+        index = samples.step_index(t)
         step = int(samples.timesteps[index])
         targets.quantities[f"t={step}"] = (samples.x0_predictions[index], [step] * settings.resamplings)
     return targets
@@ -136,13 +136,13 @@ def gradient_features(run_dir: Path, data: ExperimentData, targets: Targets, set
     folder = run_dir / "attribution"
     if not folder.is_dir():
         create_output_directory(folder, "attribution")
+    projector = PROJECTORS[settings.projection](sum(p.numel() for p in model.parameters()), settings.dimension,
+                                                seed=settings.seed, device=device)
     features = {}
     for output in ("dtrak", "loss"):
         attribution = AttributionSettings(output=output, train_timesteps=train_timesteps,
                                           dimension=settings.dimension, projection=settings.projection,
                                           seed=settings.seed, batch_size=settings.batch_size)
-        projector = PROJECTORS[settings.projection](sum(p.numel() for p in model.parameters()), settings.dimension,
-                                                    seed=settings.seed, device=device)
         featurizer = GradientFeaturizer(model, pipeline.scheduler.alphas_cumprod, projector, output=output,
                                         batch_size=settings.batch_size)
         phi = torch.from_numpy(train_features(featurizer, data.train.data, attribution, folder, resume=True,
@@ -278,17 +278,16 @@ def removal_effects(config: ExperimentConfig, data: ExperimentData, output: Path
                     settings: ValidationSettings, *, device=None, progress: bool = True) -> list[RemovalEffect]:
     """Retrain without each removal set, regenerate the targets from their noise, measure the change."""
     device = resolve_device(device)
-    full = load_pipeline(output / "full")
     sets = removal_sets(scores, targets, settings, len(data.train))
     examined = sorted({(t, q) for t, q, _ in sets if t >= 0})
+    first = settings.held_out_targets
+    reference = targets.samples   # the full model's, from the same per-sample noise as the regenerations
 
     def regenerate(pipeline) -> SampleOutput:
-        first = settings.held_out_targets
         return generate(pipeline.unet.to(device), sampling_scheduler(pipeline.scheduler, "ddim"),
                         settings.removal_targets, num_inference_steps=settings.sampling_steps, seed=settings.seed,
                         first_index=first, record_x0=True, device=device, progress=False)
 
-    reference = regenerate(full)
     effects = []
     for number, ((target, quantity, what), removed) in enumerate(progress_bar(sets.items(), desc="removals",
                                                                              enabled=progress)):
@@ -297,11 +296,11 @@ def removal_effects(config: ExperimentConfig, data: ExperimentData, output: Path
         run_dir = retrain(config, output / "removals" / f"removal-{number:02d}", keep, settings.coupled)
         moved = regenerate(load_pipeline(run_dir))
         for t, q in (examined if target < 0 else [(target, quantity)]):
-            row = t - settings.held_out_targets
-            step = int((reference.timesteps - int(q[2:])).abs().argmin())
+            row = t - first
+            step = reference.step_index(int(q[2:]))
             effects.append(RemovalEffect(row, q, what, rms(moved.x0_predictions[step, row],
-                                                           reference.x0_predictions[step, row]),
-                                         rms(moved.samples[row], reference.samples[row])))
+                                                           reference.x0_predictions[step, t]),
+                                         rms(moved.samples[row], reference.samples[t])))
     return effects
 
 

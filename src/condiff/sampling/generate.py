@@ -30,6 +30,10 @@ class SampleOutput:
                                             # (x0_predictions stay in the latent space)
     provenance: dict | None = None          # how they were drawn (method, steps, seed, guidance, model step...)
 
+    def step_index(self, timestep: int) -> int:
+        """The index of the visited step nearest to `timestep`."""
+        return int((self.timesteps - timestep).abs().argmin())
+
     def save_npz(self, path) -> Path:
         """Write the arrays and the provenance (a JSON string: no pickle needed to read it) atomically."""
         arrays = {"samples": self.samples.numpy(), "timesteps": self.timesteps.numpy(),
