@@ -79,7 +79,7 @@ BAD_CONFIGS = {
     "negative batch size": ("[train]\nbatch_size = -4\n", "train.batch_size: must be positive, got -4"),
     "bad choice": ('[dual]\nestimator = "foo"\n', "dual.estimator"),
     "missing class": ("[constraints]\nclasses = [12]\ngamma = 0.1\n", "constraints.classes[0]"),
-    "infeasible kl bounds": ("[constraints]\nclasses = [4, 5]\nkl_bounds = [0.1, 0.2]\nreference_loss = 0.07\n",
+    "infeasible kl bounds": ("[constraints]\nclasses = [4, 5]\nkl_bounds = [0.1, 0.2]\n",
                              "constraints.kl_bounds: infeasible"),
     "invalid toml": ("[train\nsteps = 5\n", "not valid TOML"),
 }
@@ -111,8 +111,8 @@ BAD_AFTER_VALIDATION = {
     # each passes config validation and is only found once train_run builds data, model or constraints
     "more samples than the class has": ('[data]\nclass_counts = {4 = 500}\n', "data.class_counts.4"),
     "unet on vector data": (TINY_GMM.split("\n", 3)[3].replace('"mlp"', '"unet8"'), "model.kind"),
-    "target shares summing past 1": ("[constraints]\nclasses = [4, 5]\ntarget_shares = [0.6, 0.6]\n"
-                                     "reference_loss = 0.07\n", "constraints.target_shares"),
+    "target shares summing past 1": ("[constraints]\nclasses = [4, 5]\ntarget_shares = [0.6, 0.6]\n",
+                                     "constraints.target_shares"),
 }
 
 

@@ -15,7 +15,6 @@ from condiff.training.dual import (
     multipliers_from_kl_bounds,
     predicted_shares,
     projected_ascent,
-    relaxation_costs_for_multipliers,
     resilient_ascent,
 )
 
@@ -77,8 +76,13 @@ def test_target_shares_invert_theorem_1():
     pi = pi / pi.sum()
     lam = multipliers_for_target_shares(pi, [7, 8, 9], [0.1, 0.1, 0.1])
     assert np.allclose(predicted_shares(pi, dict(zip([7, 8, 9], lam)))[7:], 0.1)
-    gammas = relaxation_costs_for_multipliers(0.07, lam)
-    assert np.allclose(0.07 / (2 * gammas), lam)
+
+
+def test_fixed_multipliers_start_and_stay_at_their_values_while_the_others_ascend():
+    state = DualState(["a", "b"], [0.0, 0.1], [0.0, 0.0], [0.3, None])
+    assert state.multipliers.tolist() == [0.3, 0.0]
+    state.step(torch.tensor([5.0, 0.5]), 1.0)
+    assert state.multipliers.tolist() == pytest.approx([0.3, 0.4])
 
 
 def test_target_shares_below_the_data_share_are_refused():
@@ -97,14 +101,17 @@ def test_the_rule_is_chosen_by_the_relaxation_costs_and_matches_the_formulas():
 
 def test_dual_state_is_keyed_by_constraint_name_and_loads_positional_checkpoints():
     state = DualState(["class 4", "pretrained"], [0.0, 0.01], [0.5, 0.0])
-    state.accumulate(torch.tensor([0.2, 0.05]))
+    state.accumulate(torch.tensor([0.4, 0.1]), torch.tensor([2.0, 2.0]))
+    state.accumulate(torch.tensor([0.3, 0.2]), torch.tensor([1.0, 3.0]))   # means over all samples
+    assert state.mean_losses().tolist() == pytest.approx([0.7 / 3, 0.3 / 5])
     state.step(state.mean_losses(), 1.0)
     saved = state.state_dict()
     assert list(saved["multipliers"]) == ["class 4", "pretrained"] and saved["multipliers"]["pretrained"] > 0
     again = DualState(["class 4", "pretrained"], [0.0, 0.01], [0.5, 0.0])
     again.load_state_dict(saved)
     assert torch.equal(again.multipliers, state.multipliers)
-    again.load_state_dict({"multipliers": [0.3, 0.4], "loss_sum": [0.0, 0.0], "loss_count": 0})   # before names
+    again.load_state_dict({"multipliers": [0.3, 0.4], "loss_sum": [0.2, 0.4], "loss_count": 2})   # before names
     assert again.named(again.multipliers) == {"class 4": 0.3, "pretrained": 0.4}
+    assert again.mean_losses().tolist() == pytest.approx([0.1, 0.2])   # then: a sum of 2 per-step means
     with pytest.raises(ValueError, match="not the config's"):
         again.load_state_dict({**saved, "multipliers": {"class 5": 0.1, "pretrained": 0.1}})

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(width <= 0 for width in getattr(args, "block_out_channels", None) or []):
         print(f"condiff: error: --block-out-channels: must be positive, got {args.block_out_channels}", file=sys.stderr)
         return 2
-    from condiff.training.loop import TrainingDiverged
+    from condiff.training.metrics_log import TrainingDiverged
 
     try:
         args.func(args)

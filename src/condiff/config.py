@@ -11,10 +11,12 @@ against the working directory) and stored resolved; `output_dir` is relative to 
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -29,8 +31,6 @@ class InfeasibleConstraints(ValueError):
 
 def check_kl_feasibility(kl_bounds) -> None:
     """Refuse KL bounds b_i (nats) with sum_i exp(-b_i) >= 1 (Theorem 2: no model can meet them)."""
-    import math
-
     if any(b <= 0 for b in kl_bounds):
         raise InfeasibleConstraints("KL bounds must be positive (nats)")
     total = sum(math.exp(-b) for b in kl_bounds)
@@ -115,8 +115,11 @@ class TrainConfig:
                                                 # "no class" (trains the unconditional half of
                                                 # classifier-free guidance; 0.1-0.2 is usual)
     mixed_precision: str = one_of("no", "fp16", "bf16")
+    channels_last: bool = False                 # NHWC weights and activations (faster convolutions on GPUs)
+    compile: bool = False                       # torch.compile the network (accelerate's inductor backend)
     log_with: str | None = one_of(None, "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
                                                 # an accelerate tracker beside metrics.jsonl (logs in RUN/trackers)
+    log_every: int = positive(50)               # steps between metrics.jsonl writes (one host sync each)
     checkpoint_every: int = positive(500)
     keep_checkpoints: int = positive(2)
     seed: int = 0
@@ -127,9 +130,8 @@ class ConstraintsConfig:
     classes: list[int] = field(default_factory=list)   # one constraint per class: its loss on its samples
     gamma: float | None = positive(None)        # resilient relaxation cost (paper: 0.085)
     thresholds: list[float] | None = None       # fixed thresholds in loss units, one per class
-    target_shares: list[float] | None = None    # derive gamma from Theorem 1 ...
-    kl_bounds: list[float] | None = None        # ... or from KL bounds via Theorem 2
-    reference_loss: float | None = positive(None)   # the constraints' expected loss, to derive gamma
+    target_shares: list[float] | None = None    # class shares to reach: multipliers fixed by Theorem 1 ...
+    kl_bounds: list[float] | None = None        # ... or by KL bounds via Theorem 2
 
 
 @dataclass
@@ -149,7 +151,8 @@ class FinetuneConfig:
 @dataclass
 class DualConfig:
     estimator: str = one_of("stratified", "mixture")
-    batch_size: int = positive(16)              # dual batch: samples of every constraint set
+    batch_size: int = positive(16)              # stratified: samples of every constraint set per step
+    floor: float = positive(0.1)                # mixture: constraint i is drawn with weight max(lambda_i, floor)
     primal_steps_per_dual: int = positive(2)    # N
     lr: float = positive(1000.0)                # dual step size ...
     lr_relative: bool = True                    # ... times the current primal lr when true
@@ -162,6 +165,8 @@ class SampleConfig:
     num_samples: int = positive(1000)
     batch_size: int = positive(500)
     seed: int = 1234
+    mixed_precision: str = one_of("no", "fp16", "bf16")   # autocast the network while sampling
+    channels_last: bool = False                 # NHWC weights and activations while sampling
 
 
 @dataclass
@@ -245,9 +250,16 @@ def _check_type(value, tp, where: str):
     return value
 
 
+# Keys earlier versions wrote into run directories: ignored with a warning, so that those runs still load.
+RETIRED_KEYS = {"constraints.reference_loss": "target_shares and kl_bounds now fix the multipliers"}
+
+
 def _build(cls, table: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
+    for key in [k for k in table if prefix + k in RETIRED_KEYS]:
+        warnings.warn(f"{prefix}{key}: no longer used and ignored ({RETIRED_KEYS[prefix + key]})", stacklevel=2)
+    table = {k: v for k, v in table.items() if prefix + k not in RETIRED_KEYS}
     for key in table:
         if key not in known:
             raise ConfigError(f"{prefix}{key}: unknown key (expected one of {', '.join(sorted(known))})")
@@ -313,9 +325,7 @@ def _check_data_fields(data: DataConfig) -> None:
 
 def image_channels(data: DataConfig) -> int | None:
     """Channels of the configured dataset's images (None for vector data)."""
-    if data.dataset == "gmm":
-        return None
-    return (data.channels or 3) if data.dataset in IMAGE_DATASETS else 1
+    return None if data.dataset == "gmm" else (data.channels or 3) if data.dataset in IMAGE_DATASETS else 1
 
 
 def _check_latent(config: ExperimentConfig) -> None:
@@ -358,9 +368,6 @@ def _check_consistency(config: ExperimentConfig) -> None:
         value = getattr(cons, key)
         if value is not None and len(value) != len(cons.classes):
             raise ConfigError(f"constraints.{key}: {len(value)} values for {len(cons.classes)} classes")
-    if (cons.target_shares is not None or cons.kl_bounds is not None) and cons.reference_loss is None:
-        raise ConfigError("constraints.reference_loss: required with target_shares or kl_bounds "
-                          "(the constraints' expected denoising loss, e.g. 0.07 on digits)")
     if cons.target_shares is not None and (min(cons.target_shares) <= 0 or sum(cons.target_shares) >= 1):
         raise ConfigError(f"constraints.target_shares: each share must be positive and together below 1 "
                           f"(they sum to {sum(cons.target_shares):.4g})")
@@ -369,8 +376,7 @@ def _check_consistency(config: ExperimentConfig) -> None:
             check_kl_feasibility(cons.kl_bounds)
         except InfeasibleConstraints as err:
             raise ConfigError(f"constraints.kl_bounds: {err}") from None
-    tune = config.finetune
-    if tune.threshold is not None and not tune.pretrained:
+    if config.finetune.threshold is not None and not config.finetune.pretrained:
         raise ConfigError("finetune.threshold: constrains the distance to a pretrained model; "
                           "set finetune.pretrained to its run directory")
     _check_latent(config)
@@ -378,13 +384,12 @@ def _check_consistency(config: ExperimentConfig) -> None:
         raise ConfigError("evaluate.inception_weights: empty path (leave it out to skip Inception FID)")
     if config.diffusion.beta_end <= config.diffusion.beta_start:
         raise ConfigError("diffusion.beta_end: must exceed diffusion.beta_start")
-    if not config.train.label_dropout < 1:
-        raise ConfigError(f"train.label_dropout: must be below 1, got {config.train.label_dropout}")
+    for key in ("label_dropout", "ema_decay"):   # both non-negative already
+        if not getattr(config.train, key) < 1:
+            raise ConfigError(f"train.{key}: must be below 1, got {getattr(config.train, key)}")
     if config.train.label_dropout > 0 and not config.model.class_conditional:
         raise ConfigError("train.label_dropout: drops the labels of a class-conditional model; "
                           "set model.class_conditional = true")
-    if not 0 <= config.train.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {config.train.ema_decay}")
 
 
 def check_classes(config: ExperimentConfig, num_classes: int) -> None:

@@ -46,12 +46,7 @@ from condiff.data.latent import AutoencoderLoadError, load_autoencoder
 from condiff.gmm.mixture import GaussianMixture
 from condiff.models import build_model, sample_shape_of
 from condiff.rundir import RunDirectory, RunDirectoryError
-from condiff.training.dual import (
-    InfeasibleConstraints,
-    multipliers_for_target_shares,
-    multipliers_from_kl_bounds,
-    relaxation_costs_for_multipliers,
-)
+from condiff.training.dual import InfeasibleConstraints, multipliers_for_target_shares, multipliers_from_kl_bounds
 from condiff.training.terms import Constraint, DatasetTerm, PretrainedModelTerm
 
 
@@ -191,23 +186,20 @@ def build_constraints(config: ExperimentConfig, train_set: LabelledDataset, nois
     if not cons.classes:
         return []
     m = len(cons.classes)
-    thresholds = cons.thresholds or [0.0] * m
-    if cons.gamma is not None:
-        gammas = [cons.gamma] * m
-    elif cons.thresholds is not None:
-        gammas = [0.0] * m
-    else:
+    thresholds, gammas, fixed = cons.thresholds or [0.0] * m, [cons.gamma or 0.0] * m, [None] * m
+    if cons.target_shares is not None or cons.kl_bounds is not None:
+        # Theorems 1 and 2 give the optimal multipliers in closed form: held there, the Lagrangian's
+        # minimiser is exactly the requested mixture, whatever the constraint losses turn out to be.
         mode = "target_shares" if cons.target_shares is not None else "kl_bounds"
         shares = np.asarray(train_set.class_counts()) / len(train_set)
         try:
-            target = (multipliers_for_target_shares(shares, cons.classes, cons.target_shares)
-                      if cons.target_shares is not None else multipliers_from_kl_bounds(cons.kl_bounds))
-            gammas = relaxation_costs_for_multipliers(cons.reference_loss, target).tolist()
+            fixed = (multipliers_for_target_shares(shares, cons.classes, cons.target_shares)
+                     if cons.target_shares is not None else multipliers_from_kl_bounds(cons.kl_bounds)).tolist()
         except InfeasibleConstraints as err:
             raise ConfigError(f"constraints.{mode}: {err}") from None
     dropout = config.train.label_dropout
-    return [Constraint(DatasetTerm(f"class {c}", train_set.of_class(c), noise_scheduler, dropout), b, g)
-            for c, b, g in zip(cons.classes, thresholds, gammas)]
+    return [Constraint(DatasetTerm(f"class {c}", train_set.of_class(c), noise_scheduler, dropout), b, g, lam)
+            for c, b, g, lam in zip(cons.classes, thresholds, gammas, fixed)]
 
 
 def load_latent_autoencoder(config: ExperimentConfig, run_dir: Path | None = None):

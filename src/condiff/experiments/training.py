@@ -45,7 +45,7 @@ from condiff.rundir import (
     write_text_atomic,
 )
 from condiff.training.dual import predicted_shares
-from condiff.training.loop import train
+from condiff.training.loop import make_accelerator, train
 from condiff.training.terms import DatasetTerm
 
 
@@ -125,13 +125,10 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     retraining (RUN/train_subset.json records it): `coupled` draws the full set's random stream and gives
     the left-out examples weight 0 (common random numbers: runs differ by their data alone), otherwise
     the subset is sampled on its own, as a fresh run on it would be."""
-    from accelerate import Accelerator
-
     config = config.validated()     # a config built or changed in Python is checked like a file
     run = RunDirectory(run_directory(config))
     check_inputs(config)
-    accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision,
-                                             log_with=config.train.log_with, project_dir=str(run.path))
+    accelerator = accelerator or make_accelerator(config.train, run.path)
     data = build_data(config)
     subset = training_subset(keep, coupled, len(data.train))
     sampled = data.train   # what the data term draws from: with a coupled subset, the full set

@@ -8,6 +8,8 @@ multipliers keyed by constraint name and the losses accumulated since the last d
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -60,37 +62,44 @@ def dual_rule(relaxation_costs: list[float]) -> ProjectedAscent | ResilientAscen
 
 class DualState:
     """The multipliers (keyed by constraint name in what is saved and logged), the rule that updates them,
-    and the constraint losses accumulated since the last dual step."""
+    and the constraint losses accumulated since the last dual step. A multiplier given in
+    `fixed_multipliers` (None elsewhere) starts and stays at its value."""
 
-    def __init__(self, names: list[str], thresholds: list[float], relaxation_costs: list[float]):
+    def __init__(self, names: list[str], thresholds: list[float], relaxation_costs: list[float],
+                 fixed_multipliers: list[float | None] | None = None):
         if len(set(names)) != len(names):
             raise ValueError(f"constraint names must be distinct, got {names}")
         self.names = list(names)
         m = len(names)
-        self.multipliers = torch.zeros(m, dtype=torch.float64)
-        self.loss_sum = torch.zeros(m, dtype=torch.float64)
-        self.loss_count = 0
+        fixed = fixed_multipliers or [None] * m
+        self.fixed = torch.tensor([math.nan if v is None else v for v in fixed], dtype=torch.float64)
+        self.multipliers = torch.nan_to_num(self.fixed, nan=0.0)
+        self.loss_sum = torch.zeros(m)
+        self.loss_count = torch.zeros(m)   # samples behind each sum
         self.thresholds = torch.tensor(thresholds, dtype=torch.float64)
         self.rule = dual_rule(relaxation_costs)
 
     def named(self, values) -> dict[str, float]:
         return {name: float(value) for name, value in zip(self.names, values)}
 
-    def accumulate(self, losses: torch.Tensor) -> None:
-        self.loss_sum += losses.double().cpu()
-        self.loss_count += 1
+    def accumulate(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add a step's per-constraint loss sums over `counts` samples, on their device (no host sync per
+        step; float32, which every accelerator has and the saved values round-trip exactly)."""
+        self.loss_sum = self.loss_sum.to(sums.device, torch.float32) + sums.float()
+        self.loss_count = self.loss_count.to(sums.device, torch.float32) + counts.float()
 
     def mean_losses(self) -> torch.Tensor:
-        return self.loss_sum / self.loss_count
+        """Per constraint, the mean loss of its samples since the last dual step: the dual step's estimate."""
+        return (self.loss_sum / self.loss_count).double().cpu()
 
     def step(self, losses: torch.Tensor, step_size: float) -> None:
-        self.multipliers = self.rule.update(self.multipliers, losses.double().cpu(), self.thresholds, step_size)
-        self.loss_sum.zero_()
-        self.loss_count = 0
+        updated = self.rule.update(self.multipliers, losses.double().cpu(), self.thresholds, step_size)
+        self.multipliers = torch.where(self.fixed.isnan(), updated, self.fixed)
+        self.loss_sum, self.loss_count = torch.zeros_like(self.loss_sum), torch.zeros_like(self.loss_count)
 
     def state_dict(self) -> dict:
         return {"multipliers": self.named(self.multipliers), "loss_sum": self.named(self.loss_sum),
-                "loss_count": self.loss_count}
+                "loss_count": self.named(self.loss_count)}
 
     def load_state_dict(self, state: dict) -> None:
         """Load a state keyed by name (or, from checkpoints before names, by position)."""
@@ -104,7 +113,9 @@ class DualState:
             return torch.tensor([saved[name] for name in self.names], dtype=torch.float64)
 
         self.multipliers, self.loss_sum = values(state["multipliers"]), values(state["loss_sum"])
-        self.loss_count = state["loss_count"]
+        count = state["loss_count"]   # before per-constraint counts: one count of per-step means, the same mean
+        self.loss_count = (values(count) if isinstance(count, (dict, list)) else
+                           torch.full_like(self.loss_sum, float(count)))
 
 
 def multipliers_from_kl_bounds(kl_bounds: list[float] | np.ndarray) -> np.ndarray:
@@ -154,12 +165,3 @@ def multipliers_for_target_shares(data_shares: np.ndarray, constrained_classes: 
         raise InfeasibleConstraints(f"classes {bad} already exceed their target share in the data; "
                                     "a constraint can only raise a class's share")
     return np.clip(lam, 0.0, None)
-
-
-def relaxation_costs_for_multipliers(reference_losses: np.ndarray | float, multipliers: np.ndarray
-                                     ) -> np.ndarray:
-    """gamma_i = l_i / (2 lambda_i): the resilient rule's fixed point lambda = l / (2 gamma) solved for gamma."""
-    lam = np.asarray(multipliers, dtype=float)
-    if np.any(lam <= 0):
-        raise InfeasibleConstraints("a target multiplier of zero needs no constraint (infinite gamma)")
-    return np.asarray(reference_losses, dtype=float) / (2.0 * lam)

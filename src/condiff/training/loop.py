@@ -27,6 +27,7 @@ from condiff.runtime import progress_bar
 from condiff.training.checkpoint import load_checkpoint, optimizer_state_from_json, save_checkpoint
 from condiff.training.dual import DualState
 from condiff.training.estimators import ESTIMATORS
+from condiff.training.metrics_log import MetricsLog, StepMetrics, check_finite
 from condiff.training.terms import Constraint, DatasetTerm
 
 
@@ -41,25 +42,6 @@ class StopTraining(Exception):
     """Raised by a step callback to stop a run early (tests use it to simulate a crash)."""
 
 
-class TrainingDiverged(RuntimeError):
-    """A loss, gradient norm, multiplier or weight became NaN or infinite; nothing of that step was saved."""
-
-
-def check_finite(step: int, quantities: dict[str, torch.Tensor], checkpoints_dir: Path) -> None:
-    """Stop on the first of `quantities` (name -> scalar) that is NaN or infinite; one host sync for all."""
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in quantities.values()]).tolist()
-    bad = [(name, value) for name, value in zip(quantities, values) if not math.isfinite(value)]
-    if not bad:
-        return
-    latest = checkpoints_dir / "latest"
-    advice = (f"the last finite checkpoint, {latest.read_text().strip()}, is kept: continue with `condiff train "
-              f"--resume {checkpoints_dir.parent} --set train.lr=...`" if latest.is_file() else
-              "no checkpoint was written yet: start again with `--overwrite --set train.lr=...`")
-    name, value = bad[0]
-    raise TrainingDiverged(f"step {step}: {name} is not finite ({value:.4g}); training stopped and {advice} "
-                           "(a smaller rate)")
-
-
 def restore_learning_rate(optimizer, lr_schedule, lr: float) -> None:
     """Make a resumed schedule follow the config's `lr` (the checkpoint's when unchanged: then nothing
     moves), so that a diverged run can continue from its last checkpoint with a smaller rate."""
@@ -69,12 +51,10 @@ def restore_learning_rate(optimizer, lr_schedule, lr: float) -> None:
     lr_schedule._last_lr = [group["lr"] for group in optimizer.param_groups]   # what get_last_lr() reports
 
 
-def tracked_scalars(record: dict) -> dict[str, float]:
-    """A metrics record as flat scalars for accelerate's trackers (tensorboard, wandb, ...)."""
-    scalars = {key: record[key] for key in ("lr", "dual_lr", "objective_loss", "lagrangian") if record[key] is not None}
-    for key, prefix in (("multipliers", "multiplier"), ("constraint_losses", "constraint_loss"), ("slacks", "slack")):
-        scalars.update({f"{prefix}/{name}": value for name, value in (record[key] or {}).items()})
-    return scalars
+def make_accelerator(config: TrainConfig, project_dir: Path | None = None) -> Accelerator:
+    """The accelerator of a training run: its mixed precision, `torch.compile` (inductor) and tracker."""
+    return Accelerator(mixed_precision=config.mixed_precision, dynamo_backend="inductor" if config.compile else None,
+                       log_with=config.log_with, project_dir=None if project_dir is None else str(project_dir))
 
 
 def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: DatasetTerm,
@@ -83,17 +63,20 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
     """Train `model` on `objective` subject to `constraints`, logging to run_dir/metrics.jsonl and
     checkpointing to run_dir/checkpoints. `on_step(record)` is called after every completed step
     on every process with that step's metrics record (its multipliers are this process's own)."""
-    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = accelerator or make_accelerator(config)
     device = accelerator.device
     generator = torch.Generator().manual_seed(config.seed * 7919 + accelerator.process_index)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     # The schedule stays outside accelerate.prepare, which would step it once per process per step.
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMAModel(model.parameters(), decay=config.ema_decay) if config.ema_decay > 0 else None
     dual = DualState([c.name for c in constraints], [c.threshold for c in constraints],
-                     [c.relaxation_cost for c in constraints])
-    estimator = ESTIMATORS[dual_config.estimator](objective, constraints, config.batch_size, dual_config.batch_size)
+                     [c.relaxation_cost for c in constraints], [c.fixed_multiplier for c in constraints])
+    estimator = ESTIMATORS[dual_config.estimator](objective, constraints, config.batch_size, dual_config.batch_size,
+                                                  dual_config.floor)
     terms = [objective] + [c.term for c in constraints]
     start = 0
 
@@ -138,23 +121,26 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
 
     progress = progress_bar(range(start, config.steps), initial=start, total=config.steps, desc="train",
                             enabled=accelerator.is_main_process)
-    metrics_file = open(metrics_path, "a") if accelerator.is_main_process else None
+    log = MetricsLog(metrics_path, config.log_every, constraints, accelerator, progress, checkpoints_dir,
+                     check_grad_norm=accelerator.mixed_precision != "fp16")
+    model.train()
     try:
         for step in progress:
-            model.train()
             lr = lr_schedule.get_last_lr()[0]  # the rate this step uses
-            lagrangian, objective_loss, measured = estimator.lagrangian(model, dual, generator, device)
-            if measured is not None:
-                dual.accumulate(accelerator.reduce(measured, "mean"))
-            accelerator.backward(lagrangian)
+            estimate = estimator.lagrangian(model, dual, generator, device)
+            step_losses = torch.zeros(0, device=device)
+            if constraints:   # sums and sample counts over all processes: the multipliers stay identical
+                sums, counts = accelerator.reduce(torch.stack([estimate.constraint_sums,
+                                                               estimate.constraint_counts.to(device)]), "sum")
+                dual.accumulate(sums, counts)
+                step_losses = sums / counts
+            accelerator.backward(estimate.lagrangian)
             # max_norm = inf measures without clipping; the norm and the averaged Lagrangian are the same
             # on every process, so every process stops at the same step.
             grad_norm = accelerator.clip_grad_norm_(model.parameters(),
                                                     config.grad_clip if config.grad_clip > 0 else math.inf)
-            logged = accelerator.reduce(torch.stack([objective_loss.float(), lagrangian.detach().float()]), "mean")
-            check_finite(step + 1, {"the Lagrangian": logged[1]} if accelerator.mixed_precision == "fp16" else
-                         {"the Lagrangian": logged[1], "the gradient norm": grad_norm},   # fp16's scaler skips
-                         checkpoints_dir)                                                 # non-finite steps
+            losses = accelerator.reduce(torch.stack([estimate.objective_loss.float(),
+                                                     estimate.lagrangian.detach().float()]), "mean")
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -163,39 +149,24 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
 
             dual_lr = dual_config.lr * lr if dual_config.lr_relative else dual_config.lr
             dual_step = bool(constraints) and (step + 1) % dual_config.primal_steps_per_dual == 0
-            estimates = None
             if dual_step:
-                estimates = estimator.dual_estimates(model, dual, generator, device,
-                                                     lambda t: accelerator.reduce(t, "mean"))
+                estimates = dual.mean_losses()
                 check_finite(step + 1, {f"the constraint loss of {n}": v for n, v in zip(dual.names, estimates)},
                              checkpoints_dir)
                 dual.step(estimates, dual_lr)
                 check_finite(step + 1, {f"the multiplier of {n}": v for n, v in zip(dual.names, dual.multipliers)},
                              checkpoints_dir)
-
-            losses = measured if measured is not None else estimates
-            objective_value = float(logged[0])  # NaN when a mixture batch drew no data sample
-            record = {"step": step + 1, "lr": lr, "dual_lr": dual_lr,
-                      "objective_loss": None if objective_value != objective_value else objective_value,
-                      "lagrangian": float(logged[1]), "multipliers": dual.named(dual.multipliers),
-                      "constraint_losses": None if losses is None else dual.named(losses),
-                      "slacks": None if losses is None else {
-                          c.name: c.slack(float(l), float(lam)) for c, l, lam in zip(constraints, losses, dual.multipliers)},
-                      "dual_step": dual_step}
-            accelerator.log(tracked_scalars(record), step=step + 1)   # no trackers: nothing happens
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
-                metrics_file.flush()
-                progress.set_postfix({"loss": f"{objective_value:.4f}",   # drawn at the bar's own pace
-                                      **{f"λ[{n}]": f"{float(v):.3f}" for n, v in zip(dual.names, dual.multipliers)}},
-                                     refresh=False)
+            metrics = StepMetrics(step + 1, lr, dual_lr, torch.cat([losses, grad_norm.reshape(1).float(),
+                                                                    step_losses.float()]),
+                                  dual.named(dual.multipliers), dual_step)
+            log.add(metrics)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                log.flush()   # checks every step since the last checkpoint before anything is saved
                 checkpoint(step + 1)
             if on_step is not None:
-                on_step(record)
+                on_step(metrics.record(metrics.losses.tolist(), constraints))
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
+        log.close()
 
     trained = accelerator.unwrap_model(model)
     if ema is not None:

@@ -187,11 +187,14 @@ class Constraint:
 
     With a `relaxation_cost` gamma the constraint is resilient: it may be relaxed by u at a cost
     gamma u^2, and its multiplier follows the resilient rule (the paper sets threshold 0 then).
+    With a `fixed_multiplier` the multiplier stays at that value (Theorem 1's or 2's closed form for
+    requested shares or KL bounds): no dual ascent, and no threshold to meet.
     """
 
     term: DatasetTerm | PretrainedModelTerm
     threshold: float = 0.0
     relaxation_cost: float = 0.0   # gamma; 0 means a fixed (hard) threshold
+    fixed_multiplier: float | None = None
 
     @property
     def name(self) -> str:
@@ -200,6 +203,9 @@ class Constraint:
     def loss(self, model: torch.nn.Module, batch: DenoisingBatch) -> torch.Tensor:
         return per_sample_loss(model, batch).mean()
 
-    def slack(self, loss: float, multiplier: float) -> float:
-        """threshold + relaxation - loss: non-negative when the (relaxed) constraint holds."""
+    def slack(self, loss: float, multiplier: float) -> float | None:
+        """threshold + relaxation - loss: non-negative when the (relaxed) constraint holds; None for a
+        fixed multiplier, which has no threshold."""
+        if self.fixed_multiplier is not None:
+            return None
         return self.threshold + 2.0 * self.relaxation_cost * multiplier - loss
