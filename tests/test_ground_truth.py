@@ -2,7 +2,8 @@
 
 Unconstrained training must reproduce the data's component shares; constrained training (one
 resilient constraint per minority component) must generate the mixture Theorem 1 predicts from the
-model's own final multipliers, (pi_c + lambda_c) / (1 + sum lambda), with either estimator. Samples
+model's own final multipliers, (pi_c + lambda_c) / (1 + sum lambda), with either estimator; requested
+target shares must be reached, whatever the constraint losses. Samples
 are labelled by the exact posterior of the mixture, so the only errors are the model's.
 """
 
@@ -26,7 +27,7 @@ COUNTS = {"0": 1000, "1": 1000, "2": 200, "3": 200}
 NUM_SAMPLES = 6000
 
 
-def gmm_config(tmp_path, name, estimator="stratified", constrained=False):
+def gmm_config(tmp_path, name, estimator="stratified", constraints=None):
     table = {
         "name": name, "output_dir": str(tmp_path / name),
         "data": {"dataset": "gmm", "means": MEANS, "std": 0.3, "per_class": 1000, "class_counts": COUNTS},
@@ -35,17 +36,17 @@ def gmm_config(tmp_path, name, estimator="stratified", constrained=False):
         "dual": {"estimator": estimator, "batch_size": 64, "primal_steps_per_dual": 2, "lr": 250.0,
                  "lr_relative": True},
     }
-    if constrained:
-        table["constraints"] = {"classes": [2, 3], "gamma": 0.5}
+    if constraints:
+        table["constraints"] = constraints
     return config_from_dict(table)
 
 
-def sampled_shares(config):
+def sampled_shares(config, num_samples=NUM_SAMPLES):
     """(sampled class shares, summary.json, run directory) of a freshly trained run."""
     run_dir = train_run(config)
     pipeline = DDPMPipeline.from_pretrained(run_dir / "model")
-    out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), NUM_SAMPLES,
-                   num_inference_steps=50, batch_size=NUM_SAMPLES, seed=0, progress=False)
+    out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), num_samples,
+                   num_inference_steps=50, batch_size=num_samples, seed=0, progress=False)
     labels = build_data(config).mixture.classify(out.samples)
     return class_shares(labels, 4), json.loads((run_dir / "summary.json").read_text()), run_dir
 
@@ -60,7 +61,7 @@ def constrained(request, tmp_path_factory):
     """One constrained run per estimator, trained once for every test that checks it."""
     root = tmp_path_factory.mktemp("gt")
     return request.param, sampled_shares(gmm_config(root, f"constrained-{request.param}", request.param,
-                                                    constrained=True))
+                                                    {"classes": [2, 3], "gamma": 0.5}))
 
 
 def test_unconstrained_model_reproduces_the_component_shares(unconstrained):
@@ -91,3 +92,15 @@ def test_both_estimators_settle_at_the_resilient_fixed_point(constrained):
     losses = np.mean([list(r["constraint_losses"].values()) for r in tail], axis=0)
     lam = np.mean([list(r["multipliers"].values()) for r in tail], axis=0)
     assert np.allclose(lam, losses / (2 * 0.5), rtol=0.15), (estimator, lam, losses)
+
+
+@pytest.mark.parametrize("targets", [[0.25, 0.25], [0.15, 0.35]])
+def test_requested_target_shares_are_reached_without_a_reference_loss(tmp_path, targets):
+    """Theorem 1's multipliers for the requested shares, held fixed, give exactly those shares; the other
+    components keep their data proportions, pi_c / (1 + sum lambda)."""
+    config = gmm_config(tmp_path, "targets", "mixture", {"classes": [2, 3], "target_shares": targets})
+    shares, summary, _ = sampled_shares(config, num_samples=20000)
+    rest = 1 - sum(targets)
+    expected = np.array([rest / 2, rest / 2, *targets])
+    assert np.allclose(summary["predicted_class_shares"], expected)
+    assert np.abs(shares - expected).max() <= 0.02, (shares, expected)

@@ -219,15 +219,16 @@ def training_summary(config: ExperimentConfig, data: ExperimentData, constraints
                      "reference_multiplier": result.multipliers[constraints[len(classes)].name]}
     return {"steps": result.step, "data_class_shares": shares.tolist(), "multipliers": result.multipliers,
             "constraints": [{"name": c.name, "threshold": c.threshold, "relaxation_cost": c.relaxation_cost,
-                             "multiplier": result.multipliers[c.name]} for c in constraints],
+                             "multiplier": result.multipliers[c.name], "fixed": c.fixed_multiplier is not None}
+                            for c in constraints],
             "predicted_class_shares": predicted_shares(shares, lam, **reference).tolist()}
 
 
 def model_card(config: ExperimentConfig, summary: dict, num_train: int) -> str:
     """model/README.md: what the model was trained on and under which constraints, and how to load it."""
     constraints = "\n".join(
-        f"| {c['name']} | {c['threshold']:g} | {c['relaxation_cost']:g} | {c['multiplier']:.4f} |"
-        for c in summary["constraints"]) or "| (none: unconstrained) | | | |"
+        f"| {c['name']} | {c['threshold']:g} | {c['relaxation_cost']:g} | {c['multiplier']:.4f}"
+        f"{' (fixed)' if c.get('fixed') else ''} |" for c in summary["constraints"]) or "| (none: unconstrained) | | | |"
     shares = ", ".join(f"{c}: {data:.3f} -> {predicted:.3f}" for c, (data, predicted) in
                        enumerate(zip(summary["data_class_shares"], summary["predicted_class_shares"])))
     return f"""---

@@ -41,6 +41,8 @@ class DenoisingBatch:
 
     @staticmethod
     def concatenate(batches: list["DenoisingBatch"]) -> "DenoisingBatch":
+        if len(batches) == 1:   # an unconstrained step: no copy
+            return batches[0]
         weights = None if all(b.weights is None for b in batches) else torch.cat([b.sample_weights() for b in batches])
         return DenoisingBatch(*(torch.cat([getattr(b, f) for b in batches]) for f in DenoisingBatch.FIELDS), weights)
 
