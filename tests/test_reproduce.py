@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from condiff.cli import main
-from condiff.config import load_config
+from condiff.config import ExperimentConfig, load_config
 from condiff.experiments import reproduce as reproduce_module
 from condiff.experiments.reproduce import EXPERIMENTS, SCALES, old_class_coverage, reproduce
 from condiff.rundir import RunDirectoryError
@@ -103,7 +103,10 @@ def test_resume_continues_an_interrupted_run(tiny_configs, tmp_path, monkeypatch
 
 def test_finetune_experiment_reports_new_class_share_and_old_class_coverage(tiny_configs, tmp_path):
     out = tmp_path / "ft"
-    assert main(["reproduce", "mnist-finetune", "--output", str(out)]) == 0
+    assert main(["reproduce", "mnist-finetune", "--output", str(out), "--seed", "2"]) == 0
+    for name in ("pretrained", "unconstrained", "constrained"):   # every model's seeds moved by --seed
+        run = load_config(out / name / "config.toml")
+        assert (run.train.seed, run.sample.seed) == (ExperimentConfig().train.seed + 2, ExperimentConfig().sample.seed + 2)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"pretrained", "unconstrained", "constrained"}
     for name in ("pretrained", "unconstrained", "constrained"):

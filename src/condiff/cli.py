@@ -131,7 +131,7 @@ def cmd_reproduce(args) -> None:
 
     output = Path(args.output or f"runs/{args.experiment}-{args.scale}")
     report = reproduce(args.experiment, output, scale=args.scale, overwrite=args.overwrite, resume=args.resume,
-                       device=args.device)
+                       device=args.device, seed=args.seed)
     print(f"report: {report}")
 
 
@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--overwrite", action="store_true", help="replace the output directory if condiff created it")
     group.add_argument("--resume", action="store_true", help="continue an interrupted reproduction")
     p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--seed", type=int, default=0, help="offset of every model's training and sampling seeds")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

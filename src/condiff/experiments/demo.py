@@ -1,7 +1,7 @@
 """`condiff demo`: the paper's Figure 1 on the embedded 8x8 digits.
 
 Digits 4, 5 and 7 are kept at a quarter of the other classes. An unconstrained and a constrained
-(resilient) model are trained with equal budgets (same steps, same data batch; the constrained one
+model (target share 0.1 for each) are trained with equal budgets (same steps, same data batch; the constrained one
 uses the mixture estimator, so its steps cost the same), both are evaluated with condiff's own
 classifier, and runs/demo/report.md puts them side by side.
 """
@@ -14,7 +14,8 @@ import torch
 
 from condiff.config import load_config
 from condiff.experiments.evaluation import class_share_rows, describe_multipliers, evaluate_run, plot_runs_side_by_side
-from condiff.experiments.training import CONFIG_DIR, train_run
+from condiff.experiments.reproduce import describe_constraints
+from condiff.experiments.training import CONFIG_DIR, train_run, with_seed_offset
 from condiff.report import image_md, markdown_table, write_report
 from condiff.rundir import create_output_directory
 from condiff.runtime import process_state
@@ -27,10 +28,7 @@ def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None,
     """Train, evaluate and compare both models under `output` (evaluated on `device`, default the
     accelerator's); returns the report's path. `overwrite` replaces only a directory condiff made.
     `seed` offsets the training and sampling seeds of both models (the data stay the same)."""
-    configs = {name: load_config(CONFIG_DIR / file) for name, file in DEMO_CONFIGS.items()}
-    for config in configs.values():
-        config.train.seed += seed
-        config.sample.seed += seed
+    configs = {name: with_seed_offset(load_config(CONFIG_DIR / file), seed) for name, file in DEMO_CONFIGS.items()}
     output = create_output_directory(output, "demo", overwrite=overwrite)
     results = {}
     for name, config in configs.items():
@@ -59,7 +57,7 @@ def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None,
                   f"{constrained.data.class_counts['4']} for each of digits 4, 5, 7. Both models: "
                   f"{constrained.train.steps} steps of batch {constrained.train.batch_size}, UNet "
                   f"`{constrained.model.kind}`, DDIM-{constrained.sample.steps} sampling. The constrained model "
-                  f"has one resilient constraint per minority digit ({constrained.dual.estimator} estimator). "
+                  f"has {describe_constraints(constrained)}. "
                   f"Training seed {constrained.train.seed}, sampling seed {constrained.sample.seed}."),
         ("Results", table + f"\n\nConstrained / unconstrained class TV to uniform: {ratio:.3f}. FD is a Frechet "
                     "distance on the features of condiff's own digits classifier against a class-balanced "

@@ -2,7 +2,7 @@
 
 - mnist-minority / fashion-minority: digits (items) 4, 5, 7 kept at a quarter of the other classes
   (256 per class, 64 for the minorities, the authors' setting); an unconstrained and a constrained
-  (resilient) model, same budget.
+  model, same budget.
 - mnist-finetune: a model pretrained without digit 9 is adapted to 9 alone, unconstrained and under
   the constraint "stay close to the pretrained model" (fixed threshold).
 
@@ -23,7 +23,7 @@ import torch
 
 from condiff.config import ConstraintsConfig, ExperimentConfig, load_config
 from condiff.experiments.evaluation import RunEvaluation, describe_multipliers, evaluate_run, plot_runs_side_by_side
-from condiff.experiments.training import CONFIG_DIR, train_run
+from condiff.experiments.training import CONFIG_DIR, train_run, with_seed_offset
 from condiff.report import image_md, markdown_table, write_report
 from condiff.rundir import RunDirectoryError, create_output_directory, is_condiff_directory, write_json_atomic
 from condiff.runtime import process_state
@@ -86,11 +86,13 @@ def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> 
 
 
 def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = False, resume: bool = False,
-              device: str | torch.device | None = None, progress: bool = True) -> Path:
+              device: str | torch.device | None = None, progress: bool = True, seed: int = 0) -> Path:
     """Run experiment `name` into `output` and write output/report.md; returns the report's path.
     Models are evaluated on `device` (default: the accelerator's); `overwrite` replaces only a
-    directory condiff made."""
+    directory condiff made; `seed` offsets every model's training and sampling seeds (same data)."""
     if name in ATTRIBUTION_EXPERIMENTS:
+        if seed:
+            raise RunDirectoryError(f"--seed: {name} draws its own seeds (coupled retrainings); leave it out")
         from condiff.experiments.attribution_reproduce import reproduce_attribution
 
         return reproduce_attribution(output, scale=scale, overwrite=overwrite, resume=resume, device=device,
@@ -111,12 +113,13 @@ def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = 
     results: dict[str, RunEvaluation] = {}
     overrides = {}
     if experiment.pretrain_config:
-        configs["pretrained"] = load_config(config_dir / experiment.pretrain_config,
-                                            {"output_dir": str(output / "pretrained")})
+        configs["pretrained"] = with_seed_offset(load_config(config_dir / experiment.pretrain_config,
+                                                   {"output_dir": str(output / "pretrained")}), seed)
         results["pretrained"] = run_once(configs["pretrained"], resume, device, progress)
         overrides = {"finetune.pretrained": str(output / "pretrained")}
     for variant in ("unconstrained", "constrained"):
-        config = load_config(config_dir / experiment.config, {**overrides, "output_dir": str(output / variant)})
+        config = with_seed_offset(load_config(config_dir / experiment.config, {**overrides, "output_dir": str(output / variant)}),
+                        seed)
         configs[variant] = unconstrained_variant(config) if variant == "unconstrained" else config
         results[variant] = run_once(configs[variant], resume, device, progress)
     if not process_state().is_main_process:
@@ -175,7 +178,8 @@ def write_reproduction_report(experiment: Experiment, scale: str, output: Path, 
     lam = describe_multipliers(results["constrained"].multipliers)
     setup = "\n".join(f"- **{n}**: `{c.data.dataset}` data, model `{c.model.kind}`, {c.train.steps} steps of batch "
                       f"{c.train.batch_size}, lr {c.train.lr:g}, {describe_constraints(c)}; sampled with "
-                      f"{c.sample.method.upper()}-{c.sample.steps}." for n, c in configs.items())
+                      f"{c.sample.method.upper()}-{c.sample.steps}; training seed {c.train.seed}, sampling seed "
+                      f"{c.sample.seed}." for n, c in configs.items())
     return write_report(output / "report.md", f"condiff reproduce {experiment.name} (--scale {scale})", [
         ("Setup", f"{experiment.title}.\n\n{setup}\n\nConfigs: `{output}/*/config.toml`."),
         ("Results", markdown_table(headers, rows) + "\n\n" + " ".join(findings)
@@ -191,8 +195,12 @@ def write_reproduction_report(experiment: Experiment, scale: str, output: Path, 
 
 def describe_constraints(config: ExperimentConfig) -> str:
     parts = []
-    if config.constraints.classes:
-        parts.append(f"constraints on classes {config.constraints.classes} ({config.dual.estimator} estimator)")
+    cons = config.constraints
+    if cons.classes:
+        mode = next(f"{key.replace('_', ' ')} {getattr(cons, key)}" for key in ("gamma", "thresholds", "target_shares",
+                                                                             "kl_bounds") if getattr(cons, key) is not None)
+        held = ", multipliers held at the closed form" if cons.target_shares or cons.kl_bounds else ""
+        parts.append(f"one constraint per class {cons.classes}, {mode}{held} ({config.dual.estimator} estimator)")
     if config.finetune.pretrained:
         parts.append("starts from the pretrained model")
     if config.finetune.threshold is not None:

@@ -115,6 +115,13 @@ def load_evaluation_data(config: ExperimentConfig, run_dir: Path) -> ExperimentD
     return ExperimentData(sets["reference"], sets["classifier_train"], sets["held_out"], sets["reference"], None)
 
 
+def with_seed_offset(config: ExperimentConfig, offset: int) -> ExperimentConfig:
+    """`config` with its training and sampling seeds moved by `offset` (the data stay the same)."""
+    config.train.seed += offset
+    config.sample.seed += offset
+    return config
+
+
 def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, on_step=None,
               accelerator=None, keep: np.ndarray | None = None, coupled: bool = True) -> Path:
     """Train the model a config describes into its run directory; returns the directory.
