@@ -33,6 +33,8 @@ test-fast: $(BIN)/condiff
 
 benchmark: $(BIN)/condiff
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/step_time.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/dual_variance.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/throughput.py --size reduced
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/projection.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/attribution_budget.py
 

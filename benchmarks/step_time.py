@@ -56,7 +56,7 @@ from condiff.models import UNET_PRESETS, build_model
 from condiff.training.terms import Constraint, DatasetTerm
 
 # Per-preset defaults: steps per train() call, warm-up steps dropped per call, rounds.
-DEFAULTS = {"unet8": dict(steps=16, warmup=3, rounds=10), "unet28": dict(steps=8, warmup=2, rounds=3)}
+DEFAULTS = {"unet8": dict(steps=16, warmup=3, rounds=20), "unet28": dict(steps=8, warmup=2, rounds=3)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help="training steps per variant per round, warm-up and final step included "
                         "(default: 16 for unet8, 8 for unet28)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 10 / 3)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 20 / 3)")
     p.add_argument("--warmup", type=int, default=None,
                    help="steps dropped at the start of every run, >= 1 (default: 3 / 2)")
     p.add_argument("--batch-size", type=int, default=64, help="primal batch size B")
@@ -84,7 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--multiplier", type=float, default=0.1, help="initial value of every multiplier")
     p.add_argument("--dual-lr", type=float, default=0.0,
                    help="absolute dual step size (0 keeps the multipliers at --multiplier)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    # One thread by default: with two OpenMP threads on a 2-vCPU machine whole runs came out up to 30% slower
+    # or faster at random, which hides the few-percent differences this benchmark is for.
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw step times here")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.preset].items():

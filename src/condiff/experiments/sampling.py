@@ -45,10 +45,12 @@ def sampling_settings(run_dir: Path, *, num_samples: int | None = None, method: 
                       guidance: float = 0.0, guidance_kind: str | None = None) -> dict:
     """The provenance a sample file drawn with these arguments records (the config fills what is None)."""
     config = load_run_config(run_dir).sample
+    # Recorded only when used, so that files drawn in full precision before the key existed still match.
+    precision = {} if config.mixed_precision == "no" else {"mixed_precision": config.mixed_precision}
     return {"method": method or config.method, "steps": steps or config.steps,
             "seed": config.seed if seed is None else seed, "num_samples": num_samples or config.num_samples,
             "class_label": class_label, "guidance": guidance, "guidance_kind": guidance_kind,
-            **model_provenance(run_dir)}
+            **precision, **model_provenance(run_dir)}
 
 
 def gather_output(output: SampleOutput) -> SampleOutput:
@@ -71,7 +73,8 @@ def sample_run(run_dir: Path, *, num_samples: int | None = None, method: str | N
 
     Runs on `device` (default: the accelerator's). Under several processes each draws its share of the
     samples (the same samples as one process: every sample has its own seeded noise) and only the main
-    process writes.
+    process writes. The config's `sample.mixed_precision` and `sample.channels_last` set the network's
+    precision and memory format (see `generate`).
 
     `class_label` samples one class: a class-conditional model by its label, an unconditional one
     through its noise-aware classifier (`train_noise_classifier_run`). `guidance` = eta > 0 sharpens
@@ -96,7 +99,8 @@ def sample_run(run_dir: Path, *, num_samples: int | None = None, method: str | N
                           batch_size=batch_size or config.batch_size, seed=provenance["seed"], record_x0=record_x0,
                           class_labels=None if labels is None else labels[first:first + len(mine)],
                           guidance=guide, device=device, first_index=first,
-                          progress=progress and state.is_main_process)
+                          progress=progress and state.is_main_process, mixed_precision=config.mixed_precision,
+                          channels_last=config.channels_last)
     if guide is not None and pipeline.scheduler.config.clip_sample:
         output.samples.clamp_(-1.0, 1.0)   # the data range, which unclipped guided steps may overshoot
     if autoencoder is not None:

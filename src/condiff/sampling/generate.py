@@ -7,6 +7,7 @@ vector data nor exposes the per-step x0 prediction (`pred_original_sample`), whi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +80,25 @@ def sampling_scheduler(training_scheduler: DDPMScheduler, method: str, *, guided
     return schedulers[method].from_config(training_scheduler.config, **overrides)
 
 
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def network_precision(device: torch.device, mixed_precision: str):
+    """The context of the network's forward pass: the device's autocast at `mixed_precision` ("fp16",
+    "bf16"), or nothing at "no" (full precision: the samples stay bit-identical)."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    if mixed_precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"unknown mixed precision {mixed_precision!r}; choose no, fp16 or bf16")
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision])
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inference_steps: int = 50,
              batch_size: int = 500, seed: int = 0, record_x0: bool = False,
              class_labels: torch.Tensor | None = None, guidance=None, device: str | torch.device | None = None,
-             first_index: int = 0, progress: bool = True, on_step=None) -> SampleOutput:
+             first_index: int = 0, progress: bool = True, on_step=None, mixed_precision: str = "no",
+             channels_last: bool = False) -> SampleOutput:
     """Draw `num_samples` samples on `device` (default: the accelerator's). Sample i's noise comes from
     its own generator seeded by (seed, first_index + i), so the same seed gives the same samples whatever
     the batch size, and a run split across processes (`first_index`) gives those of a single one.
@@ -91,14 +106,23 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
     `class_labels` (N,) gives every sample's class (a class-conditional model without them samples
     unconditionally: label "no class"); `guidance` (see condiff.sampling.guidance) replaces the model's noise
     prediction by a guided one. `record_x0` keeps the x_0 prediction at every step;
-    `on_step(first_index, t, x_t)` sees every step's input of every batch (to keep parts of it)."""
+    `on_step(first_index, t, x_t)` sees every step's input of every batch (to keep parts of it).
+
+    `mixed_precision` ("fp16", "bf16") runs the network under the device's autocast (the scheduler's
+    update stays in float32); `channels_last` puts the model (in place, as the move to `device`) and the
+    images in NHWC memory format."""
     device = resolve_device(device)
     model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    precision = network_precision(device, mixed_precision)
     shape = sample_shape_of(model)
     null = null_class_label(model)
     if class_labels is None and null is not None:
         class_labels = torch.full((num_samples,), null, dtype=torch.long)
     scheduler.set_timesteps(num_inference_steps)
+    # Moved to the device once: a per-step copy of the timestep is a host-to-device transfer on a GPU.
+    model_timesteps = scheduler.timesteps.to(device)
     samples, x0_batches = [], []
     starts = range(0, num_samples, batch_size)
     bar = progress_bar(total=len(starts) * len(scheduler.timesteps), desc="sample", enabled=progress)
@@ -106,20 +130,23 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
         n = min(batch_size, num_samples - start)
         generator = sample_generators(seed, range(first_index + start, first_index + start + n))
         x = randn_tensor((n, *shape), generator=generator, device=device)
+        if channels_last and x.ndim == 4:   # NHWC from the start: convolutions keep it, the scheduler too
+            x = x.contiguous(memory_format=torch.channels_last)
         labels = None if class_labels is None else class_labels[start:start + n].to(device)
         x0_steps = []
-        for t in scheduler.timesteps:
+        for t, model_t in zip(scheduler.timesteps, model_timesteps):
             if on_step is not None:
                 on_step(start, int(t), x)
-            timesteps = t.expand(n).to(device)
-            eps = (model(x, timesteps, class_labels=labels).sample if guidance is None
-                   else guidance.noise(model, x, timesteps, labels))
-            out = scheduler.step(eps, t, x, generator=generator)
+            timesteps = model_t.expand(n)
+            with precision:
+                eps = (model(x, timesteps, class_labels=labels).sample if guidance is None
+                       else guidance.noise(model, x, timesteps, labels))
+            out = scheduler.step(eps.to(x.dtype), t, x, generator=generator)
             x = out.prev_sample
             if record_x0:
                 x0_steps.append(out.pred_original_sample.cpu())
             bar.update()
-        samples.append(x.cpu())
+        samples.append(x.cpu().contiguous())   # NCHW again after channels_last (a no-op otherwise)
         if record_x0:
             x0_batches.append(torch.stack(x0_steps))
     bar.close()

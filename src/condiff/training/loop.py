@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,13 @@ def restore_learning_rate(optimizer, lr_schedule, lr: float) -> None:
 
 def make_accelerator(config: TrainConfig, project_dir: Path | None = None) -> Accelerator:
     """The accelerator of a training run: its mixed precision, `torch.compile` (inductor) and tracker."""
-    return Accelerator(mixed_precision=config.mixed_precision, dynamo_backend="inductor" if config.compile else None,
-                       log_with=config.log_with, project_dir=None if project_dir is None else str(project_dir))
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              dynamo_backend="inductor" if config.compile else None, log_with=config.log_with,
+                              project_dir=None if project_dir is None else str(project_dir))
+    if config.mixed_precision != "no" and not accelerator.native_amp:   # accelerate says nothing (fp16 on a CPU)
+        warnings.warn(f"train.mixed_precision = {config.mixed_precision!r}: accelerate does not autocast it on "
+                      f"{accelerator.device.type}, so this run trains in float32", stacklevel=2)
+    return accelerator
 
 
 def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: DatasetTerm,

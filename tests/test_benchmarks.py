@@ -1,0 +1,108 @@
+"""The sampling options benchmarks/throughput.py times keep generate's samples (channels_last: the same;
+bf16 autocast: close), `condiff sample` takes them from the run's config, a training precision the device
+cannot autocast is reported, and the benchmark itself runs end to end on the CPU."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
+import condiff.experiments.sampling as sampling
+from condiff.config import TrainConfig, config_from_dict
+from condiff.experiments.build import load_pipeline
+from condiff.experiments.training import train_run
+from condiff.sampling.generate import generate, load_samples, network_precision, sampling_scheduler
+from condiff.training.loop import make_accelerator
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A small digits UNet, trained a little (1-2 s): an untrained network's DDIM path amplifies any rounding
+    difference, a trained one's does not. Its config samples in bf16 and channels_last."""
+    return train_run(config_from_dict({
+        "name": "unet", "output_dir": str(tmp_path_factory.mktemp("throughput") / "run"),
+        "data": {"dataset": "digits", "per_class": 30}, "model": {"kind": "unet8", "block_out_channels": [16, 32]},
+        "train": {"steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 60},
+        "sample": {"num_samples": 12, "batch_size": 8, "steps": 10, "seed": 1, "mixed_precision": "bf16",
+                   "channels_last": True}}))
+
+
+def draw(run, **options) -> torch.Tensor:
+    """DDIM samples of a fresh copy of the run's UNet (channels_last converts the model it is given)."""
+    pipeline = load_pipeline(run)
+    return generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), 12, num_inference_steps=10,
+                    batch_size=8, seed=1, progress=False, **options).samples
+
+
+def test_channels_last_gives_the_same_samples(run):
+    default, nhwc = draw(run), draw(run, channels_last=True)
+    assert nhwc.is_contiguous()
+    torch.testing.assert_close(nhwc, default, rtol=0, atol=1e-5)
+
+
+def test_bf16_autocast_runs_on_the_cpu_and_gives_close_samples(run):
+    default, bf16 = draw(run), draw(run, mixed_precision="bf16")
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, default)   # autocast really ran
+    assert (bf16 - default).abs().max() < 0.1   # images in [-1, 1]; measured 0.02
+
+
+def test_full_precision_adds_nothing_and_unknown_precisions_are_refused():
+    assert isinstance(network_precision(torch.device("cpu"), "no"), contextlib.nullcontext)
+    with pytest.raises(ValueError, match="fp8"):
+        network_precision(torch.device("cpu"), "fp8")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_training_precision_the_device_cannot_autocast_is_reported(precision):
+    AcceleratorState._reset_state()   # an Accelerator's mixed precision is fixed per process otherwise
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            accelerator = make_accelerator(TrainConfig(mixed_precision=precision))
+        reported = [str(w.message) for w in caught if "trains in float32" in str(w.message)]
+        assert bool(reported) == (not accelerator.native_amp)   # on a CPU: fp16 reported, bf16 autocast
+        if accelerator.device.type == "cpu":
+            assert accelerator.native_amp == (precision == "bf16")
+    finally:
+        AcceleratorState._reset_state()
+
+
+def test_sample_run_takes_precision_and_memory_format_from_the_run_config(run, monkeypatch):
+    passed, real = {}, sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda *args, **kwargs: passed.update(kwargs) or real(*args, **kwargs))
+    samples, provenance = load_samples(sampling.sample_run(run, progress=False))
+    assert passed["mixed_precision"] == "bf16" and passed["channels_last"] is True
+    assert provenance["mixed_precision"] == "bf16"   # recorded: these are not the full-precision samples
+    assert torch.equal(torch.from_numpy(samples), draw(run, mixed_precision="bf16", channels_last=True))
+
+
+def test_throughput_benchmark_runs_on_the_cpu_and_prints_its_ratios(tmp_path):
+    command = [sys.executable, str(BENCHMARK), "--size", "reduced", "--rounds", "1", "--skip-multiprocess",
+               "--threads", "1", "--steps", "5", "--sample-steps", "10", "--precisions", "no", "fp16", "bf16",
+               "--json", str(tmp_path / "raw.json")]
+    done = subprocess.run(command, env=dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "device cpu" in out
+    # accelerate trains "fp16" on a CPU in fp32: both training rows are skipped, with the reason
+    assert 'skipped condiff  train.mixed_precision = "fp16": accelerate does not autocast fp16 on cpu' in out
+    for line in ['condiff / plain diffusers, train.mixed_precision = "no"',
+                 'condiff train.mixed_precision = "bf16" / fp32', "condiff train.channels_last = true / fp32",
+                 "condiff generate / diffusers DDIMPipeline", 'sample.mixed_precision = "fp16" / fp32',
+                 'sample.mixed_precision = "bf16" / fp32', "sample.channels_last = true / fp32"]:
+        assert line in out, line
+    assert "goal >= 1.0: " in out
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    assert len(raw["train"]) == 6 and len(raw["sample"]) == 5 and raw["processes"] == {}
+    assert all(t > 0 for times in [*raw["train"].values(), *raw["sample"].values()] for t in times)
