@@ -47,6 +47,7 @@ def draw(run, **options) -> torch.Tensor:
 def test_channels_last_gives_the_same_samples(run):
     default, nhwc = draw(run), draw(run, channels_last=True)
     assert nhwc.is_contiguous()
+    assert not default.is_inference()   # drawn under inference_mode, but callers modify samples in place
     torch.testing.assert_close(nhwc, default, rtol=0, atol=1e-5)
 
 
