@@ -53,6 +53,8 @@ from condiff.config import DualConfig, ExperimentConfig, TrainConfig
 from condiff.data.datasets import LabelledDataset, load_digits_dataset
 from condiff.experiments.build import build_noise_scheduler
 from condiff.models import UNET_PRESETS, build_model
+from condiff.runtime import resolve_device
+from condiff.sampling.generate import network_precision
 from condiff.training.terms import Constraint, DatasetTerm
 
 # Per-preset defaults: steps per train() call, warm-up steps dropped per call, rounds.
@@ -157,6 +159,56 @@ def drawn(term: DatasetTerm) -> int:
     return term.sampler.epoch * term.sampler.size + term.sampler.position
 
 
+def stamped_train(model, scheduler, objective, constraints, config, dual_config, accelerator=None):
+    """(on_step time stamps, metrics records) of condiff's train() into a temporary run directory."""
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="condiff-bench-") as tmp, open(os.devnull, "w") as devnull, \
+            contextlib.redirect_stderr(devnull):
+        # tqdm's bar is drawn (to /dev/null), so its cost stays in the measurement.
+        condiff_train.train(model, scheduler, objective, constraints, config, dual_config, Path(tmp),
+                            accelerator=accelerator, on_step=lambda record: stamps.append(time.perf_counter()))
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    return stamps, records
+
+
+def plain_diffusers_loop(model, scheduler, dataset: LabelledDataset, config: TrainConfig, steps: int, device, *,
+                         precision: str = "no", compile: bool = False) -> list[float]:
+    """Time stamps of the canonical diffusers training loop written out by hand (torch only, no accelerate):
+    shuffled batches, noise and timesteps on the device, add_noise, the forward under autocast at
+    `precision` (torch.compile'd with `compile`, inductor as accelerate's), MSE, GradScaler (fp16 only),
+    clipping, AdamW, cosine lr, and loss.item() every step, as diffusers' example logs it."""
+    model = model.to(device).train()
+    forward = torch.compile(model) if compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = network_precision(device, precision)
+    generator = torch.Generator().manual_seed(0)
+    data, n, batch_size = dataset.data, len(dataset), config.batch_size
+    order, position = torch.randperm(n, generator=generator), 0
+    stamps: list[float] = []
+    for _ in range(steps):
+        if position + batch_size > n:            # reshuffle, like a DataLoader(shuffle=True)
+            order, position = torch.randperm(n, generator=generator), 0
+        clean = data[order[position:position + batch_size]].to(device)
+        position += batch_size
+        noise = torch.randn(clean.shape, device=device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), device=device)
+        with autocast:
+            prediction = forward(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
+        loss = F.mse_loss(prediction.float(), noise)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.detach().item()
+        stamps.append(time.perf_counter())
+    return stamps
+
+
 class CondiffVariant:
     def __init__(self, key, label, estimator, classes, args, preset, dataset, scheduler, init_state):
         self.key, self.label, self.estimator, self.classes = key, label, estimator, classes
@@ -176,14 +228,9 @@ class CondiffVariant:
         dual_config = DualConfig(estimator=self.estimator, batch_size=args.dual_batch_size,
                                  floor=args.floor, primal_steps_per_dual=args.primal_steps_per_dual,
                                  lr=args.dual_lr, lr_relative=False)
-        stamps: list[float] = []
         seeded = initial_multipliers(args.multiplier) if constraints else contextlib.nullcontext()
-        with tempfile.TemporaryDirectory(prefix="condiff-bench-") as tmp, seeded, \
-                open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-            # tqdm's bar is drawn (to /dev/null), so its cost stays in the measurement.
-            condiff_train.train(model, self.scheduler, objective, constraints, config, dual_config, Path(tmp),
-                                on_step=lambda record: stamps.append(time.perf_counter()))
-            records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        with seeded:
+            stamps, records = stamped_train(model, self.scheduler, objective, constraints, config, dual_config)
         self.info = {"multipliers_end": records[-1]["multipliers"],
                      "dual_steps": sum(r["dual_step"] for r in records),
                      "data_samples_per_step": drawn(objective) / steps,
@@ -202,35 +249,11 @@ class PlainVariant:
         self.info: dict = {}
 
     def run(self, steps: int) -> list[float]:
-        cfg, batch_size = TrainConfig(), self.args.batch_size   # condiff's defaults: lr, wd, clip, warmup
         model = build_model(self.preset, self.dataset.sample_shape)
         model.load_state_dict(self.init_state)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
-        generator = torch.Generator().manual_seed(0)
-        data, n = self.dataset.data, len(self.dataset)
-        num_timesteps = self.scheduler.config.num_train_timesteps
-        order, position = torch.randperm(n, generator=generator), 0
-        stamps: list[float] = []
-        for _ in range(steps):
-            if position + batch_size > n:            # reshuffle, like a DataLoader(shuffle=True)
-                order, position = torch.randperm(n, generator=generator), 0
-            clean = data[order[position:position + batch_size]]
-            position += batch_size
-            noise = torch.randn(clean.shape, generator=generator)
-            timesteps = torch.randint(0, num_timesteps, (len(clean),), generator=generator)
-            noisy = self.scheduler.add_noise(clean, noise, timesteps)
-            prediction = model(noisy, timesteps).sample
-            loss = F.mse_loss(prediction.float(), noise.float())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss.detach().item()                      # what a progress bar / logger would read
-            stamps.append(time.perf_counter())
-        self.info = {"data_samples_per_step": batch_size, "constraint_samples_per_step": 0}
+        config = TrainConfig(batch_size=self.args.batch_size)   # condiff's defaults: lr, wd, clip, warmup
+        stamps = plain_diffusers_loop(model, self.scheduler, self.dataset, config, steps, resolve_device())
+        self.info = {"data_samples_per_step": config.batch_size, "constraint_samples_per_step": 0}
         return stamps
 
 

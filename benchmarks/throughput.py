@@ -32,21 +32,19 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
 from diffusers import DDIMPipeline, DDIMScheduler
-from diffusers.optimization import get_cosine_schedule_with_warmup
 
 import condiff.training.loop as condiff_train
 from condiff.config import DualConfig, load_config
 from condiff.experiments.build import build_network, build_noise_scheduler
 from condiff.runtime import end_processes, process_state, resolve_device
-from condiff.sampling.generate import generate, network_precision, sampling_scheduler
+from condiff.sampling.generate import generate, sampling_scheduler
 from condiff.training.terms import DatasetTerm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import fmt_range, kept_window, make_dataset, step_durations  # noqa: E402
+from step_time import fmt_range, kept_window, make_dataset, plain_diffusers_loop, stamped_train, step_durations  # noqa: E402
 
 PAPER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper" / "mnist-minority.toml"
 # --size: overrides of the paper config (the same builders make both models).
@@ -129,15 +127,9 @@ class Variant:
 
 
 def condiff_training(setup: Setup, config, accelerator=None) -> list[float]:
-    """on_step stamps of condiff's train(), unconstrained, into a temporary run directory."""
-    stamps: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="condiff-bench-") as tmp, open(os.devnull, "w") as devnull, \
-            contextlib.redirect_stderr(devnull):
-        # tqdm's bar is drawn (to /dev/null), so its cost stays in the measurement.
-        condiff_train.train(setup.new_model(), setup.scheduler, DatasetTerm("data", setup.dataset, setup.scheduler),
-                            [], config, DualConfig(), Path(tmp), accelerator=accelerator,
-                            on_step=lambda record: stamps.append(time.perf_counter()))
-    return stamps
+    """on_step stamps of condiff's train(), unconstrained."""
+    objective = DatasetTerm("data", setup.dataset, setup.scheduler)
+    return stamped_train(setup.new_model(), setup.scheduler, objective, [], config, DualConfig(), accelerator)[0]
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -157,36 +149,12 @@ class PlainTrain(Variant):
     who, section = "plain  ", "train"
 
     def run(self, steps: int) -> list[float]:
-        s, device, cfg = self.setup, self.setup.device, self.setup.train
-        precision = self.value if self.key == "mixed_precision" else "no"
-        model = s.new_model().to(device).train()
-        if self.key == "channels_last":
+        model = self.setup.new_model()
+        if self.key == "channels_last":   # converted as train() converts it
             model = model.to(memory_format=torch.channels_last)
-        forward = torch.compile(model) if self.key == "compile" else model   # inductor, as accelerate's
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        autocast = network_precision(device, precision)
-        generator = torch.Generator().manual_seed(0)
-        data, n, batch = s.dataset.data, len(s.dataset), cfg.batch_size
-        stamps: list[float] = []
-        for _ in range(steps):
-            clean = data[torch.randint(0, n, (batch,), generator=generator)].to(device)   # a loader's batch
-            noise = torch.randn(clean.shape, device=device)
-            timesteps = torch.randint(0, s.scheduler.config.num_train_timesteps, (batch,), device=device)
-            with autocast:
-                prediction = forward(s.scheduler.add_noise(clean, noise, timesteps), timesteps).sample
-            loss = F.mse_loss(prediction.float(), noise)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss.detach().item()   # diffusers' example logs the loss every step
-            stamps.append(time.perf_counter())
-        return stamps
+        return plain_diffusers_loop(model, self.setup.scheduler, self.setup.dataset, self.setup.train, steps,
+                                    self.setup.device, precision=self.value if self.key == "mixed_precision" else "no",
+                                    compile=self.key == "compile")
 
 
 # ----------------------------------------------------------------------------------------- sampling
