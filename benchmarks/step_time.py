@@ -160,14 +160,16 @@ def drawn(term: DatasetTerm) -> int:
 
 
 def stamped_train(model, scheduler, objective, constraints, config, dual_config, accelerator=None):
-    """(on_step time stamps, metrics records) of condiff's train() into a temporary run directory."""
+    """(on_step time stamps, metrics records) of condiff's train() into a temporary run directory (no records
+    on the other processes of a multi-process run)."""
     stamps: list[float] = []
     with tempfile.TemporaryDirectory(prefix="condiff-bench-") as tmp, open(os.devnull, "w") as devnull, \
             contextlib.redirect_stderr(devnull):
         # tqdm's bar is drawn (to /dev/null), so its cost stays in the measurement.
         condiff_train.train(model, scheduler, objective, constraints, config, dual_config, Path(tmp),
                             accelerator=accelerator, on_step=lambda record: stamps.append(time.perf_counter()))
-        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        log = Path(tmp) / "metrics.jsonl"   # written by the main process only
+        records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return stamps, records
 
 

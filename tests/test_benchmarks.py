@@ -107,3 +107,15 @@ def test_throughput_benchmark_runs_on_the_cpu_and_prints_its_ratios(tmp_path):
     raw = json.loads((tmp_path / "raw.json").read_text())
     assert len(raw["train"]) == 6 and len(raw["sample"]) == 5 and raw["processes"] == {}
     assert all(t > 0 for times in [*raw["train"].values(), *raw["sample"].values()] for t in times)
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_times_two_cpu_processes(tmp_path):
+    command = [sys.executable, str(BENCHMARK), "--size", "reduced", "--rounds", "1", "--steps", "5",
+               "--sample-steps", "2", "--precisions", "no", "--json", str(tmp_path / "raw.json")]
+    done = subprocess.run(command, env=dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "failed" not in done.stdout and "2 processes / 1 process, images/s: train" in done.stdout, done.stdout[-3000:]
+    processes = json.loads((tmp_path / "raw.json").read_text())["processes"]
+    assert sorted(processes) == ["1", "2"] and [r["rank"] for r in processes["2"]["ranks"]] == [0, 1]
