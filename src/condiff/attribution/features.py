@@ -89,31 +89,38 @@ class GradientFeaturizer:
         self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)
         self.num_params = sum(p.numel() for p in self.params.values())
 
-    def gradients(self, noisy: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """(B, p): the gradient of each example's output at x_t (noised with `noise`)."""
+    def gradients(self, noisy: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+                  class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, p): the gradient of each example's output at x_t (noised with `noise`; `class_labels` (B,) for
+        a class-conditional model)."""
 
-        def one(params, x, t, eps):
-            prediction = functional_call(self.model, params, (x[None], t[None])).sample[0]
+        def one(params, x, t, eps, label):
+            labels = None if label is None else label[None]
+            prediction = functional_call(self.model, params, (x[None], t[None]), {"class_labels": labels}).sample[0]
             return output_value(self.output, prediction, eps)
 
-        per_example = vmap(grad(one), in_dims=(None, 0, 0, 0))(self.params, noisy, timesteps, noise)
+        labels = None if class_labels is None else class_labels.to(self.device)
+        per_example = vmap(grad(one), in_dims=(None, 0, 0, 0, None if labels is None else 0))(
+            self.params, noisy, timesteps, noise, labels)
         return torch.cat([g.flatten(1) for g in per_example.values()], dim=1)
 
     def train_features(self, data: torch.Tensor, timesteps: Sequence[int], *, seed: int = 0,
-                       first_index: int = 0) -> torch.Tensor:
+                       first_index: int = 0, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """(N, k): per example, the gradient averaged over `timesteps` (noise from (seed, example index)),
-        then projected."""
+        then projected; `class_labels` (N,) for a class-conditional model."""
         out = []
         for start in range(0, len(data), self.batch_size):
             clean, total = data[start:start + self.batch_size].to(self.device), 0
             for noisy, t, noise in noised_batches(clean, timesteps, self.alphas_cumprod, seed=seed,
                                                   first_index=first_index + start):
-                total = total + self.gradients(noisy, t, noise)
+                labels = None if class_labels is None else class_labels[start:start + self.batch_size]
+                total = total + self.gradients(noisy, t, noise, labels)
             out.append(self.projector.project(total / len(timesteps)).cpu())
         return torch.cat(out)
 
     def target_features(self, x0_predictions: torch.Tensor, timestep: int, *, resamplings: int = 20,
-                        seed: int = 0) -> torch.Tensor:
+                        seed: int = 0, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """(M, k): per target, the gradient at its x0 prediction re-noised to `timestep`, averaged over
-        `resamplings` fresh noises, then projected."""
-        return self.train_features(x0_predictions, [timestep] * resamplings, seed=target_seed(seed))
+        `resamplings` fresh noises, then projected; `class_labels` (M,): the class each target was sampled as."""
+        return self.train_features(x0_predictions, [timestep] * resamplings, seed=target_seed(seed),
+                                   class_labels=class_labels)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from condiff.attribution.features import OUTPUT_FUNCTIONS, GradientFeaturizer, timestep_grid
 from condiff.attribution.projector import PROJECTORS
+from condiff.attribution.store import stored_train_features
 from condiff.attribution.trak import ensemble_scores
 from condiff.config import ConfigError
 from condiff.experiments.attribution_report import plot_class_shares, plot_journey, write_attribution_report
@@ -108,33 +109,15 @@ def train_features(featurizer: GradientFeaturizer, data: torch.Tensor, settings:
                    folder: Path, *, checkpoint_step: int | None = None, resume: bool,
                    progress: bool) -> np.ndarray:
     """The training set's projected features, memory-mapped in `folder` (one file per checkpoint, named by
-    its step; unsuffixed for the final model), computed in batches; with `resume`, batches a killed run
-    finished are kept."""
+    its step; unsuffixed for the final model); with `resume`, batches a killed run finished are kept."""
     name = f"{settings.output}-K{settings.train_timesteps}-k{settings.dimension}-{settings.projection}"
     if checkpoint_step is not None:
         name += f"-step{checkpoint_step:07d}"
-    path, done_path = folder / f"features-{name}.npy", folder / f"done-{name}.npy"
-    batches = range(0, len(data), settings.batch_size)
-    if resume and path.is_file() and done_path.is_file():
-        features = np.lib.format.open_memmap(path, mode="r+")
-        done = np.lib.format.open_memmap(done_path, mode="r+")
-    else:
-        features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(data), settings.dimension))
-        done = np.lib.format.open_memmap(done_path, mode="w+", dtype=bool, shape=(len(batches),))
-    timesteps = timestep_grid(settings.train_timesteps)
-    label = "features" if checkpoint_step is None else f"features (step {checkpoint_step})"
-    bar = progress_bar(total=len(data), desc=label, enabled=progress, unit="img")
-    for index, start in enumerate(batches):
-        stop = min(start + settings.batch_size, len(data))
-        if not done[index]:
-            features[start:stop] = featurizer.train_features(data[start:stop], timesteps, seed=settings.seed,
-                                                             first_index=start).numpy()
-            features.flush()
-            done[index] = True
-            done.flush()
-        bar.update(stop - start)
-    bar.close()
-    return np.asarray(features)
+    return stored_train_features(featurizer, data, folder / f"features-{name}.npy",
+                                 timestep_grid(settings.train_timesteps), seed=settings.seed,
+                                 dimension=settings.dimension, batch_size=settings.batch_size, resume=resume,
+                                 progress=progress, desc="features" if checkpoint_step is None
+                                 else f"features (step {checkpoint_step})")
 
 
 def saved_targets(path: Path, run_dir: Path, num_targets: int, sample_shape: tuple[int, ...]) -> SampleOutput:
