@@ -156,7 +156,8 @@ def test_an_unconstrained_run_has_class_sums_but_no_constraint_set(tmp_path, tin
 
 def test_checkpoint_ensemble_averages_each_models_own_trak_scores(tiny_run, monkeypatch):
     """Three models (final, steps 20 and 10), each featurized into its own file; the scores are the plain
-    mean of the three models' TRAK scores on their own features."""
+    mean of the three models' TRAK scores on their own features (one kernel solve per model for every
+    visited step and target, columns step-major)."""
     from condiff.experiments import attribution
 
     ensembles, ensemble = [], attribution.ensemble_scores
@@ -166,13 +167,15 @@ def test_checkpoint_ensemble_averages_each_models_own_trak_scores(tiny_run, monk
     folder = result.directory
     assert result.checkpoint_steps == [20, 10]
     files = [folder / f"{FEATURES}.npy", folder / f"{FEATURES}-step0000020.npy", folder / f"{FEATURES}-step0000010.npy"]
-    scores = np.load(folder / "scores.npy")
-    for column, models in enumerate(ensembles):
-        assert len(models) == 3
-        for (phi, _), file in zip(models, files):
-            np.testing.assert_array_equal(phi.numpy(), np.load(file))
-        mean = torch.stack([trak_scores(phi, targets, result.settings.ridge) for phi, targets in models]).mean(0)
-        np.testing.assert_allclose(scores[:, :, column], mean.float().numpy(), rtol=1e-5, atol=1e-7)
+    [models] = ensembles
+    assert len(models) == 3
+    for (phi, _), file in zip(models, files):
+        np.testing.assert_array_equal(phi.numpy(), np.load(file))
+    mean = torch.stack([trak_scores(phi, targets, result.settings.ridge) for phi, targets in models]).mean(0)
+    per_step = mean.float().numpy().reshape(90, -1, 3)   # examples x visited steps x targets
+    columns = [result.journeys[0].timesteps.index(step.timestep) for step in result.steps]
+    np.testing.assert_allclose(np.load(folder / "scores.npy"), per_step[:, columns].transpose(0, 2, 1),
+                               rtol=1e-5, atol=1e-7)
     final, *others = (np.load(file) for file in files)
     assert all(not np.allclose(final, other) for other in others)   # each under its own weights
     assert "checkpoint(s) of step(s) 20, 10" in (folder / "report.md").read_text()
@@ -242,3 +245,64 @@ def test_image_journeys_show_x_t_only_when_the_targets_were_generated(noisy, dra
     plot_journey(result, 0, train, targets, [0, 1], noisy_inputs, tmp_path / "journey.png")
     titles = [axes.get_title() for axes in drawn[0].axes if axes.get_title()]
     assert titles == (["x_t"] if noisy else []) + ["x0_hat"] + ["+"] * top + ["-"] * top
+
+
+def test_journeys_follow_every_step_with_the_exact_posterior_and_the_top_examples(tiny_run):
+    """Per target: all 50 DDIM steps, the mixture's exact posterior of x0_hat(t) at each, and the scores of the
+    union of the top 3 helpful examples at the attributed steps, equal to scores.npy there."""
+    from condiff.experiments.build import build_data, load_pipeline, load_run_config
+    from condiff.sampling.generate import generate, sampling_scheduler
+
+    result = attribute_run(tiny_run, AttributionSettings(**SMALL), overwrite=True, progress=False)
+    pipeline, data = load_pipeline(tiny_run), build_data(load_run_config(tiny_run))
+    targets = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), 3, num_inference_steps=50,
+                       seed=0, record_x0=True, progress=False)
+    scores = np.load(result.directory / "scores.npy")
+    saved = json.loads((result.directory / "attribution.json").read_text())
+    assert len(result.journeys) == 3 and result.posterior_source == "the exact posterior of the mixture"
+    for target, journey in enumerate(result.journeys):
+        assert journey.timesteps == targets.timesteps.tolist()
+        exact = data.mixture.log_posterior(targets.x0_predictions[:, target].double()).exp().numpy()
+        np.testing.assert_allclose(journey.posteriors, exact, rtol=1e-5, atol=1e-8)
+        expected = list(dict.fromkeys(i for step in result.steps for i in step.helpful[target][:3]))
+        assert journey.examples == expected and saved["journeys"][target]["examples"] == expected
+        for column, step in enumerate(result.steps):
+            at = journey.timesteps.index(step.timestep)
+            np.testing.assert_allclose([row[at] for row in journey.scores], scores[expected, target, column],
+                                       rtol=1e-5, atol=1e-7)
+            assert journey.spread[at] == pytest.approx(float(scores[:, target, column].std()), rel=1e-4)
+        assert (result.directory / f"journey-steps-{target}.png").is_file()
+    report = (result.directory / "report.md").read_text()
+    assert "journey-steps-0.png" in report and "exact posterior of the mixture" in report
+
+
+def test_journeys_thin_to_every_nth_step_or_none(tiny_run):
+    thinned = attribute_run(tiny_run, AttributionSettings(**SMALL, journey_every=10), overwrite=True, progress=False)
+    timesteps = thinned.journeys[0].timesteps
+    assert len(timesteps) == 8 and {step.timestep for step in thinned.steps} <= set(timesteps)   # 5, the last, 2 chosen
+    none = attribute_run(tiny_run, AttributionSettings(**SMALL, journey_every=0), overwrite=True, progress=False)
+    assert none.journeys == [] and not (none.directory / "journey-steps-0.png").exists()
+    assert "journey-steps" not in (none.directory / "report.md").read_text()
+
+
+def test_the_report_says_which_validation_chose_the_defaults_and_what_was_overridden(tiny_run):
+    from condiff.experiments.attribution import VALIDATED, VALIDATION
+
+    defaults = AttributionSettings()
+    assert {name: getattr(defaults, name) for name in VALIDATED} == VALIDATED   # the defaults are the validated
+    result = attribute_run(tiny_run, AttributionSettings(**SMALL), overwrite=True, progress=False)
+    settings = (result.directory / "report.md").read_text().split("## Top examples")[0]
+    assert VALIDATION in settings and "train_timesteps = 4 (validated: 10)" in settings
+    assert "ridge" not in result.settings.overridden()
+    result = attribute_run(tiny_run, AttributionSettings(**SMALL, ridge=1.0), overwrite=True, progress=False)
+    assert "ridge = 1.0 (validated: 0.1)" in (result.directory / "report.md").read_text()
+    assert json.loads((result.directory / "attribution.json").read_text())["validation"] == VALIDATION
+
+
+@pytest.mark.parametrize("args,expected", [(["--journey-every", "-1"], "--journey-every: -1"),
+                                           (["--class", "-2"], "--class: -2")])
+def test_bad_journey_and_class_options_are_refused_in_one_line(run_copy, capsys, args, expected):
+    assert main(["attribute", str(run_copy), *args]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and expected in error[0]
+    assert not (run_copy / "attribution").exists()

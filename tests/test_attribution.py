@@ -11,7 +11,7 @@ import torch
 
 from condiff.attribution.features import GradientFeaturizer, output_value
 from condiff.attribution.projector import GaussianProjector, SparseProjector
-from condiff.attribution.trak import ensemble_scores, ridge, trak_scores
+from condiff.attribution.trak import RidgePath, choose_ridge, ensemble_scores, ridge, trak_scores
 from condiff.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,6 +33,42 @@ def test_trak_scores_equal_the_formula_computed_directly():
     other = (torch.randn(50, 8, generator=generator), torch.randn(3, 8, generator=generator))
     torch.testing.assert_close(ensemble_scores([(phi, targets), other], coefficient),
                                (direct + trak_scores(*other, coefficient)) / 2)
+
+
+def direct_scores(phi: torch.Tensor, targets: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """Phi (Phi^T Phi + lambda I)^-1 G^T by an explicit k x k inverse, whatever the shapes."""
+    phi, targets = phi.double(), targets.double()
+    kernel = phi.T @ phi + ridge(phi, coefficient) * torch.eye(phi.shape[1], dtype=torch.float64)
+    return phi @ torch.linalg.inv(kernel) @ targets.T
+
+
+@pytest.mark.parametrize("n,k", [(40, 8), (12, 30)], ids=["primal", "dual"])
+def test_the_smaller_kernel_is_factorised_and_gives_the_formulas_scores(n, k, monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    phi, targets = torch.randn(n, k, generator=generator), torch.randn(3, k, generator=generator)
+    factorised, cholesky = [], torch.linalg.cholesky
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda kernel: factorised.append(kernel.shape) or cholesky(kernel))
+    for coefficient in (1e-3, 0.1, 10.0):
+        torch.testing.assert_close(trak_scores(phi, targets, coefficient), direct_scores(phi, targets, coefficient),
+                                   rtol=1e-9, atol=1e-12)
+    assert set(factorised) == {(min(n, k), min(n, k))}
+
+
+@pytest.mark.parametrize("n,k", [(40, 8), (12, 30)], ids=["primal", "dual"])
+def test_one_factorisation_gives_the_scores_of_every_ridge(n, k):
+    generator = torch.Generator().manual_seed(6)
+    models = [(torch.randn(n, k, generator=generator), torch.randn(4, k, generator=generator)) for _ in range(2)]
+    path = RidgePath(*models[0])
+    for coefficient in (1e-4, 1e-2, 1.0, 100.0):
+        torch.testing.assert_close(path.scores(coefficient), direct_scores(*models[0], coefficient),
+                                   rtol=1e-8, atol=1e-11)
+    # choose_ridge picks what measuring every coefficient's ensemble scores directly picks.
+    wanted = ensemble_scores(models, 0.3)
+    measure = lambda scores: -float((scores - wanted).abs().sum())   # noqa: E731
+    coefficients = (1e-3, 0.03, 0.1, 0.3, 1.0, 10.0)
+    assert choose_ridge(models, measure, coefficients) == 0.3
+    assert choose_ridge(models, measure, coefficients) == max(
+        coefficients, key=lambda c: measure(ensemble_scores(models, c)))
 
 
 def test_scores_equal_trakers_when_fed_the_same_projected_features():
@@ -61,6 +97,19 @@ def test_projections_preserve_inner_products(projector):
     torch.testing.assert_close(projector(5000, 4096, seed=3).project(x), projected)   # seeded: the same matrix
 
 
+def test_sparse_projection_is_the_product_with_its_seeded_matrix():
+    """Each coordinate to 4 seeded rows with seeded signs / 2: the scatter-add equals the explicit product (and
+    the draws are those of earlier versions, so stored features stay valid)."""
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, 16, (4, 300), generator=generator)
+    signs = torch.randint(0, 2, (4, 300), generator=generator) * 2 - 1
+    matrix = torch.zeros(300, 16)
+    for nonzero in range(4):
+        matrix[torch.arange(300), rows[nonzero]] += signs[nonzero] / 2
+    x = torch.randn(5, 300)
+    torch.testing.assert_close(SparseProjector(300, 16, seed=3).project(x), x @ matrix)
+
+
 def test_gaussian_projector_is_seeded():
     x = torch.randn(4, 1000)
     torch.testing.assert_close(GaussianProjector(1000, 64, seed=2).project(x),
@@ -74,21 +123,26 @@ class Identity:
 
 
 @pytest.mark.parametrize("output", ["dtrak", "loss"])
-@pytest.mark.parametrize("kind,shape", [("mlp", (2,)), ("unet8", (1, 8, 8))])
-def test_per_example_gradients_equal_one_at_a_time_autograd(output, kind, shape):
+@pytest.mark.parametrize("kind,shape,classes", [("mlp", (2,), None), ("unet8", (1, 8, 8), None),
+                                                ("mlp", (2,), 3), ("unet8", (1, 8, 8), 3)])
+def test_per_example_gradients_equal_one_at_a_time_autograd(output, kind, shape, classes):
     torch.manual_seed(0)
     options = {"hidden": 16, "layers": 1} if kind == "mlp" else {"block_out_channels": [8, 16]}
-    model = build_model(kind, shape, **options)
+    model = build_model(kind, shape, num_class_embeds=classes, **options)
     alphas = torch.linspace(0.99, 0.01, 1000)
     featurizer = GradientFeaturizer(model, alphas, Identity(), output=output)
     clean, noise = torch.randn(3, *shape), torch.randn(3, *shape)
     timesteps = torch.tensor([10, 500, 990])
+    labels = None if classes is None else torch.tensor([2, 0, 2])
     abar = alphas[timesteps].view(-1, *[1] * len(shape))
     noisy = abar.sqrt() * clean + (1 - abar).sqrt() * noise
-    batched = featurizer.gradients(noisy, timesteps, noise)
+    batched = featurizer.gradients(noisy, timesteps, noise, labels)
+    assert featurizer.hooked is not None          # the hook rules, not the torch.func fallback, computed them
     for i in range(3):
         model.zero_grad()
-        output_value(output, model(noisy[i:i + 1], timesteps[i:i + 1]).sample[0], noise[i]).backward()
+        label = None if labels is None else labels[i:i + 1]
+        output_value(output, model(noisy[i:i + 1], timesteps[i:i + 1], class_labels=label).sample[0],
+                     noise[i]).backward()
         single = torch.cat([p.grad.flatten() for p in model.parameters()])
         torch.testing.assert_close(batched[i], single, rtol=1e-4, atol=1e-6)
 

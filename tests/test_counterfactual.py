@@ -1,6 +1,7 @@
-"""Counterfactual validation (issue 12): retraining on subsets with common random numbers, the measured
-target losses, the attribution baselines, and the whole LDS / remove-top-k protocol on a Gaussian mixture,
-where it runs in seconds and TRAK must beat random scores with non-overlapping intervals."""
+"""Counterfactual validation (issues 12 and 20): retraining on subsets (coupled or fresh), measured losses
+whose noise is independent of the features', seeds disjoint between the scoring and the measured models,
+choices that never read a reported outcome, and the whole independent protocol (LDS and per-step removals)
+on a Gaussian mixture, where TRAK must beat random scores by a paired interval."""
 
 import json
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from condiff.attribution.baselines import cosine_similarity, gradient_dot_product, random_scores
-from condiff.attribution.features import GradientFeaturizer, denoising_losses, output_value, target_seed
+from condiff.attribution.features import GradientFeaturizer, denoising_losses, noised_batches, output_value, target_seed
 from condiff.data.datasets import LabelledDataset
 from condiff.models import build_model
 from condiff.training.terms import DatasetTerm
@@ -51,8 +52,6 @@ def test_denoising_losses_see_the_noise_the_features_see():
     alphas = torch.linspace(0.99, 0.01, 1000)
     clean, timesteps = torch.randn(5, 2), [100, 600, 900]
     measured = denoising_losses(model, alphas, clean, timesteps, seed=target_seed(3), batch_size=2)
-    from condiff.attribution.features import noised_batches
-
     direct = torch.zeros(5)
     for noisy, t, noise in noised_batches(clean, timesteps, alphas, seed=target_seed(3)):
         with torch.no_grad():
@@ -95,6 +94,54 @@ def test_train_run_on_a_subset_records_it_and_refuses_a_bad_mask(tiny_config, tm
     assert not (tmp_path / "other").exists()
 
 
+def test_validation_measures_with_noise_independent_of_the_features():
+    """The protocol's measured loss is not the loss under the targets' feature noise (else the `loss` output
+    would partly predict one noise realisation): same model, same inputs, different values."""
+    from condiff.experiments.counterfactual import measurement_seed
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (2,), hidden=16, layers=1)
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    clean = torch.randn(6, 2)
+    measured = denoising_losses(model, alphas, clean, [300] * 4, seed=measurement_seed(0))
+    under_features = denoising_losses(model, alphas, clean, [300] * 4, seed=target_seed(0))
+    assert measurement_seed(0) not in (0, target_seed(0))
+    assert (measured - under_features).abs().min() > 1e-4
+
+
+def test_scoring_and_measured_models_have_disjoint_seeds(tiny_config, tmp_path, monkeypatch):
+    """Every subset model trains fresh (uncoupled) with a seed offset no TRAK model uses; the full models keep
+    checkpoints along training; the workers share out all the jobs exactly once."""
+    import condiff.experiments.counterfactual as counterfactual
+    from condiff.runtime import IndependentWorkers
+
+    calls = []
+    monkeypatch.setattr(IndependentWorkers, "barrier", lambda self, name: None)   # ranks called one after another
+    monkeypatch.setattr(counterfactual, "retrain", lambda config, out, keep, coupled, seed=0, overrides=None:
+                        calls.append((out, keep is None, coupled, seed, overrides)))
+    settings = counterfactual.ValidationSettings(num_subsets=5, seeds=3, ensemble=4, checkpoints=4)
+    config = tiny_config(tmp_path / "run")
+    for rank in range(2):
+        models = counterfactual.train_models(config, 90, tmp_path, settings, IndependentWorkers(rank, 2, "t"), False)
+    assert len(calls) == 4 + 5 * 3 and len({c[0] for c in calls}) == len(calls)
+    full = {c[3] for c in calls if c[1]}
+    subset = {c[3] for c in calls if not c[1]}
+    assert full == {0, 1, 2, 3} and subset == {1000, 1001, 1002} and not any(c[2] for c in calls)
+    assert all(c[4] == {"checkpoint_every": 10, "keep_checkpoints": 4} for c in calls if c[1])
+    assert models.full[0] == tmp_path / "full" and len(models.subset_runs) == 5
+
+
+def test_settings_the_protocol_cannot_honour_are_refused_naming_them():
+    from condiff.config import ConfigError
+    from condiff.experiments.counterfactual import ValidationSettings
+
+    for bad, name in ((dict(fraction=1.0), "fraction"), (dict(ensemble=1000), "ensemble"),
+                      (dict(removal_share=0.0), "removal_share"), (dict(train_timesteps=()), "train_timesteps"),
+                      (dict(outputs=("margin",)), "outputs"), (dict(removal_steps=(1200,)), "steps")):
+        with pytest.raises(ConfigError, match=f"^{name}:"):
+            ValidationSettings(**bad).check(500)
+
+
 MIXTURE = {"constraints": None,
            "data": {"means": [[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]], "std": 0.5, "per_class": 50,
                     "class_counts": {}},
@@ -104,29 +151,55 @@ MIXTURE = {"constraints": None,
 
 
 @pytest.mark.slow
-def test_lds_protocol_on_a_mixture_ranks_trak_above_random(tiny_config, tmp_path):
-    """The whole protocol on four 2-D components (200 points, 12 coupled half-subset models x 2 seeds, TRAK
-    ensembled over 2 models): the better TRAK output's LDS interval lies above random scores', the removal
-    table holds a row per target, step and kind, and the report shows the table, the chart and the journeys."""
+def test_independent_protocol_on_a_mixture_ranks_trak_above_random_and_no_choice_reads_a_reported_target(
+        tiny_config, tmp_path):
+    """The whole protocol on four 2-D components (200 points; 12 fresh half-subset models x 2 seeds; TRAK's
+    2-model ensemble): the chosen TRAK's LDS on samples beats random scores by a paired interval above 0; the
+    removal table has every kind; and re-scoring with the reported targets' outcomes replaced by noise
+    chooses exactly the same configurations and ridges (and replacing the held-out ones does not)."""
+    from condiff.attribution.validation import paired_difference
     from condiff.experiments.attribution_reproduce import reproduce_attribution
-    from condiff.experiments.counterfactual import TRAK_METHODS, ValidationSettings
+    from condiff.experiments.build import build_data
+    from condiff.experiments.counterfactual import ValidationSettings
+    from condiff.experiments.lds_methods import RANDOM, FeatureBank
+    from condiff.experiments.lds_validation import score_quantities
 
     settings = ValidationSettings(num_subsets=12, seeds=2, ensemble=2, num_targets=24, held_out_targets=12,
-                                  steps=(700, 300), dimension=512, projection="gaussian", removal_targets=1,
-                                  resamplings=10)
+                                  steps=(700, 300), train_timesteps=(10,), dimensions=(512,), checkpoints=2,
+                                  projection="gaussian", removal_targets=4, removal_draws=2, resamples=300)
     config = tiny_config(tmp_path / "validation" / "full", **MIXTURE)
     report = reproduce_attribution(tmp_path / "validation", config=config, settings=settings, progress=False)
     saved = json.loads((tmp_path / "validation" / "lds.json").read_text())
-    sample = {row["method"]: row for row in saved["lds"] if row["quantity"] == "sample"}
-    best = max((sample[m] for m in TRAK_METHODS), key=lambda row: row["mean"])
-    assert best["mean"] > 0.2 and best["low"] > sample["random"]["high"], (best, sample["random"])
-    assert best["ridge"] in settings.ridges
-    assert all(-1 <= value <= 1 for value in saved["test_retest"].values())   # two seeds: measured
-    assert (tmp_path / "validation" / "full-seed-1" / "model").is_dir()       # the TRAK ensemble's second model
-    removals = saved["removals"]
-    assert {r["removed"] for r in removals} == {"top-k D-TRAK", "nearest k, pixels", "nearest k, classifier features",
-                                                "random k (1)", "random k (2)"}
-    assert len(removals) == 2 * 3 + 2 * 2        # 2 steps x 3 targeted kinds, 2 random draws x 2 steps
+    sample = next(r for r in saved["results"] if r["quantity"] == "sample")
+    assert sample["trak"]["lds"]["mean"] > 0.2, sample["trak"]
+    assert sample["trak"]["ridge"] in settings.ridges
+    kinds = {e["kind"] for e in saved["removals"]["effects"]}
+    assert {"top-k TRAK", "random k", "second full model (noise floor)"} <= kinds and len(kinds) == 4
     text = report.read_text()
-    assert "## Linear datamodeling score" in text and "lds.png" in text and "journey-0.png" in text
-    assert (tmp_path / "validation" / "lds.png").is_file()
+    assert "## Headline" in text and "lds-curves.png" in text and "journey-0.png" in text
+
+    from condiff.experiments.lds_validation import linear_datamodeling_scores
+    from condiff.runtime import independent_workers
+
+    data = build_data(config)
+    validation = linear_datamodeling_scores(config, data, tmp_path / "validation", settings, independent_workers(),
+                                            progress=False)
+    choice = validation.choices["sample"]
+    outcomes = validation.measured["sample"].mean(0)
+    part = validation.targets.reported_slice
+    random = choice.per_method[RANDOM].scores
+    assert paired_difference(choice.trak.scores[:, part], random[:, part], validation.models.subsets,
+                             outcomes[:, part], resamples=300).low > 0
+
+    def choices_with(columns):
+        measured = {q: m.copy() for q, m in validation.measured.items()}
+        for values in measured.values():
+            values[:, :, columns] = np.random.default_rng(7).normal(size=values[:, :, columns].shape)
+        bank = FeatureBank(validation.models.full, data, validation.targets, settings, "cpu", False)
+        return {q: [(c.label, c.ridge) for c in (ch.trak, ch.baseline, *ch.per_method.values())]
+                for q, ch in score_quantities(bank, data, config, validation.models.subsets, measured, "cpu").items()}
+
+    original = {q: [(c.label, c.ridge) for c in (ch.trak, ch.baseline, *ch.per_method.values())]
+                for q, ch in validation.choices.items()}
+    assert choices_with(part) == original
+    assert choices_with(validation.targets.held_out_slice) != original

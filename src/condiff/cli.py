@@ -100,7 +100,9 @@ def cmd_attribute(args) -> None:
     settings = AttributionSettings(output=args.output, steps=steps, num_targets=args.samples, seed=args.seed,
                                    top=args.top, train_timesteps=args.train_timesteps, resamplings=args.resamplings,
                                    projection=args.projection, dimension=args.dimension, ridge=args.ridge,
-                                   samples_file=args.samples_file, checkpoints=args.checkpoints)
+                                   samples_file=args.samples_file, checkpoints=args.checkpoints,
+                                   models=tuple(args.models), target_class=getattr(args, "class"),
+                                   journey_every=args.journey_every)
     result = attribute_run(Path(args.run), settings, resume=args.resume, overwrite=args.overwrite, device=args.device)
     print(f"report: {result.directory / 'report.md'}")
 
@@ -131,7 +133,7 @@ def cmd_reproduce(args) -> None:
 
     output = Path(args.output or f"runs/{args.experiment}-{args.scale}")
     report = reproduce(args.experiment, output, scale=args.scale, overwrite=args.overwrite, resume=args.resume,
-                       device=args.device, seed=args.seed)
+                       device=args.device, seed=args.seed, coupled=args.coupled)
     print(f"report: {report}")
 
 
@@ -191,24 +193,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("attribute", help="which training examples guided each step of a run's generations (TRAK)")
+    from condiff.experiments.attribution import VALIDATION, AttributionSettings
+    defaults = AttributionSettings()   # the validated defaults live there, and only there
+    p = sub.add_parser("attribute", help="which training examples guided each step of a run's generations (TRAK)",
+                       description=f"Defaults of --output, --train-timesteps, --ridge, --checkpoints and the "
+                                   f"ensemble size: {VALIDATION}.")
     p.add_argument("run", help="run directory")
-    p.add_argument("--samples", type=int, default=4, help="targets to generate and explain (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the targets and of every noise (default 0)")
-    p.add_argument("--steps", dest="timesteps", default="900,700,500,300,100", help="sampling timesteps to attribute")
-    p.add_argument("--top", type=int, default=6, help="helpful and harmful examples shown per step (default 6)")
-    p.add_argument("--output", choices=["dtrak", "loss"], default="dtrak",
-                   help="output function: D-TRAK's ||eps||^2/d (default) or the denoising loss (Journey-TRAK)")
-    p.add_argument("--train-timesteps", type=int, default=10, help="K training-side timesteps (default 10)")
-    p.add_argument("--resamplings", type=int, default=20, help="R re-noisings per target (default 20)")
-    p.add_argument("--projection", choices=["sparse", "gaussian"], default="sparse", help="default sparse")
-    p.add_argument("--dimension", type=int, default=2048, help="projected dimension k (default 2048)")
-    p.add_argument("--ridge", type=float, default=0.1, help="c of the ridge c trace(Phi^T Phi) / k (default 0.1)")
+    p.add_argument("--samples", type=int, default=defaults.num_targets,
+                   help=f"targets to generate and explain (default {defaults.num_targets})")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help=f"seed of the targets and of every noise (default {defaults.seed})")
+    p.add_argument("--steps", dest="timesteps", default=",".join(map(str, defaults.steps)),
+                   help="sampling timesteps to attribute")
+    p.add_argument("--top", type=int, default=defaults.top,
+                   help=f"helpful and harmful examples shown per step (default {defaults.top})")
+    p.add_argument("--output", choices=["dtrak", "loss"], default=defaults.output,
+                   help=f"output function: D-TRAK's ||eps||^2/d (dtrak) or the denoising loss (loss, Journey-TRAK); "
+                        f"default {defaults.output}")
+    p.add_argument("--train-timesteps", type=int, default=defaults.train_timesteps,
+                   help=f"K training-side timesteps (default {defaults.train_timesteps})")
+    p.add_argument("--resamplings", type=int, default=defaults.resamplings,
+                   help=f"R re-noisings per target (default {defaults.resamplings})")
+    p.add_argument("--projection", choices=["sparse", "gaussian"], default=defaults.projection,
+                   help=f"default {defaults.projection}")
+    p.add_argument("--dimension", type=int, default=defaults.dimension,
+                   help=f"projected dimension k (default {defaults.dimension})")
+    p.add_argument("--ridge", type=float, default=defaults.ridge,
+                   help=f"c of the ridge c trace(Phi^T Phi) / k (default {defaults.ridge:g})")
     p.add_argument("--samples-file", metavar="NPZ",
                    help="explain the first --samples samples of this file (from `condiff sample --record-x0`) "
                         "instead of new ones")
-    p.add_argument("--checkpoints", type=int, default=1, metavar="N",
-                   help="average the scores of the final model and the N-1 newest saved checkpoints (default 1)")
+    p.add_argument("--class", type=int, metavar="C",
+                   help="generate targets of class C (class-conditional runs; default: unconditional, or the class "
+                        "the --samples-file was drawn as)")
+    p.add_argument("--checkpoints", type=int, default=defaults.checkpoints, metavar="N",
+                   help=f"average the scores of each run's final model and its N-1 newest saved checkpoints "
+                        f"(default {defaults.checkpoints})")
+    p.add_argument("--models", nargs="+", default=[], metavar="RUN",
+                   help="other runs of the same data and architecture (e.g. other train.seed) whose scores are "
+                        "averaged in: the ensemble TRAK needs")
+    p.add_argument("--journey-every", type=int, default=defaults.journey_every, metavar="N",
+                   help="follow each target over every N-th DDIM step for journey-steps-T.png "
+                        f"(default {defaults.journey_every}: every step; 0: none)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="keep the training features a killed run computed")
     group.add_argument("--overwrite", action="store_true", help="replace RUN/attribution")
@@ -235,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="one of the papers' experiments, with a report")
     p.add_argument("experiment", choices=sorted([*EXPERIMENTS, *ATTRIBUTION_EXPERIMENTS]))
     p.add_argument("--scale", choices=sorted({*SCALES, "smoke"}), default="cpu",
-                   help="cpu: reduced, within the hour on 2 cores (default); paper: the authors' settings, for GPUs; "
+                   help="cpu: reduced, for 2 cores (default); paper: the authors' settings, for GPUs; "
                         "smoke: attribution-digits' pipeline in minutes (its figures mean nothing)")
     p.add_argument("--output", help="where the runs and report.md go (default: runs/EXPERIMENT-SCALE)")
     group = p.add_mutually_exclusive_group()
@@ -243,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true", help="continue an interrupted reproduction")
     p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, help="offset of every model's training and sampling seeds")
+    p.add_argument("--coupled", action="store_true",
+                   help="attribution-digits: the labelled variant whose subset models share their seed's random stream")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

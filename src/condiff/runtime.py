@@ -7,7 +7,11 @@ else the CPU; `ACCELERATE_USE_CPU=true` forces the CPU), so that nothing is hard
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -51,3 +55,43 @@ def end_processes() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+class IndependentWorkers:
+    """The processes `torchrun --nproc_per_node N` started, used as N independent workers that share out
+    jobs which each run in one process (e.g. one model's training each): accelerate would otherwise join
+    them into one data-parallel group, so `independent_workers()` hides torchrun's variables from it. They
+    meet at file barriers in the system's temporary folder, named by the launch (the torchrun agent, their
+    common parent, and its port): so they must run on one machine."""
+
+    def __init__(self, rank: int, world: int, token: str):
+        self.rank, self.world, self.token = rank, world, token
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, jobs: list) -> list:
+        """This process's jobs: every world-th, from its rank."""
+        return jobs[self.rank::self.world]
+
+    def barrier(self, name: str, poll_seconds: float = 1.0) -> None:
+        """Wait until every worker has reached `name` (a worker that fails makes torchrun stop them all)."""
+        if self.world == 1:
+            return
+        marks = Path(tempfile.gettempdir()) / f"condiff-workers-{self.token}"
+        marks.mkdir(parents=True, exist_ok=True)
+        (marks / f"{name}-{self.rank}").touch()
+        while not all((marks / f"{name}-{rank}").exists() for rank in range(self.world)):
+            time.sleep(poll_seconds)
+
+
+def independent_workers() -> IndependentWorkers:
+    """This process as one of torchrun's independent workers (rank 0 of 1 outside torchrun). Call it before
+    anything asks accelerate for its state: it removes torchrun's variables from this process's environment."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise ConfigError("independent workers: a process group already exists in this process")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE"):
+        os.environ.pop(name, None)
+    return IndependentWorkers(rank, world, f"{os.getppid()}-{os.environ.get('MASTER_PORT', '')}")

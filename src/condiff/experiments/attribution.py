@@ -1,73 +1,112 @@
-"""`condiff attribute RUN`: which training examples guided each chosen step of a run's generations.
+"""`condiff attribute RUN`: which training examples guided each step of a run's generations.
 
-Targets are generated with their x0 predictions at every step (or read from a `condiff sample --record-x0`
-file); at each chosen step t, a target's features are the gradients of the output function at its x0
-prediction re-noised to t (R times), and every training example is scored by TRAK (condiff.attribution),
-averaged over the final model and, with `checkpoints` > 1, the newest saved checkpoints. Everything lands
-in RUN/attribution/:
-- `features-OUTPUT-K*-k*-PROJECTION[-stepSTEP].npy`: the training features of the final model (and of each
-  checkpoint, by its step), memory-mapped and filled batch by batch; a killed run resumes where it stopped
-  (`resume=True`), `done-*.npy` marking the finished batches;
-- `scores.npy`: (training examples x targets x steps), memory-mapped;
-- `attribution.json`: the settings and, per step and target, the top-K helpful and harmful examples and
-  the scores summed over each class (and over the constraint set and the rest);
-- `journey-TARGET.png`, `classes.png` and `report.md` (condiff.experiments.attribution_report).
+Targets are generated with their x0 predictions at every step (of a chosen class, for a class-conditional
+model) or read from a `condiff sample --record-x0` file; at each visited step t, a target's features are the
+gradients of the output function at its x0 prediction re-noised to t (R times), and every example of the
+run's training set (condiff.experiments.attribution_inputs: a fine-tuned run's own data, a latent run's
+latents, each example with its label for a class-conditional model) is scored by TRAK (condiff.attribution),
+averaged over the final model, with `checkpoints` > 1 the newest saved checkpoints, and with `models` other
+runs of the same config (other seeds). Everything lands in RUN/attribution/:
+- `features-OUTPUT-K*-k*-PROJECTION[-runDIGEST][-stepSTEP].npy`: the training features of each model (another
+  run's by its weights' digest, a checkpoint by its step), memory-mapped and filled batch by batch; a killed
+  run resumes where it stopped (`resume=True`), `done-*.npy` marking the finished batches;
+- `scores.npy`: (training examples x targets x chosen steps), memory-mapped;
+- `attribution.json`: the settings and, per chosen step and target, the top-K helpful and harmful examples
+  and the scores summed over each class (and over the constraint set and the rest); per target, its journey
+  over every visited step (condiff.experiments.attribution_journey);
+- `journey-TARGET.png`, `journey-steps-TARGET.png`, `classes.png` and `report.md`
+  (condiff.experiments.attribution_report).
 """
 
 from __future__ import annotations
 
-import json
-import zipfile
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from condiff.attribution.features import OUTPUT_FUNCTIONS, GradientFeaturizer, timestep_grid
 from condiff.attribution.projector import PROJECTORS
 from condiff.attribution.store import stored_train_features
 from condiff.attribution.trak import ensemble_scores
-from condiff.config import ConfigError
+from condiff.config import ConfigError, ExperimentConfig
+from condiff.data.latent import decode_latents
+from condiff.experiments.attribution_inputs import (
+    EnsembleModel,
+    Targets,
+    TrainingSet,
+    draw_targets,
+    ensemble_models,
+    flag,
+    saved_targets,
+    target_class,
+    training_set,
+)
+from condiff.experiments.attribution_journey import (
+    TargetJourney,
+    class_posteriors,
+    journey_indices,
+    plot_journey_steps,
+    target_journeys,
+)
 from condiff.experiments.attribution_report import plot_class_shares, plot_journey, write_attribution_report
-from condiff.experiments.build import build_data, load_pipeline, load_run_config
-from condiff.experiments.sampling import model_provenance
-from condiff.models import sample_shape_of
-from condiff.rundir import RunDirectory, RunDirectoryError, create_output_directory, write_json_atomic
+from condiff.experiments.build import load_latent_autoencoder, load_pipeline, load_run_config
+from condiff.experiments.evaluation import evaluation_classifier
+from condiff.models import null_class_label, sample_shape_of
+from condiff.rundir import RunDirectory, create_output_directory, write_json_atomic
 from condiff.runtime import progress_bar, resolve_device
-from condiff.sampling.generate import SampleOutput, generate, sampling_scheduler
-from condiff.training.checkpoint import MODEL_WEIGHTS
+from condiff.sampling.generate import SampleOutput
+
+# The defaults of AttributionSettings that a counterfactual validation chose, and which validation that was:
+# the one place to change them (report.md says which were overridden).
+VALIDATION = ("no validation yet: condiff's first defaults, kept until `condiff reproduce attribution-digits` "
+              "(being rebuilt) chooses them")
+VALIDATED = {"output": "dtrak", "train_timesteps": 10, "ridge": 0.1, "checkpoints": 1, "ensemble": 1}
 
 
 @dataclass
 class AttributionSettings:
-    output: str = "dtrak"                       # dtrak (D-TRAK's ||eps||^2 / d) | loss (Journey-TRAK's)
+    output: str = VALIDATED["output"]           # dtrak (D-TRAK's ||eps||^2 / d) | loss (Journey-TRAK's)
     steps: tuple[int, ...] = (900, 700, 500, 300, 100)   # sampling timesteps to attribute (nearest taken)
     num_targets: int = 4                        # samples generated (or taken from samples_file) to be explained
     seed: int = 0                               # of the targets and of every noise
     top: int = 6                                # helpful and harmful examples shown per step
-    train_timesteps: int = 10                   # K: training-side timesteps, evenly spread
+    train_timesteps: int = VALIDATED["train_timesteps"]   # K: training-side timesteps, evenly spread
     resamplings: int = 20                       # R: re-noisings of x0_hat(t) per target
     projection: str = "sparse"                  # sparse | gaussian
     dimension: int = 2048                       # k
-    ridge: float = 0.1                          # c of lambda = c trace(Phi^T Phi) / k
+    ridge: float = VALIDATED["ridge"]           # c of lambda = c trace(Phi^T Phi) / k
     sampling_steps: int = 50                    # DDIM steps of the targets
     batch_size: int = 32
     samples_file: str | None = None             # targets from a `condiff sample --record-x0` file instead
-    checkpoints: int = 1                        # models averaged: the final one and the newest checkpoints - 1
+    checkpoints: int = VALIDATED["checkpoints"]   # models averaged per run: its final one and newest checkpoints - 1
+    models: tuple[str, ...] = ()                # other runs of the same data and architecture (other seeds)
+                                                # whose scores are averaged in: the ensemble TRAK needs
+    target_class: int | None = None             # generate targets of this class (class-conditional models)
+    journey_every: int = 1                      # score every n-th visited step for the journeys (0: none)
+
+    @property
+    def ensemble(self) -> int:
+        """Independently trained runs averaged: the attributed one and `models`."""
+        return 1 + len(self.models)
+
+    def overridden(self) -> dict[str, tuple]:
+        """The validated settings given other values: name -> (value, validated value)."""
+        return {name: (getattr(self, name), value) for name, value in VALIDATED.items() if getattr(self, name) != value}
 
     def validate(self) -> AttributionSettings:
         checks = {"output": self.output in OUTPUT_FUNCTIONS, "projection": self.projection in PROJECTORS,
-                  "steps": bool(self.steps) and all(0 <= t < 1000 for t in self.steps)}
+                  "steps": bool(self.steps) and all(0 <= t < 1000 for t in self.steps),
+                  "target_class": self.target_class is None or self.target_class >= 0,
+                  "journey_every": self.journey_every >= 0}
         checks.update({name: getattr(self, name) > 0 for name in (
             "num_targets", "top", "train_timesteps", "resamplings", "dimension", "ridge", "sampling_steps",
             "batch_size", "checkpoints")})
-        flags = {"num_targets": "samples"}   # the command line's name where it differs
         for name, ok in checks.items():
             if not ok:
-                raise ConfigError(f"--{flags.get(name, name).replace('_', '-')}: {getattr(self, name)!r} is not allowed")
+                raise ConfigError(f"{flag(name)}: {getattr(self, name)!r} is not allowed")
         return self
 
 
@@ -96,84 +135,39 @@ class AttributionResult:
     constraint_classes: list[int]               # the run's constrained classes (empty: unconstrained)
     checkpoint_steps: list[int]                 # the checkpoints averaged with the final model
     targets_provenance: dict | None             # how the targets of a samples file were drawn
+    training_set: str = ""                      # what the training set is (fine-tuning data, latents, subset...)
+    train_indices: list[int] | None = None      # a retrained subset: the training-set index of each scores.npy row
+    conditional: bool = False                   # a class-conditional model
+    target_class: int | None = None             # the class the targets were drawn as (None: unconditional)
+    ensemble: list[str] = field(default_factory=list)   # every model whose scores are averaged
+    validation: str = VALIDATION                # which validation chose the defaults
+    journeys: list[TargetJourney] = field(default_factory=list)   # per target: every step's posterior and scores
+    posterior_source: str = ""                  # what gives the journeys' posteriors over classes
 
     def to_dict(self) -> dict:
         values = asdict(self)
         del values["directory"]
-        if self.settings.samples_file is not None:   # a Path given from Python: JSON takes its text
-            values["settings"]["samples_file"] = str(self.settings.samples_file)
+        # Paths given from Python: JSON takes their text.
+        samples_file = self.settings.samples_file
+        values["settings"]["samples_file"] = None if samples_file is None else str(samples_file)
+        values["settings"]["models"] = [str(run) for run in self.settings.models]
         return values
 
 
 def train_features(featurizer: GradientFeaturizer, data: torch.Tensor, settings: AttributionSettings,
-                   folder: Path, *, checkpoint_step: int | None = None, resume: bool,
-                   progress: bool) -> np.ndarray:
-    """The training set's projected features, memory-mapped in `folder` (one file per checkpoint, named by
-    its step; unsuffixed for the final model); with `resume`, batches a killed run finished are kept."""
-    name = f"{settings.output}-K{settings.train_timesteps}-k{settings.dimension}-{settings.projection}"
-    if checkpoint_step is not None:
-        name += f"-step{checkpoint_step:07d}"
+                   folder: Path, *, checkpoint_step: int | None = None, run_tag: str = "",
+                   class_labels: torch.Tensor | None = None, resume: bool, progress: bool) -> np.ndarray:
+    """The training set's projected features, memory-mapped in `folder` (one file per model: named by the
+    settings, `run_tag` for another run than the attributed one, and a checkpoint's step; unsuffixed for the
+    final model); with `resume`, batches a killed run finished are kept. `class_labels`: each example's label,
+    for a class-conditional model."""
+    suffix = run_tag + ("" if checkpoint_step is None else f"-step{checkpoint_step:07d}")
+    name = f"{settings.output}-K{settings.train_timesteps}-k{settings.dimension}-{settings.projection}{suffix}"
     return stored_train_features(featurizer, data, folder / f"features-{name}.npy",
                                  timestep_grid(settings.train_timesteps), seed=settings.seed,
-                                 dimension=settings.dimension, batch_size=settings.batch_size, resume=resume,
-                                 progress=progress, desc="features" if checkpoint_step is None
-                                 else f"features (step {checkpoint_step})")
-
-
-def saved_targets(path: Path, run_dir: Path, num_targets: int, sample_shape: tuple[int, ...]) -> SampleOutput:
-    """The first `num_targets` samples of a `condiff sample --record-x0` file with their x0 predictions at
-    every step; refused when the file lacks them, holds too few samples, or was drawn by another model."""
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            stored = {name: arrays[name] for name in arrays.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ConfigError(f"--samples-file {path}: unreadable as a samples .npz ({err})") from None
-    missing = [name for name in ("samples", "timesteps", "x0_predictions") if name not in stored]
-    if missing:
-        raise ConfigError(f"--samples-file {path}: no {' or '.join(missing)} in it; attribution needs every step's "
-                          "x0 prediction and timestep: draw the samples with `condiff sample RUN --record-x0`")
-    x0_predictions, timesteps = stored["x0_predictions"], stored["timesteps"]
-    if x0_predictions.shape[:1] + x0_predictions.shape[2:] != (len(timesteps), *sample_shape):
-        raise ConfigError(f"--samples-file {path}: x0 predictions of shape {x0_predictions.shape}, expected "
-                          f"({len(timesteps)} steps, samples, {', '.join(map(str, sample_shape))}) for this run")
-    if x0_predictions.shape[1] < num_targets:
-        raise ConfigError(f"--samples: {num_targets} targets asked, {path} holds {x0_predictions.shape[1]} samples")
-    provenance = json.loads(str(stored["provenance"])) if "provenance" in stored else {}
-    drawn_by, attributed = provenance.get("model_sha256"), model_provenance(run_dir)["model_sha256"]
-    if drawn_by is not None and drawn_by != attributed:
-        raise ConfigError(f"--samples-file {path}: drawn by another model (weights {drawn_by}, step "
-                          f"{provenance.get('model_step')}) than {run_dir}'s ({attributed}); a journey is of "
-                          "the attributed model's own x0 predictions")
-    return SampleOutput(torch.from_numpy(stored["samples"][:num_targets]).float(), torch.from_numpy(timesteps).long(),
-                        torch.from_numpy(x0_predictions[:, :num_targets]).float(), provenance=provenance)
-
-
-def checkpoint_models(run_dir: Path, final_model: torch.nn.Module, count: int) -> list[tuple[int, torch.nn.Module]]:
-    """(step, model) of the `count` newest checkpoints whose weights are not the final model's: without an
-    EMA, the last checkpoint is the final model itself and would count twice. Checkpoints hold the trained
-    (not the EMA) weights."""
-    if count == 0:
-        return []
-    folder = RunDirectory(run_dir).checkpoints
-    final_weights = final_model.state_dict()
-    models = []
-    for checkpoint in sorted(folder.glob("step-*"), reverse=True):
-        try:
-            weights = load_file(checkpoint / MODEL_WEIGHTS)
-        except (OSError, SafetensorError) as err:
-            raise RunDirectoryError(f"{checkpoint}: unreadable checkpoint weights ({err})") from None
-        if weights.keys() == final_weights.keys() and all(torch.equal(weights[k], final_weights[k]) for k in weights):
-            continue
-        model = type(final_model).from_config(final_model.config)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError:
-            raise RunDirectoryError(f"{checkpoint}: its weights are not those of the run's model") from None
-        models.append((int(checkpoint.name.removeprefix("step-")), model.eval()))
-        if len(models) == count:
-            return models
-    raise ConfigError(f"--checkpoints {count + 1}: {folder} holds {len(models)} checkpoint(s) besides the final "
-                      f"model, {count} needed (train.keep_checkpoints sets how many training keeps)")
+                                 dimension=settings.dimension, batch_size=settings.batch_size,
+                                 class_labels=class_labels, resume=resume, progress=progress,
+                                 desc=f"features ({suffix.lstrip('-')})" if suffix else "features")
 
 
 def class_sums(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,73 +188,156 @@ def constraint_set_sums(sums: np.ndarray, shares: np.ndarray, classes: list[int]
             for own, total, share in zip(inside, sums.sum(1), shares[:, classes].sum(1))]
 
 
+def featurize(models: list[EnsembleModel], alphas_cumprod: torch.Tensor, training: TrainingSet,
+              settings: AttributionSettings, folder: Path, device, *, resume: bool,
+              progress: bool) -> list[tuple[GradientFeaturizer, torch.Tensor]]:
+    """Per model: its featurizer and the training set's features under it (all projected alike)."""
+    projector = PROJECTORS[settings.projection](sum(p.numel() for p in models[0].model.parameters()),
+                                                settings.dimension, seed=settings.seed, device=device)
+    featurized = []
+    for member in models:
+        featurizer = GradientFeaturizer(member.model.to(device), alphas_cumprod, projector, output=settings.output,
+                                        batch_size=settings.batch_size)
+        features = train_features(featurizer, training.inputs, settings, folder, checkpoint_step=member.checkpoint_step,
+                                  run_tag=member.tag, class_labels=training.class_labels, resume=resume,
+                                  progress=progress)
+        featurized.append((featurizer, torch.from_numpy(features)))
+    return featurized
+
+
+def step_scores(featurized: list[tuple[GradientFeaturizer, torch.Tensor]], targets: Targets, indices: list[int],
+                settings: AttributionSettings, progress: bool) -> np.ndarray:
+    """(training examples x steps x targets): the ensemble's TRAK scores of every target at each visited step
+    of `indices`; one kernel solve per model for all of them."""
+    output = targets.output
+    bar = progress_bar(total=len(featurized) * len(indices), desc="attribute", enabled=progress)
+    pairs = []
+    for featurizer, features in featurized:
+        per_step = []
+        for index in indices:
+            per_step.append(featurizer.target_features(output.x0_predictions[index], int(output.timesteps[index]),
+                                                       resamplings=settings.resamplings, seed=settings.seed,
+                                                       class_labels=targets.model_labels))
+            bar.update()
+        pairs.append((features, torch.cat(per_step)))
+    bar.close()
+    scores = ensemble_scores(pairs, settings.ridge).float().numpy()   # columns: step-major, then target
+    return scores.reshape(len(scores), len(indices), -1)
+
+
+def step_attribution(timestep: int, scores: np.ndarray, training: TrainingSet, top: int,
+                     constraint_classes: list[int]) -> StepAttribution:
+    """The top helpful and harmful examples (training-set indices) and the class sums of one step's scores
+    (training examples x targets)."""
+    tensor, indices = torch.from_numpy(scores), training.indices
+    helpful, harmful = tensor.topk(top, dim=0), (-tensor).topk(top, dim=0)
+    sums, shares = class_sums(scores, training.labels.numpy(), training.data.train.num_classes)
+    return StepAttribution(timestep, indices[helpful.indices].T.tolist(), helpful.values.T.tolist(),
+                           indices[harmful.indices].T.tolist(), (-harmful.values).T.tolist(), sums.tolist(),
+                           shares.tolist(),
+                           constraint_set_sums(sums, shares, constraint_classes) if constraint_classes else None)
+
+
+def in_data_space(output: SampleOutput, autoencoder) -> SampleOutput:
+    """The targets with their x0 predictions as the data (decoded, for a latent run), to picture and classify."""
+    if autoencoder is None:
+        return output
+    x0 = output.x0_predictions
+    decoded = decode_latents(autoencoder, x0.flatten(0, 1))
+    return dataclasses.replace(output, x0_predictions=decoded.reshape(*x0.shape[:2], *decoded.shape[1:]))
+
+
+def journeys(config: ExperimentConfig, training: TrainingSet, shown: SampleOutput, scores: np.ndarray,
+             indices: list[int], steps: list[StepAttribution], device) -> tuple[list[TargetJourney], str]:
+    """Per target, its journey over the visited steps `indices` (see condiff.experiments.attribution_journey),
+    and what gave the posteriors."""
+    classifier, accuracy = evaluation_classifier(config, training.data, device)
+    x0 = shown.x0_predictions[indices]
+    posteriors = class_posteriors(classifier, x0.flatten(0, 1)).reshape(len(indices), x0.shape[1], -1)
+    source = ("the exact posterior of the mixture" if training.data.mixture is not None else
+              f"condiff's evaluation classifier (held-out accuracy {accuracy:.3f})")
+    timesteps = [int(shown.timesteps[index]) for index in indices]
+    return target_journeys(scores, timesteps, posteriors, [step.helpful for step in steps],
+                           training.indices.numpy()), source
+
+
+def write_figures(result: AttributionResult, training: TrainingSet, shown: SampleOutput, attributed: list[int],
+                  journey: list[int], noisy_inputs: dict[int, torch.Tensor] | None) -> None:
+    train, folder = training.data.train, result.directory
+    for target in range(result.settings.num_targets):
+        plot_journey(result, target, train.data, shown, attributed, noisy_inputs, folder / f"journey-{target}.png")
+        if result.journeys:
+            plot_journey_steps(result.journeys[target], target, result.class_names, train.data, train.labels,
+                               shown.x0_predictions[journey, target], [step.timestep for step in result.steps],
+                               folder / f"journey-steps-{target}.png")
+    plot_class_shares(result, folder / "classes.png")
+
+
+def summary(settings: AttributionSettings, steps: list[StepAttribution], training: TrainingSet, targets: Targets,
+            folder: Path, constraint_classes: list[int], models: list[EnsembleModel],
+            run_dir: Path) -> AttributionResult:
+    """The result, but for the journeys."""
+    train, mixture = training.data.train, training.data.mixture
+    return AttributionResult(
+        settings, steps, mixture.classify(targets.output.samples).tolist() if mixture is not None else None, folder,
+        class_names=train.class_names or [str(label) for label in range(train.num_classes)],
+        training_class_shares=(np.bincount(training.labels.numpy(), minlength=train.num_classes)
+                               / len(training.labels)).tolist(),
+        constraint_classes=constraint_classes,
+        checkpoint_steps=[m.checkpoint_step for m in models if m.run == run_dir and m.checkpoint_step is not None],
+        targets_provenance=targets.output.provenance, training_set=training.description,
+        train_indices=training.indices.tolist() if training.subset else None,
+        conditional=training.class_labels is not None, target_class=targets.class_label,
+        ensemble=[m.name for m in models])
+
+
 def attribute_run(run_dir: Path, settings: AttributionSettings | None = None, *, resume: bool = False,
                   overwrite: bool = False, device: str | torch.device | None = None,
                   progress: bool = True) -> AttributionResult:
-    """Attribute each chosen step of `settings.num_targets` samples of the run (generated, or the first of
-    `settings.samples_file`) to the training set, TRAK scores averaged over the final model and the
-    `settings.checkpoints - 1` newest checkpoints; writes RUN/attribution/ (see the module docstring).
-    Bad input is refused before anything is written."""
+    """Attribute each chosen step of `settings.num_targets` samples of the run (generated, of
+    `settings.target_class` if given, or the first of `settings.samples_file`) to the run's training set (see
+    condiff.experiments.attribution_inputs for what that is for each kind of run), TRAK scores averaged over
+    the run's and `settings.models`' final models and newest checkpoints; follows every target over its
+    visited steps; writes RUN/attribution/ (see the module docstring). Bad input is refused before anything
+    is written."""
     settings = (settings or AttributionSettings()).validate()
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    if config.latent.autoencoder is not None:
-        raise ConfigError(f"{run_dir}: attribution of latent-diffusion runs is not supported yet")
+    device = resolve_device(device)
     pipeline = load_pipeline(run_dir)
-    models = [(None, pipeline.unet)] + checkpoint_models(run_dir, pipeline.unet, settings.checkpoints - 1)
+    autoencoder = load_latent_autoencoder(config, run_dir)
+    autoencoder = None if autoencoder is None else autoencoder.to(device)
+    training = training_set(config, run_dir, autoencoder, null_class_label(pipeline.unet) is not None)
+    models = ensemble_models(run_dir, config, pipeline.unet, training, settings.models, settings.checkpoints, device)
     saved = (None if settings.samples_file is None else
              saved_targets(Path(settings.samples_file), run_dir, settings.num_targets, sample_shape_of(pipeline.unet)))
-    data = build_data(config)
+    drawn_as = target_class(run_dir, pipeline.unet, settings.target_class, saved)
     folder = RunDirectory(run_dir).path / "attribution"
     if not (resume and folder.is_dir()):
         create_output_directory(folder, "attribution", overwrite=overwrite, resumable=True)
-    device = resolve_device(device)
-    projector = PROJECTORS[settings.projection](sum(p.numel() for p in pipeline.unet.parameters()),
-                                                settings.dimension, seed=settings.seed, device=device)
-    featurizers = [GradientFeaturizer(model.to(device), pipeline.scheduler.alphas_cumprod, projector,
-                                      output=settings.output, batch_size=settings.batch_size) for _, model in models]
-    features = [torch.from_numpy(train_features(featurizer, data.train.data, settings, folder, checkpoint_step=step,
-                                                resume=resume, progress=progress))
-                for featurizer, (step, _) in zip(featurizers, models)]
-
-    if saved is None:
-        noisy_inputs: dict[int, torch.Tensor] | None = {}
-        targets = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), settings.num_targets,
-                           num_inference_steps=settings.sampling_steps, seed=settings.seed, record_x0=True,
-                           device=device, progress=False,
-                           on_step=lambda first, t, x: noisy_inputs.setdefault(t, x.detach().cpu()))
-    else:
-        noisy_inputs, targets = None, saved   # a samples file keeps no x_t
-    indices = [targets.step_index(t) for t in settings.steps]
-    scores = np.lib.format.open_memmap(folder / "scores.npy", mode="w+", dtype=np.float32,
-                                       shape=(len(data.train), settings.num_targets, len(indices)))
-    labels, num_classes = data.train.labels.numpy(), data.train.num_classes
+    featurized = featurize(models, pipeline.scheduler.alphas_cumprod, training, settings, folder, device,
+                           resume=resume, progress=progress)
+    targets = draw_targets(pipeline, settings.num_targets, drawn_as, saved, steps=settings.sampling_steps,
+                           seed=settings.seed, device=device)
+    attributed = [targets.output.step_index(t) for t in settings.steps]
+    journey = journey_indices(len(targets.output.timesteps), settings.journey_every, attributed)
+    scores = step_scores(featurized, targets, journey, settings, progress)
+    columns = [journey.index(index) for index in attributed]
+    saved_scores = np.lib.format.open_memmap(folder / "scores.npy", mode="w+", dtype=np.float32,
+                                             shape=(len(training.inputs), settings.num_targets, len(columns)))
+    saved_scores[:] = scores[:, columns].transpose(0, 2, 1)
+    saved_scores.flush()
     constraint_classes = list(config.constraints.classes)
-    steps = []
-    for column, index in enumerate(progress_bar(indices, desc="attribute", enabled=progress)):
-        timestep = int(targets.timesteps[index])
-        pairs = [(phi, featurizer.target_features(targets.x0_predictions[index], timestep,
-                                                  resamplings=settings.resamplings, seed=settings.seed))
-                 for featurizer, phi in zip(featurizers, features)]
-        step_scores = ensemble_scores(pairs, settings.ridge).float()
-        scores[:, :, column] = step_scores.numpy()
-        helpful, harmful = step_scores.topk(settings.top, dim=0), (-step_scores).topk(settings.top, dim=0)
-        sums, shares = class_sums(step_scores.numpy(), labels, num_classes)
-        steps.append(StepAttribution(timestep, helpful.indices.T.tolist(), helpful.values.T.tolist(),
-                                     harmful.indices.T.tolist(), (-harmful.values).T.tolist(), sums.tolist(),
-                                     shares.tolist(),
-                                     constraint_set_sums(sums, shares, constraint_classes) if constraint_classes
-                                     else None))
-    scores.flush()
-    result = AttributionResult(
-        settings, steps, data.mixture.classify(targets.samples).tolist() if data.mixture is not None else None,
-        folder, class_names=data.train.class_names or [str(label) for label in range(num_classes)],
-        training_class_shares=(np.bincount(labels, minlength=num_classes) / len(labels)).tolist(),
-        constraint_classes=constraint_classes, checkpoint_steps=[step for step, _ in models[1:]],
-        targets_provenance=targets.provenance)
+    steps = [step_attribution(int(targets.output.timesteps[index]), scores[:, column], training, settings.top,
+                              constraint_classes) for index, column in zip(attributed, columns)]
+    shown = in_data_space(targets.output, autoencoder)
+    followed, source = (journeys(config, training, shown, scores, journey, steps, device) if settings.journey_every
+                        else ([], ""))
+    result = dataclasses.replace(
+        summary(settings, steps, training, targets, folder, constraint_classes, models, run_dir),
+        journeys=followed, posterior_source=source)
     write_json_atomic(folder / "attribution.json", result.to_dict())
-    for target in range(settings.num_targets):
-        plot_journey(result, target, data.train.data, targets, indices, noisy_inputs, folder / f"journey-{target}.png")
-    plot_class_shares(result, folder / "classes.png")
+    write_figures(result, training, shown, attributed, journey,
+                  targets.noisy_inputs if autoencoder is None else None)   # a latent x_t pictures nothing
     write_attribution_report(result, run_dir.name)
     return result

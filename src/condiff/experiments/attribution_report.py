@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from condiff.experiments.attribution_journey import JOURNEY_EXAMPLES, data_limits, show_image
 from condiff.report import image_md, markdown_table, new_figure, save_figure, write_report
 
 if TYPE_CHECKING:
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
 def plot_journey(result: AttributionResult, target: int, train: torch.Tensor, targets: SampleOutput,
                  indices: list[int], noisy_inputs: dict[int, torch.Tensor] | None, path: Path) -> Path:
     """One row per step: x_t (when known), x0_hat(t), the top-K helpful and top-K harmful training examples
-    (images); for vector data, one panel per step with the training set, x0_hat(t) and its helpful/harmful
-    points."""
+    (images; `targets`' x0 predictions in data space); for vector data, one panel per step with the training
+    set, x0_hat(t) and its helpful/harmful points."""
     top = result.settings.top
     if train.ndim == 4:
         leading = ["x0_hat"] if noisy_inputs is None else ["x_t", "x0_hat"]
@@ -34,12 +35,7 @@ def plot_journey(result: AttributionResult, target: int, train: torch.Tensor, ta
             images += [train[i] for i in step.helpful[target]] + [train[i] for i in step.harmful[target]]
             titles = leading + ["+"] * top + ["-"] * top
             for column, (image, title) in enumerate(zip(images, titles)):
-                picture = ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).numpy()
-                axes[row, column].imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
-                axes[row, column].set_xticks([])
-                axes[row, column].set_yticks([])
-                if row == 0:
-                    axes[row, column].set_title(title, fontsize=8)
+                show_image(axes[row, column], image, title if row == 0 else None)
             axes[row, 0].set_ylabel(f"t={step.timestep}", fontsize=8)
     else:
         figure = new_figure((3.0 * len(indices), 3.2))
@@ -51,10 +47,8 @@ def plot_journey(result: AttributionResult, target: int, train: torch.Tensor, ta
             panel.scatter(*points[step.harmful[target]].T, s=12, color="tab:red", label="harmful")
             panel.scatter(*targets.x0_predictions[index][target].numpy(), marker="*", s=120, color="black",
                           label="x0_hat")
-            low, high = points.min(0), points.max(0)
-            margin = 0.1 * (high - low)
-            panel.set(xlim=(low[0] - margin[0], high[0] + margin[0]), ylim=(low[1] - margin[1], high[1] + margin[1]),
-                      title=f"t={step.timestep}")   # the data's range: a poor x0_hat may lie outside it
+            data_limits(panel, points)
+            panel.set_title(f"t={step.timestep}")
         axes[0].legend(fontsize="x-small")
     figure.suptitle(f"target {target}: the training examples that guided each step ({result.settings.output})")
     return save_figure(figure, path)
@@ -109,6 +103,71 @@ def class_section(result: AttributionResult) -> str:
             + image_md("classes.png", "share of the positive score per class and step"))
 
 
+def targets_sentence(result: AttributionResult) -> str:
+    """How the targets were drawn, and as which class."""
+    settings = result.settings
+    drawn_as = ("" if result.target_class is None and not result.conditional
+                else " unconditional (the model's \"no class\" label)" if result.target_class is None
+                else f" of class {result.target_class}")
+    if settings.samples_file is None:
+        return f"{settings.num_targets}{drawn_as} DDIM-{settings.sampling_steps} samples (seed {settings.seed})"
+    drawn = result.targets_provenance or {}
+    guidance = f", {drawn['guidance_kind']} guidance {drawn['guidance']:g}" if drawn.get("guidance") else ""
+    return (f"the first {settings.num_targets} samples of `{settings.samples_file}`{drawn_as} "
+            f"({drawn.get('method', '?')}-{drawn.get('steps', '?')}, seed {drawn.get('seed', '?')}{guidance}; "
+            "no x_t in the journeys: the file keeps none)")
+
+
+def settings_section(result: AttributionResult) -> str:
+    """What was computed, on which training set, by which models, and where its defaults come from."""
+    settings = result.settings
+    models = "the final model" + (
+        f" averaged with the checkpoint(s) of step(s) {', '.join(map(str, result.checkpoint_steps))} (their trained, "
+        "not EMA, weights; targets from the final model)" if result.checkpoint_steps else "")
+    if len(result.ensemble) > len(result.checkpoint_steps) + 1:
+        models += (f"; an ensemble of {settings.ensemble} independently trained runs of the same data and "
+                   f"architecture, {len(result.ensemble)} models in all: "
+                   + ", ".join(f"`{name}`" for name in result.ensemble))
+    overridden = settings.overridden()
+    choices = ("none overridden" if not overridden else "overridden here: " + ", ".join(
+        f"{name} = {value} (validated: {validated})" for name, (value, validated) in overridden.items()))
+    purity = ("" if result.target_classes is None else
+              f"\n\nTarget components (exact posterior of the mixture): {', '.join(map(str, result.target_classes))}.")
+    return (f"Output function `{settings.output}`, K = {settings.train_timesteps} training timesteps, "
+            f"R = {settings.resamplings} re-noisings per target, {settings.projection} projection to "
+            f"k = {settings.dimension}, ridge c = {settings.ridge:g}; TRAK scores of {models}; "
+            f"targets: {targets_sentence(result)}. Scores: `scores.npy` (training examples x targets x steps); all "
+            "indices in `attribution.json`.\n\n"
+            f"Training set: {result.training_set}\n\n"
+            f"Defaults: the output function, K, the ridge, the checkpoints and the ensemble size are the settings "
+            f"chosen by {result.validation}; {choices}." + purity)
+
+
+def journeys_section(result: AttributionResult) -> str:
+    """The strips per target and, beside each, its journey over every step, with how to read them."""
+    settings, parts = result.settings, []
+    if result.journeys:
+        steps = len(result.journeys[0].timesteps)
+        every = ("every one" if settings.journey_every == 1 else
+                 f"one in {settings.journey_every} and the attributed ones")
+        parts.append(
+            f"Beside each strip, `journey-steps-T.png` follows the target over {steps} of its sampling steps "
+            f"({every}: `journey_every`), noisy on the left, clean on the right. Top: the posterior over classes "
+            f"of x0_hat(t) by {result.posterior_source}, stacked: where one colour takes over the band is when the "
+            "target's class is decided. Middle: the TRAK scores of the training examples followed (the top "
+            f"{JOURNEY_EXAMPLES} helpful ones at each attributed step, dotted), each in its class's colour and in "
+            "units of the spread of that step's scores over the training set (their scale changes with t): an "
+            "example high while the posterior shifts drives the class as it appears; one that rises only near "
+            "the end shapes details. Bottom: x0_hat(t) at a few steps and the followed examples (number and "
+            "class). The values: `journeys` in `attribution.json` (timesteps, posteriors, examples, scores, "
+            "spread).")
+    for target in range(settings.num_targets):
+        strip = image_md(f"journey-{target}.png", f"journey of target {target}")
+        parts.append(strip + (" " + image_md(f"journey-steps-{target}.png", f"target {target} over every step")
+                              if result.journeys else ""))
+    return "\n\n".join(parts)
+
+
 def write_attribution_report(result: AttributionResult, run_name: str) -> Path:
     settings = result.settings
     rows = []
@@ -116,29 +175,10 @@ def write_attribution_report(result: AttributionResult, run_name: str) -> Path:
         for target in range(settings.num_targets):
             rows.append([step.timestep, target, ", ".join(map(str, step.helpful[target])),
                          ", ".join(map(str, step.harmful[target]))])
-    purity = ""
-    if result.target_classes is not None:
-        purity = ("\n\nTarget components (exact posterior of the mixture): "
-                  f"{', '.join(map(str, result.target_classes))}.")
-    if settings.samples_file is None:
-        targets = f"{settings.num_targets} DDIM-{settings.sampling_steps} samples (seed {settings.seed})"
-    else:
-        drawn = result.targets_provenance or {}
-        targets = (f"the first {settings.num_targets} samples of `{settings.samples_file}` "
-                   f"({drawn.get('method', '?')}-{drawn.get('steps', '?')}, seed {drawn.get('seed', '?')}; "
-                   "no x_t in the journeys: the file keeps none)")
-    models = "the final model" + (
-        f" averaged with the checkpoint(s) of step(s) {', '.join(map(str, result.checkpoint_steps))} (their trained, "
-        "not EMA, weights; targets from the final model)" if result.checkpoint_steps else "")
     return write_report(result.directory / "report.md", f"condiff attribute: {run_name}", [
-        ("Settings", f"Output function `{settings.output}`, K = {settings.train_timesteps} training timesteps, "
-                     f"R = {settings.resamplings} re-noisings per target, {settings.projection} projection to "
-                     f"k = {settings.dimension}, ridge c = {settings.ridge:g}; TRAK scores of {models}; "
-                     f"targets: {targets}. Scores: `scores.npy` (training examples x targets x steps); all "
-                     "indices in `attribution.json`." + purity),
+        ("Settings", settings_section(result)),
         ("Top examples", markdown_table(["t", "target", f"top {settings.top} helpful", f"top {settings.top} harmful"],
                                         rows)),
         ("Classes", class_section(result)),
-        ("Journeys", "\n\n".join(image_md(f"journey-{t}.png", f"journey of target {t}")
-                                 for t in range(settings.num_targets))),
+        ("Journeys", journeys_section(result)),
     ])

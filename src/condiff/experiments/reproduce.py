@@ -86,17 +86,21 @@ def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> 
 
 
 def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = False, resume: bool = False,
-              device: str | torch.device | None = None, progress: bool = True, seed: int = 0) -> Path:
+              device: str | torch.device | None = None, progress: bool = True, seed: int = 0,
+              coupled: bool = False) -> Path:
     """Run experiment `name` into `output` and write output/report.md; returns the report's path.
     Models are evaluated on `device` (default: the accelerator's); `overwrite` replaces only a
-    directory condiff made; `seed` offsets every model's training and sampling seeds (same data)."""
+    directory condiff made; `seed` offsets every model's training and sampling seeds (same data);
+    `coupled`: attribution-digits' variant with coupled subset models."""
     if name in ATTRIBUTION_EXPERIMENTS:
         if seed:
-            raise RunDirectoryError(f"--seed: {name} draws its own seeds (coupled retrainings); leave it out")
+            raise RunDirectoryError(f"--seed: {name} draws its own seeds (disjoint seed ranges); leave it out")
         from condiff.experiments.attribution_reproduce import reproduce_attribution
 
-        return reproduce_attribution(output, scale=scale, overwrite=overwrite, resume=resume, device=device,
-                                     progress=progress)
+        return reproduce_attribution(output, scale=scale, overwrite=overwrite, resume=resume, coupled=coupled,
+                                     device=device, progress=progress)
+    if coupled:
+        raise RunDirectoryError(f"--coupled: only attribution-digits has a coupled variant, not {name}")
     if name not in EXPERIMENTS:
         raise RunDirectoryError(f"unknown experiment {name!r}; choose one of "
                                 f"{', '.join([*EXPERIMENTS, *ATTRIBUTION_EXPERIMENTS])}")

@@ -97,7 +97,7 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
              batch_size: int = 500, seed: int = 0, record_x0: bool = False,
              class_labels: torch.Tensor | None = None, guidance=None, device: str | torch.device | None = None,
              first_index: int = 0, progress: bool = True, on_step=None, mixed_precision: str = "no",
-             channels_last: bool = False) -> SampleOutput:
+             channels_last: bool = False, resume_from: tuple[int, torch.Tensor] | None = None) -> SampleOutput:
     """Draw `num_samples` samples on `device` (default: the accelerator's). Sample i's noise comes from
     its own generator seeded by (seed, first_index + i), so the same seed gives the same samples whatever
     the batch size, and a run split across processes (`first_index`) gives those of a single one.
@@ -109,7 +109,11 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
 
     `mixed_precision` ("fp16", "bf16") runs the network under the device's autocast (the scheduler's
     update stays in float32); `channels_last` puts the model (in place, as the move to `device`) and the
-    images in NHWC memory format."""
+    images in NHWC memory format.
+
+    `resume_from = (step, x)` continues trajectories from their states x (N, ...) at sampling step `step` (an index
+    into the scheduler's timesteps) instead of drawing x_T: another model's path from a shared midpoint.
+    DDIM is deterministic from there; DDPM draws its later noise from the per-sample generators afresh."""
     device = resolve_device(device)
     model = model.to(device).eval()
     if channels_last:
@@ -120,11 +124,14 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
     if class_labels is None and null is not None:
         class_labels = torch.full((num_samples,), null, dtype=torch.long)
     scheduler.set_timesteps(num_inference_steps)
+    first_step, initial = resume_from if resume_from is not None else (0, None)
+    if initial is not None and tuple(initial.shape) != (num_samples, *shape):
+        raise ValueError(f"resume_from: states of shape {tuple(initial.shape)}, expected {(num_samples, *shape)}")
     # Moved to the device once: a per-step copy of the timestep is a host-to-device transfer on a GPU.
     model_timesteps = scheduler.timesteps.to(device)
     samples, x0_batches = [], []
     starts = range(0, num_samples, batch_size)
-    bar = progress_bar(total=len(starts) * len(scheduler.timesteps), desc="sample", enabled=progress)
+    bar = progress_bar(total=len(starts) * (len(scheduler.timesteps) - first_step), desc="sample", enabled=progress)
     # inference_mode skips autograd's bookkeeping (about 3% per call on the digits UNet against the no_grad
     # that DDIMPipeline uses). Guidance takes gradients, and on_step's callers may train on what they keep:
     # those run under no_grad. The outputs are concatenated outside it, so they are plain tensors.
@@ -132,12 +139,13 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
         for start in starts:
             n = min(batch_size, num_samples - start)
             generator = sample_generators(seed, range(first_index + start, first_index + start + n))
-            x = randn_tensor((n, *shape), generator=generator, device=device)
+            x = (randn_tensor((n, *shape), generator=generator, device=device) if initial is None
+                 else initial[start:start + n].to(device))
             if channels_last and x.ndim == 4:   # NHWC from the start: convolutions keep it, the scheduler too
                 x = x.contiguous(memory_format=torch.channels_last)
             labels = None if class_labels is None else class_labels[start:start + n].to(device)
             x0_steps = []
-            for t, model_t in zip(scheduler.timesteps, model_timesteps):
+            for t, model_t in zip(scheduler.timesteps[first_step:], model_timesteps[first_step:]):
                 if on_step is not None:
                     on_step(start, int(t), x)
                 timesteps = model_t.expand(n)
@@ -153,5 +161,5 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
             if record_x0:
                 x0_batches.append(torch.stack(x0_steps))
     bar.close()
-    return SampleOutput(torch.cat(samples), scheduler.timesteps.clone(),
+    return SampleOutput(torch.cat(samples), scheduler.timesteps[first_step:].clone(),
                         torch.cat(x0_batches, dim=1) if record_x0 else None)

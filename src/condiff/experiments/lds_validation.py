@@ -1,0 +1,180 @@
+"""The LDS validation end to end: models (condiff.experiments.counterfactual), methods and held-out choices
+(condiff.experiments.lds_methods), and per quantity the reported figures: every method's LDS with its two-way
+bootstrap interval, the paired difference of TRAK and the best baseline, the curves along the levers TRAK has
+(ensemble size, K, training length), and the ceiling training noise puts on any method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from condiff.attribution.validation import (
+    Interval,
+    LinearDatamodelingScore,
+    lds_mean,
+    linear_datamodeling_score,
+    paired_difference,
+    reliability_ceiling,
+    retest_correlation,
+)
+from condiff.config import ExperimentConfig
+from condiff.experiments.build import ExperimentData, load_pipeline
+from condiff.experiments.counterfactual import (
+    Targets,
+    ValidationModels,
+    ValidationSettings,
+    make_targets,
+    measure_subsets,
+    train_models,
+)
+from condiff.experiments.evaluation import evaluation_classifier
+from condiff.experiments.lds_methods import (
+    FINAL,
+    TRAK,
+    Candidate,
+    FeatureBank,
+    QuantityChoice,
+    choose_methods,
+    similarity_candidates,
+    trak_candidates,
+    trak_configs,
+)
+from condiff.rundir import RunDirectory
+from condiff.runtime import IndependentWorkers, progress_bar, resolve_device
+
+
+@dataclass
+class MethodResult:
+    label: str
+    method: str
+    lds: LinearDatamodelingScore          # on the reported targets
+    held_out_lds: float
+    ridge: float | None = None
+
+
+@dataclass
+class QuantityResult:
+    quantity: str
+    trak: MethodResult                    # the TRAK configuration chosen on held-out targets
+    baseline: MethodResult                # the best baseline, chosen the same way
+    difference: Interval                  # LDS(TRAK) - LDS(best baseline), paired two-way bootstrap
+    methods: list[MethodResult]           # each method's held-out choice
+    curves: dict[str, list[tuple[str, MethodResult]]]   # lever -> (value, result)
+    retest: float | None                  # r: agreement of two training seeds' measurements
+    ceiling: float | None                 # sqrt(Spearman-Brown reliability of the seed mean)
+    candidates: list[dict] = field(default_factory=list)   # every candidate: held-out and reported LDS
+
+
+@dataclass
+class LDSValidation:
+    settings: ValidationSettings
+    models: ValidationModels
+    targets: Targets
+    measured: dict[str, np.ndarray]       # per quantity (seeds, subsets, targets)
+    choices: dict[str, QuantityChoice]
+    results: list[QuantityResult]
+
+
+def reported_result(candidate: Candidate, subsets: np.ndarray, outcomes: np.ndarray, targets: Targets,
+                    settings: ValidationSettings) -> MethodResult:
+    part = targets.reported_slice
+    lds = linear_datamodeling_score(candidate.scores[:, part], subsets, outcomes[:, part],
+                                    resamples=settings.resamples, seed=settings.seed)
+    return MethodResult(candidate.label, candidate.method, lds, candidate.held_out_lds, candidate.ridge)
+
+
+def curves(choice: QuantityChoice, settings: ValidationSettings, report) -> dict[str, list[tuple[str, MethodResult]]]:
+    """The chosen TRAK along each lever, the others held at the choice (each point's ridge chosen on the
+    held-out targets)."""
+    best = choice.trak.config
+    trak = [c for c in choice.candidates if c.method == TRAK]
+
+    def along(name: str, values, matches) -> list[tuple[str, MethodResult]]:
+        points = []
+        for value in values:
+            found = [c for c in trak if matches(c.config, value)]
+            if found:
+                points.append((str(value), report(found[0])))
+        return points
+
+    same = lambda c, **kw: c == replace(best, **kw)   # noqa: E731
+    weights = sorted({c.config.weights for c in trak if c.config.weights != FINAL})
+    return {
+        "ensemble models": along("models", settings.ensemble_sizes, lambda c, v: same(c, models=v)),
+        "K (training timesteps)": along("K", settings.train_timesteps, lambda c, v: same(c, train_timesteps=v)),
+        "weights (training length)": along("weights", [*weights, FINAL], lambda c, v: same(
+            c, weights=v, models=settings.ensemble, train_timesteps=min(settings.train_timesteps),
+            dimension=min(settings.dimensions))),
+    }
+
+
+def quantity_result(quantity: str, choice: QuantityChoice, subsets: np.ndarray, per_seed: np.ndarray,
+                    targets: Targets, settings: ValidationSettings) -> QuantityResult:
+    outcomes = per_seed.mean(0)
+    part = targets.reported_slice
+
+    def report(candidate: Candidate) -> MethodResult:
+        return reported_result(candidate, subsets, outcomes, targets, settings)
+
+    difference = paired_difference(choice.trak.scores[:, part], choice.baseline.scores[:, part], subsets,
+                                   outcomes[:, part], resamples=settings.resamples, seed=settings.seed)
+    lines = curves(choice, settings, report)
+    if len(per_seed) > 1:
+        one_seed = reported_result(choice.trak, subsets, per_seed[0], targets, settings)
+        lines["measured seeds"] = [("1", one_seed), (str(len(per_seed)), report(choice.trak))]
+    retest = retest_correlation(per_seed[:, :, part])
+    return QuantityResult(
+        quantity, report(choice.trak), report(choice.baseline), difference,
+        [report(c) for c in choice.per_method.values()], lines, retest, reliability_ceiling(retest, len(per_seed)),
+        [{"label": c.label, "method": c.method, "ridge": c.ridge, "held_out": c.held_out_lds,
+          "reported": lds_mean(c.scores[:, part], subsets, outcomes[:, part])} for c in choice.candidates])
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in RunDirectory(run_dir).checkpoints.glob("step-*"))
+
+
+def score_quantities(bank: FeatureBank, data: ExperimentData, config: ExperimentConfig, subsets: np.ndarray,
+                     measured: dict[str, np.ndarray], device) -> dict[str, QuantityChoice]:
+    """Per quantity, every candidate and the choices its held-out targets make. TRAK's training-length curve
+    is computed for the output function chosen with the final weights."""
+    settings, targets = bank.settings, bank.targets
+    classifier, _ = evaluation_classifier(config, data, device)
+    steps = checkpoint_steps(bank.runs[0])
+    choices = {}
+    for quantity, (inputs, _) in targets.quantities.items():
+        outcomes = measured[quantity].mean(0)
+        candidates = trak_candidates(bank, trak_configs(settings, []), quantity, subsets, outcomes)
+        candidates += similarity_candidates(data, classifier, inputs, settings, subsets, outcomes,
+                                            targets.held_out_slice)
+        output = choose_methods(candidates).trak.config.output
+        along_training = [c for c in trak_configs(replace(settings, outputs=(output,)), steps) if c.weights != FINAL]
+        candidates += trak_candidates(bank, along_training, quantity, subsets, outcomes)
+        choices[quantity] = choose_methods(candidates)
+    return choices
+
+
+def linear_datamodeling_scores(config: ExperimentConfig, data: ExperimentData, output: Path,
+                               settings: ValidationSettings, workers: IndependentWorkers, *, device=None,
+                               progress: bool = True) -> LDSValidation | None:
+    """Train (or keep) every model under `output`, shared out between `workers`; on the main worker, measure,
+    featurize, choose on held-out targets and report per quantity (other workers return None)."""
+    device = resolve_device(device)
+    models = train_models(config, len(data.train), output, settings, workers, progress)
+    bank = FeatureBank(models.full, data, None, settings, device, progress)
+    features = [(m, FINAL, o, k, d) for m in range(settings.ensemble) for o in settings.outputs
+                for k in settings.train_timesteps for d in settings.dimensions]
+    for key in workers.share(features):   # the training side of the final weights, shared out
+        bank.train(*key)
+    workers.barrier("features")
+    if not workers.is_main:
+        return None
+    bank.targets = make_targets(load_pipeline(models.full[0]), settings, device)
+    targets = bank.targets
+    measured = measure_subsets(models, targets, settings, device, progress)
+    choices = score_quantities(bank, data, config, models.subsets, measured, device)
+    results = [quantity_result(q, choices[q], models.subsets, measured[q], targets, settings)
+               for q in progress_bar(choices, desc="intervals", enabled=progress)]
+    return LDSValidation(settings, models, targets, measured, choices, results)
