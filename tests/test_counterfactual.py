@@ -137,7 +137,8 @@ def test_settings_the_protocol_cannot_honour_are_refused_naming_them():
 
     for bad, name in ((dict(fraction=1.0), "fraction"), (dict(ensemble=1000), "ensemble"),
                       (dict(removal_share=0.0), "removal_share"), (dict(train_timesteps=()), "train_timesteps"),
-                      (dict(outputs=("margin",)), "outputs"), (dict(removal_steps=(1200,)), "steps")):
+                      (dict(outputs=("margin",)), "outputs"), (dict(steps=(1200,)), "steps"),
+                      (dict(removal_steps=(500,)), "removal_steps")):
         with pytest.raises(ConfigError, match=f"^{name}:"):
             ValidationSettings(**bad).check(500)
 

@@ -50,3 +50,25 @@ def test_recorded_x0_predictions_end_at_the_ddim_sample(tmp_path):
     assert torch.allclose(out.x0_predictions[-1], out.samples, atol=1e-6)
     out.save_npz(tmp_path / "s.npz")
     assert np.load(tmp_path / "s.npz")["x0_predictions"].shape == (8, 10, 2)
+
+
+def test_a_trajectory_resumed_from_its_own_midpoint_ends_where_it_did():
+    """`resume_from = (step, x_T)`: DDIM from a state of the model's own path retraces the rest of it exactly
+    (x0 predictions and samples), and from another state it ends elsewhere."""
+    scheduler = training_scheduler()
+    model = MLPDenoiser(dim=2, hidden=16, layers=1)
+    kept = {}
+    full = generate(model, sampling_scheduler(scheduler, "ddim"), 6, num_inference_steps=20, seed=3, record_x0=True,
+                    progress=False, on_step=lambda first, t, x: kept.setdefault(t, x.clone()))
+    step = 7
+    state = kept[int(full.timesteps[step])]
+    resumed = generate(model, sampling_scheduler(scheduler, "ddim"), 6, num_inference_steps=20, record_x0=True,
+                       progress=False, resume_from=(step, state), batch_size=4)
+    torch.testing.assert_close(resumed.samples, full.samples)
+    torch.testing.assert_close(resumed.x0_predictions, full.x0_predictions[step:])
+    assert resumed.timesteps.tolist() == full.timesteps[step:].tolist()
+    moved = generate(model, sampling_scheduler(scheduler, "ddim"), 6, num_inference_steps=20, progress=False,
+                     resume_from=(step, state + 0.5))
+    assert (moved.samples - full.samples).abs().max() > 0.1
+    with pytest.raises(ValueError, match="resume_from"):
+        generate(model, sampling_scheduler(scheduler, "ddim"), 5, progress=False, resume_from=(step, state))

@@ -104,7 +104,8 @@ def cmd_attribute(args) -> None:
                                    models=tuple(args.models), target_class=getattr(args, "class"),
                                    journey_every=args.journey_every)
     result = attribute_run(Path(args.run), settings, resume=args.resume, overwrite=args.overwrite, device=args.device)
-    print(f"report: {result.directory / 'report.md'}")
+    if result is not None:   # None: a torchrun process other than the main one
+        print(f"report: {result.directory / 'report.md'}")
 
 
 def cmd_demo(args) -> None:

@@ -56,7 +56,7 @@ from condiff.experiments.build import load_latent_autoencoder, load_pipeline, lo
 from condiff.experiments.evaluation import evaluation_classifier
 from condiff.models import null_class_label, sample_shape_of
 from condiff.rundir import RunDirectory, create_output_directory, write_json_atomic
-from condiff.runtime import progress_bar, resolve_device
+from condiff.runtime import process_state, progress_bar, resolve_device
 from condiff.sampling.generate import SampleOutput
 
 # The defaults of AttributionSettings that a counterfactual validation chose, and which validation that was:
@@ -293,13 +293,14 @@ def summary(settings: AttributionSettings, steps: list[StepAttribution], trainin
 
 def attribute_run(run_dir: Path, settings: AttributionSettings | None = None, *, resume: bool = False,
                   overwrite: bool = False, device: str | torch.device | None = None,
-                  progress: bool = True) -> AttributionResult:
+                  progress: bool = True) -> AttributionResult | None:
     """Attribute each chosen step of `settings.num_targets` samples of the run (generated, of
     `settings.target_class` if given, or the first of `settings.samples_file`) to the run's training set (see
     condiff.experiments.attribution_inputs for what that is for each kind of run), TRAK scores averaged over
     the run's and `settings.models`' final models and newest checkpoints; follows every target over its
     visited steps; writes RUN/attribution/ (see the module docstring). Bad input is refused before anything
-    is written."""
+    is written. Under torchrun every process featurizes its share of the training set and only the main one
+    goes on (the others return None)."""
     settings = (settings or AttributionSettings()).validate()
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
@@ -313,10 +314,13 @@ def attribute_run(run_dir: Path, settings: AttributionSettings | None = None, *,
              saved_targets(Path(settings.samples_file), run_dir, settings.num_targets, sample_shape_of(pipeline.unet)))
     drawn_as = target_class(run_dir, pipeline.unet, settings.target_class, saved)
     folder = RunDirectory(run_dir).path / "attribution"
+    state = process_state()   # under torchrun, the processes share out the training examples; the main one reports
     if not (resume and folder.is_dir()):
-        create_output_directory(folder, "attribution", overwrite=overwrite, resumable=True)
+        create_output_directory(folder, "attribution", overwrite=overwrite, resumable=True)   # on every process
     featurized = featurize(models, pipeline.scheduler.alphas_cumprod, training, settings, folder, device,
-                           resume=resume, progress=progress)
+                           resume=resume, progress=progress and state.is_main_process)
+    if not state.is_main_process:
+        return None
     targets = draw_targets(pipeline, settings.num_targets, drawn_as, saved, steps=settings.sampling_steps,
                            seed=settings.seed, device=device)
     attributed = [targets.output.step_index(t) for t in settings.steps]

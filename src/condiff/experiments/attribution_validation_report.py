@@ -193,7 +193,9 @@ def write_validation_report(output: Path, config: ExperimentConfig, scale: str, 
             ["value", "configuration", "held-out LDS", "LDS", "95% CI", "ridge c"],
             [[value, *result_row(point)] for value, point in points])
         for r in results for lever, points in r.curves.items() if points)
-    journeys = "\n\n".join(image_md(f"full/attribution/journey-{t}.png", f"journey of target {t}") for t in range(4))
+    journeys = "\n\n".join(image_md(f"full/attribution/journey-{t}.png", f"journey of target {t}") + "\n\n"
+                           + image_md(f"full/attribution/journey-steps-{t}.png", f"target {t} over every step")
+                           for t in range(4))
     title = f"Attribution validated by retraining: {config.name} (--scale {scale}{', coupled' if validation.settings.coupled else ''})"
     return write_report(output / "report.md", title, [
         ("Protocol", protocol(config, scale, num_train, validation)),
@@ -204,5 +206,7 @@ def write_validation_report(output: Path, config: ExperimentConfig, scale: str, 
          + "\n\n" + curves),
         ("Remove the top k at step T", removal_section(validation, plan, effects)),
         ("Journeys", "Four samples of the attributed model; per step, x_t, x0_hat(t), the most helpful and the most "
-                     "harmful training images by the TRAK configuration chosen for `sample`:\n\n" + journeys),
+                     "harmful training images by the TRAK configuration chosen for `sample`; beside each, the same target over "
+                     "every sampling step (the classifier's posterior of x0_hat(t) and the scores of the top examples; "
+                     "`full/attribution/report.md` explains how to read it):\n\n" + journeys),
     ])

@@ -51,7 +51,7 @@ class ValidationSettings:
     coupled: bool = False                 # variant: common random numbers across subset models (see above)
     ensemble: int = 8                     # E full models TRAK may average; sizes 1, 2, 4, ..., E are tried
     num_targets: int = 48                 # generated samples whose LDS is reported
-    held_out_targets: int = 24            # further samples on which every choice is made (never reported)
+    held_out_targets: int = 32            # further samples on which every choice is made (never reported)
     steps: tuple[int, ...] = (700, 300)   # sampling steps whose Journey-TRAK target is also measured
     outputs: tuple[str, ...] = ("dtrak", "loss")          # output functions tried
     train_timesteps: tuple[int, ...] = (10, 100)          # K tried: the training side's timestep grid
@@ -80,7 +80,8 @@ class ValidationSettings:
             "removal_targets": not 0 <= self.removal_targets <= self.num_targets,
             "removal_share": not 1 <= round(self.removal_share * num_train) < num_train,
             "removal_draws": self.removal_draws < 1, "projection": self.projection not in PROJECTORS,
-            "steps": not all(0 <= t < 1000 for t in (*self.steps, *self.removal_steps)),
+            "steps": not all(0 <= t < 1000 for t in self.steps),
+            "removal_steps": not set(self.removal_steps) <= set(self.steps),   # removals use a step's scores
             "outputs": not self.outputs or not set(self.outputs) <= {"dtrak", "loss"},
         }
         for name in ("train_timesteps", "dimensions", "ridges"):

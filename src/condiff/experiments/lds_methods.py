@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from condiff.attribution.baselines import cosine_similarity, random_scores
 from condiff.attribution.features import GradientFeaturizer, target_seed
 from condiff.attribution.projector import PROJECTORS
-from condiff.attribution.trak import trak_scores
+from condiff.attribution.trak import RidgePath
 from condiff.attribution.validation import lds_mean
 from condiff.evaluation.classifier import extract_features
 from condiff.experiments.attribution import AttributionSettings, train_features
@@ -142,7 +142,8 @@ def trak_candidates(bank: FeatureBank, configs: list[TrakConfig], quantity: str,
         if key not in per_model:
             phi = bank.train(*key)
             targets = bank.target(model, config.weights, config.output, config.dimension)[quantity]
-            per_model[key] = [trak_scores(phi, targets, c).numpy() for c in bank.settings.ridges]
+            path = RidgePath(phi, targets)
+            per_model[key] = [path.scores(c).numpy() for c in bank.settings.ridges]
             per_model[key].append((phi.double() @ targets.double().T).numpy())   # the dot product
         return per_model[key]
 

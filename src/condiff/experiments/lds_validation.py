@@ -87,8 +87,8 @@ def reported_result(candidate: Candidate, subsets: np.ndarray, outcomes: np.ndar
 
 def curves(choice: QuantityChoice, settings: ValidationSettings, report) -> dict[str, list[tuple[str, MethodResult]]]:
     """The chosen TRAK along each lever, the others held at the choice (each point's ridge chosen on the
-    held-out targets)."""
-    best = choice.trak.config
+    held-out targets); ensemble size and K with the final weights."""
+    best = replace(choice.trak.config, weights=FINAL)
     trak = [c for c in choice.candidates if c.method == TRAK]
 
     def along(name: str, values, matches) -> list[tuple[str, MethodResult]]:
