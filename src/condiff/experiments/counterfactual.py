@@ -47,7 +47,7 @@ def measurement_seed(seed: int) -> int:
 class ValidationSettings:
     num_subsets: int = 32                 # M subsets, retrained `seeds` times each
     fraction: float = 0.5                 # alpha: each subset's share of the training set
-    seeds: int = 2                        # training seeds per subset: the measured quantity is their mean
+    seeds: int = 3                        # training seeds per subset: the measured quantity is their mean
     coupled: bool = False                 # variant: common random numbers across subset models (see above)
     ensemble: int = 8                     # E full models TRAK may average; sizes 1, 2, 4, ..., E are tried
     num_targets: int = 48                 # generated samples whose LDS is reported
