@@ -172,11 +172,12 @@ def mixture_attribution(tmp_path_factory, tiny_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("timestep,low,high", [(100, 0.8, 1.0), (900, 0.0, 0.45)])
+@pytest.mark.parametrize("timestep,low,high", [(100, 0.8, 1.0), (900, 0.1, 0.4)])
 def test_late_steps_are_guided_by_the_samples_own_component_and_the_noisiest_by_none(mixture_attribution, timestep,
                                                                                      low, high):
     """Top-20 attributed training points of each sample: from its own component at t = 100 (measured here:
-    0.97), near chance (0.25) at t = 900, where the sample's component is not yet decided."""
+    0.97), near chance (0.25) at t = 900, where the sample's component is not yet decided (measured: 0.29;
+    the band excludes both an all-own-component and an all-other-component top 20)."""
     featurizer, samples, components, train_labels, train_features = mixture_attribution
     step = int((samples.timesteps - timestep).abs().argmin())
     targets = featurizer.target_features(samples.x0_predictions[step], int(samples.timesteps[step]), resamplings=20)
@@ -248,21 +249,3 @@ def test_attribute_refuses_bad_steps_in_one_line(tiny_run, capsys):
 
     assert main(["attribute", str(tiny_run), "--steps", "900,late"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("condiff: error: --steps:")
-
-
-def test_lds_recovers_a_known_linear_datamodel_and_gives_chance_to_random_scores():
-    """Measured = the sum over the subset of true per-example effects + noise: the true effects score near
-    the noise-limited correlation, random scores near 0, and the interval covers the mean."""
-    from condiff.attribution.validation import linear_datamodeling_score, random_subsets
-
-    rng = np.random.default_rng(0)
-    effects = rng.normal(size=(300, 8))                      # examples x targets
-    subsets = random_subsets(300, 64, fraction=0.5, seed=1)
-    assert (subsets.sum(axis=1) == 150).all()
-    measured = subsets @ effects + rng.normal(scale=1.0, size=(64, 8))
-    true = linear_datamodeling_score(effects, subsets, measured)
-    random = linear_datamodeling_score(rng.normal(size=(300, 8)), subsets, measured)
-    assert true.mean > 0.9 and true.low <= true.mean <= true.high
-    assert abs(random.mean) < 0.15
-    # Scale and shift of the scores leave the LDS unchanged (Spearman is rank-based).
-    assert linear_datamodeling_score(3 * effects + 1, subsets, measured).mean == pytest.approx(true.mean)

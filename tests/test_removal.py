@@ -29,7 +29,8 @@ def test_removal_plan_drops_each_methods_top_k_for_its_target_and_shares_random_
         assert sorted(removal.removed) == sorted(np.argsort(-scores)[:5].tolist()) and removal.step == 290
     drawn = [r for r in plan if r.target is None]
     assert len(drawn) == 3 and all(len(set(r.removed)) == 5 for r in drawn)
-    assert len({tuple(r.removed) for r in drawn}) == 3 and len({r.name for r in plan}) == len(plan)
+    assert len({tuple(r.removed) for r in drawn}) == 3 and len({r.name for r in plan}) == len(plan)   # named by content
+    assert removal_plan({"t=300": choice}, targets, settings, 50) == plan
 
 
 def test_paired_comparison_finds_a_shift_random_removals_do_not_have():

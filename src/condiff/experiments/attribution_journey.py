@@ -23,14 +23,14 @@ STRIP_IMAGES = 8         # x0_hat(t) pictured at this many steps, evenly spread
 LINE_STYLES = ("-", "--", "-.", ":")
 
 
-def show_image(axes, image: torch.Tensor, title: str | None = None) -> None:
+def show_image(axes, image: torch.Tensor, title: str | None = None, fontsize: int = 8) -> None:
     """An image in [-1, 1] (C, H, W), without ticks, under an optional small title."""
     picture = ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).numpy()
     axes.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
     axes.set_xticks([])
     axes.set_yticks([])
     if title is not None:
-        axes.set_title(title, fontsize=8)
+        axes.set_title(title, fontsize=fontsize)
 
 
 def data_limits(axes, points: np.ndarray) -> None:
@@ -127,9 +127,9 @@ def picture_strip(figure, journey: TargetJourney, train: torch.Tensor, train_lab
         for row in range(2):
             axes[row, column].set_axis_off()
     for column, step in enumerate(shown):
-        show_image(axes[0, column], x0[step], f"x0_hat, t={journey.timesteps[step]}")
+        show_image(axes[0, column], x0[step], f"t={journey.timesteps[step]}", fontsize=7)
     for column, (example, colour) in enumerate(zip(journey.examples, colours)):
-        show_image(axes[1, column], train[example], f"#{example} (class {int(train_labels[example])})")
+        show_image(axes[1, column], train[example], f"#{example}: {int(train_labels[example])}", fontsize=7)
         axes[1, column].title.set_color(colour)
 
 

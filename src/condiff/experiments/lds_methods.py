@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from condiff.attribution.baselines import cosine_similarity, random_scores
-from condiff.attribution.features import GradientFeaturizer, target_seed
+from condiff.attribution.features import GradientFeaturizer, target_seed, timestep_grid
 from condiff.attribution.projector import PROJECTORS
+from condiff.attribution.store import stored_train_features
 from condiff.attribution.trak import RidgePath
 from condiff.attribution.validation import lds_mean
 from condiff.evaluation.classifier import extract_features
-from condiff.experiments.attribution import AttributionSettings, train_features
 from condiff.experiments.build import ExperimentData, load_pipeline
 from condiff.experiments.counterfactual import Targets, ValidationSettings
 from condiff.rundir import RunDirectory, create_output_directory
@@ -43,12 +43,19 @@ class TrakConfig:
     dimension: int                # k
     models: int                   # the first `models` full models are averaged
     weights: str = FINAL          # or "step-NNNNNNN": the raw weights of that checkpoint of every model
+    at_step: int | None = None    # a `t=T` quantity's own timestep on the training side (K noises of it)
 
     @property
     def label(self) -> str:
         weights = "" if self.weights == FINAL else f", weights at {self.weights}"
-        return (f"{self.output} output, K = {self.train_timesteps}, k = {self.dimension}, "
+        grid = f"K = {self.train_timesteps}" + ("" if self.at_step is None else f" at t = {self.at_step}")
+        return (f"{self.output} output, {grid}, k = {self.dimension}, "
                 f"{self.models} model{'s' if self.models > 1 else ''}{weights}")
+
+    @property
+    def timesteps(self) -> list[int]:
+        """The training side's timesteps: the K-bin grid, or K times the step's own."""
+        return timestep_grid(self.train_timesteps) if self.at_step is None else [self.at_step] * self.train_timesteps
 
 
 @dataclass
@@ -91,19 +98,21 @@ class FeatureBank:
         return GradientFeaturizer(network, load_pipeline(self.runs[model]).scheduler.alphas_cumprod, projector,
                                   output=output, batch_size=self.settings.batch_size)
 
-    def train(self, model: int, weights: str, output: str, timesteps: int, dimension: int) -> torch.Tensor:
-        key = (model, weights, output, timesteps, dimension)
+    def train(self, model: int, config: TrakConfig) -> torch.Tensor:
+        key = (model, config.weights, config.output, config.train_timesteps, config.dimension, config.at_step)
         if key not in self._train:
             folder = self.runs[model] / "attribution"
             if not folder.is_dir():
                 create_output_directory(folder, "attribution", resumable=True)
-            settings = AttributionSettings(output=output, train_timesteps=timesteps, dimension=dimension,
-                                           projection=self.settings.projection, seed=self.settings.seed,
-                                           batch_size=self.settings.batch_size)
-            step = None if weights == FINAL else int(weights.removeprefix("step-"))
-            self._train[key] = torch.from_numpy(train_features(
-                self.featurizer(model, weights, output, dimension), self.data.train.data, settings, folder,
-                checkpoint_step=step, resume=True, progress=self.progress))
+            # Named as `condiff attribute` names its features, so that it finds these.
+            grid = f"K{config.train_timesteps}" + ("" if config.at_step is None else f"-t{config.at_step}")
+            weights = "" if config.weights == FINAL else "-" + config.weights.replace("-", "")
+            path = folder / f"features-{config.output}-{grid}-k{config.dimension}-{self.settings.projection}{weights}.npy"
+            self._train[key] = torch.from_numpy(stored_train_features(
+                self.featurizer(model, config.weights, config.output, config.dimension), self.data.train.data, path,
+                config.timesteps, seed=self.settings.seed, dimension=config.dimension,
+                batch_size=self.settings.batch_size, resume=True, progress=self.progress,
+                desc=f"features ({self.runs[model].name}, {config.label})"))
         return self._train[key]
 
     def target(self, model: int, weights: str, output: str, dimension: int) -> dict[str, torch.Tensor]:
@@ -115,11 +124,15 @@ class FeatureBank:
         return self._target[key]
 
 
-def trak_configs(settings: ValidationSettings, checkpoint_steps: list[int]) -> list[TrakConfig]:
-    """Every configuration tried: output x K x k x ensemble size with the final weights, and, for the
-    smallest K and k, every checkpoint's raw weights of all E models (the training-length curve)."""
+def trak_configs(settings: ValidationSettings, checkpoint_steps: list[int], step: int | None = None) -> list[TrakConfig]:
+    """Every configuration tried: output x K x k x ensemble size with the final weights (for a `t=T` quantity
+    also with the training side at T, R noises), and, for the smallest K and k, every checkpoint's raw weights
+    of all E models (the training-length curve)."""
     configs = [TrakConfig(o, k, d, m) for o in settings.outputs for k in settings.train_timesteps
                for d in settings.dimensions for m in settings.ensemble_sizes]
+    if step is not None:
+        configs += [TrakConfig(o, settings.resamplings, d, m, at_step=step) for o in settings.outputs
+                    for d in settings.dimensions for m in settings.ensemble_sizes]
     configs += [TrakConfig(o, min(settings.train_timesteps), min(settings.dimensions), settings.ensemble,
                            f"step-{step:07d}") for o in settings.outputs for step in checkpoint_steps]
     return configs
@@ -135,12 +148,12 @@ def trak_candidates(bank: FeatureBank, configs: list[TrakConfig], quantity: str,
     """Per configuration, its ridge chosen on the held-out targets, and the dot-product baseline of the same
     features; the ridge-wise scores of each model are computed once and averaged over ensemble prefixes."""
     held = bank.targets.held_out_slice
-    per_model: dict[tuple, list[np.ndarray]] = {}   # (model, weights, output, K, k) -> scores per ridge
+    per_model: dict[tuple, list[np.ndarray]] = {}   # (model, weights, output, K, k, at_step) -> scores per ridge
 
     def scores(model: int, config: TrakConfig) -> list[np.ndarray]:
-        key = (model, config.weights, config.output, config.train_timesteps, config.dimension)
+        key = (model, config.weights, config.output, config.train_timesteps, config.dimension, config.at_step)
         if key not in per_model:
-            phi = bank.train(*key)
+            phi = bank.train(model, config)
             targets = bank.target(model, config.weights, config.output, config.dimension)[quantity]
             path = RidgePath(phi, targets)
             per_model[key] = [path.scores(c).numpy() for c in bank.settings.ridges]

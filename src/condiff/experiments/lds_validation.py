@@ -36,12 +36,13 @@ from condiff.experiments.lds_methods import (
     Candidate,
     FeatureBank,
     QuantityChoice,
+    TrakConfig,
     choose_methods,
     similarity_candidates,
     trak_candidates,
     trak_configs,
 )
-from condiff.rundir import RunDirectory
+from condiff.rundir import RunDirectory, write_atomic
 from condiff.runtime import IndependentWorkers, progress_bar, resolve_device
 
 
@@ -87,27 +88,24 @@ def reported_result(candidate: Candidate, subsets: np.ndarray, outcomes: np.ndar
 
 def curves(choice: QuantityChoice, settings: ValidationSettings, report) -> dict[str, list[tuple[str, MethodResult]]]:
     """The chosen TRAK along each lever, the others held at the choice (each point's ridge chosen on the
-    held-out targets); ensemble size and K with the final weights."""
-    best = replace(choice.trak.config, weights=FINAL)
-    trak = [c for c in choice.candidates if c.method == TRAK]
-
-    def along(name: str, values, matches) -> list[tuple[str, MethodResult]]:
-        points = []
-        for value in values:
-            found = [c for c in trak if matches(c.config, value)]
-            if found:
-                points.append((str(value), report(found[0])))
-        return points
-
-    same = lambda c, **kw: c == replace(best, **kw)   # noqa: E731
-    weights = sorted({c.config.weights for c in trak if c.config.weights != FINAL})
-    return {
-        "ensemble models": along("models", settings.ensemble_sizes, lambda c, v: same(c, models=v)),
-        "K (training timesteps)": along("K", settings.train_timesteps, lambda c, v: same(c, train_timesteps=v)),
-        "weights (training length)": along("weights", [*weights, FINAL], lambda c, v: same(
-            c, weights=v, models=settings.ensemble, train_timesteps=min(settings.train_timesteps),
-            dimension=min(settings.dimensions))),
+    held-out targets); ensemble size and K with the final weights, training length with every model."""
+    tried = {c.config: c for c in choice.candidates if c.method == TRAK}
+    anchor = replace(choice.trak.config, weights=FINAL)
+    step = next((c.at_step for c in tried if c.at_step is not None), None)
+    timesteps = [(str(k), replace(anchor, train_timesteps=k, at_step=None)) for k in settings.train_timesteps]
+    if step is not None:
+        timesteps.append((f"{settings.resamplings} at t = {step}",
+                          replace(anchor, train_timesteps=settings.resamplings, at_step=step)))
+    weights = sorted({c.weights for c in tried} - {FINAL}) + [FINAL]
+    levers = {
+        "ensemble models": [(str(m), replace(anchor, models=m)) for m in settings.ensemble_sizes],
+        "K (training timesteps)": timesteps,
+        "weights (training length)": [(w, replace(anchor, weights=w, models=settings.ensemble, at_step=None,
+                                                  train_timesteps=min(settings.train_timesteps),
+                                                  dimension=min(settings.dimensions))) for w in weights],
     }
+    return {lever: [(value, report(tried[config])) for value, config in points if config in tried]
+            for lever, points in levers.items()}
 
 
 def quantity_result(quantity: str, choice: QuantityChoice, subsets: np.ndarray, per_seed: np.ndarray,
@@ -132,6 +130,11 @@ def quantity_result(quantity: str, choice: QuantityChoice, subsets: np.ndarray, 
           "reported": lds_mean(c.scores[:, part], subsets, outcomes[:, part])} for c in choice.candidates])
 
 
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as file:   # a file object: np.savez would add ".npz" to a temporary's name
+        np.savez(file, **arrays)
+
+
 def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("step-")) for p in RunDirectory(run_dir).checkpoints.glob("step-*"))
 
@@ -144,9 +147,10 @@ def score_quantities(bank: FeatureBank, data: ExperimentData, config: Experiment
     classifier, _ = evaluation_classifier(config, data, device)
     steps = checkpoint_steps(bank.runs[0])
     choices = {}
-    for quantity, (inputs, _) in targets.quantities.items():
+    for quantity, (inputs, grid) in targets.quantities.items():
         outcomes = measured[quantity].mean(0)
-        candidates = trak_candidates(bank, trak_configs(settings, []), quantity, subsets, outcomes)
+        step = None if quantity == "sample" else grid[0]
+        candidates = trak_candidates(bank, trak_configs(settings, [], step), quantity, subsets, outcomes)
         candidates += similarity_candidates(data, classifier, inputs, settings, subsets, outcomes,
                                             targets.held_out_slice)
         output = choose_methods(candidates).trak.config.output
@@ -164,16 +168,17 @@ def linear_datamodeling_scores(config: ExperimentConfig, data: ExperimentData, o
     device = resolve_device(device)
     models = train_models(config, len(data.train), output, settings, workers, progress)
     bank = FeatureBank(models.full, data, None, settings, device, progress)
-    features = [(m, FINAL, o, k, d) for m in range(settings.ensemble) for o in settings.outputs
+    features = [(m, TrakConfig(o, k, d, settings.ensemble)) for m in range(settings.ensemble) for o in settings.outputs
                 for k in settings.train_timesteps for d in settings.dimensions]
-    for key in workers.share(features):   # the training side of the final weights, shared out
-        bank.train(*key)
+    for model, trak in workers.share(features):   # the training side of the final weights, shared out
+        bank.train(model, trak)
     workers.barrier("features")
     if not workers.is_main:
         return None
     bank.targets = make_targets(load_pipeline(models.full[0]), settings, device)
     targets = bank.targets
     measured = measure_subsets(models, targets, settings, device, progress)
+    write_atomic(output / "measured.npz", lambda path: save_arrays(path, measured))   # for the record
     choices = score_quantities(bank, data, config, models.subsets, measured, device)
     results = [quantity_result(q, choices[q], models.subsets, measured[q], targets, settings)
                for q in progress_bar(choices, desc="intervals", enabled=progress)]

@@ -14,6 +14,8 @@ x_T, is the noise floor: how much retraining chaos alone moves the output. Diffe
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,8 @@ NOISE_FLOOR = "second full model (noise floor)"
 
 @dataclass
 class Removal:
-    name: str                   # its run directory under removals/
+    name: str                   # its run directory under removals/, named by what it removes (a resumed
+                                # validation whose plan changed keeps the retrainings it can reuse)
     kind: str                   # "top-k <method>", or "random k"
     target: int | None          # index among all targets (None: a random removal, compared with every target)
     step: int | None            # T
@@ -69,13 +72,17 @@ def removal_plan(choices: dict[str, QuantityChoice], targets: Targets, settings:
         choice = choices[quantity_of(targets, step)]
         for target in examined:
             for kind, candidate in (("top-k TRAK", choice.trak), (f"top-k {choice.baseline.method}", choice.baseline)):
-                removed = np.argsort(-candidate.scores[:, target], kind="stable")[:k]
-                plan.append(Removal(f"removal-{len(plan):03d}", kind, target, step, removed.tolist()))
+                removed = sorted(np.argsort(-candidate.scores[:, target], kind="stable")[:k].tolist())
+                plan.append(Removal(removal_name(removed), kind, target, step, removed))
     rng = np.random.default_rng(settings.seed + 7)
     for draw in range(settings.removal_draws):
-        plan.append(Removal(f"removal-{len(plan):03d}", "random k", None, None,
-                            sorted(rng.choice(num_train, k, replace=False).tolist())))
+        removed = sorted(rng.choice(num_train, k, replace=False).tolist())
+        plan.append(Removal(removal_name(removed), "random k", None, None, removed))
     return plan
+
+
+def removal_name(removed: list[int]) -> str:
+    return "removal-" + hashlib.sha256(json.dumps(removed).encode()).hexdigest()[:12]
 
 
 def quantity_of(targets: Targets, step: int) -> str:
@@ -86,7 +93,8 @@ def quantity_of(targets: Targets, step: int) -> str:
 def train_removals(config: ExperimentConfig, output: Path, plan: list[Removal], num_train: int,
                    workers: IndependentWorkers, progress: bool) -> None:
     """Retrain (or keep) every removal, coupled to the attributed model, shared out between the workers."""
-    for removal in progress_bar(workers.share(plan), desc="removals", enabled=progress):
+    unique = list({removal.name: removal for removal in plan}.values())   # two methods may remove the same k
+    for removal in progress_bar(workers.share(unique), desc="removals", enabled=progress):
         keep = np.ones(num_train, dtype=bool)
         keep[removal.removed] = False
         retrain(config, output / "removals" / removal.name, keep, coupled=True)
