@@ -148,7 +148,7 @@ def end_to_end(args) -> None:
         "train": {"steps": args.train_steps, "batch_size": 64, "warmup_steps": 10,
                   "checkpoint_every": args.train_steps}})
     run = train_run(config, overwrite=True)
-    settings = AttributionSettings(num_targets=1, steps=(900, 700, 500, 300, 100), train_timesteps=10)
+    settings = AttributionSettings(output="dtrak", num_targets=1, steps=(900, 700, 500, 300, 100), train_timesteps=10)
     start = time.perf_counter()
     result = attribute_run(run, settings, overwrite=True)
     first = time.perf_counter() - start

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SMALL = {"num_targets": 3, "steps": (900, 100), "top": 4, "train_timesteps": 4, "resamplings": 5, "dimension": 128,
          "batch_size": 16}
-FEATURES = "features-dtrak-K4-k128-sparse"
+FEATURES = f"features-{AttributionSettings().output}-K4-k128-sparse"   # under the validated output
 
 
 @pytest.fixture(scope="module")
@@ -289,13 +289,16 @@ def test_the_report_says_which_validation_chose_the_defaults_and_what_was_overri
     from condiff.experiments.attribution import VALIDATED, VALIDATION
 
     defaults = AttributionSettings()
-    assert {name: getattr(defaults, name) for name in VALIDATED} == VALIDATED   # the defaults are the validated
+    settable = {name: value for name, value in VALIDATED.items() if name != "ensemble"}   # other runs: the user's
+    assert {name: getattr(defaults, name) for name in settable} == settable   # the defaults are the validated
     result = attribute_run(tiny_run, AttributionSettings(**SMALL), overwrite=True, progress=False)
     settings = (result.directory / "report.md").read_text().split("## Top examples")[0]
-    assert VALIDATION in settings and "train_timesteps = 4 (validated: 10)" in settings
+    assert VALIDATION in settings and f"train_timesteps = 4 (validated: {VALIDATED['train_timesteps']})" in settings
+    assert f"ensemble = 1 (validated: {VALIDATED['ensemble']})" in settings   # one run where the validation used more
     assert "ridge" not in result.settings.overridden()
-    result = attribute_run(tiny_run, AttributionSettings(**SMALL, ridge=1.0), overwrite=True, progress=False)
-    assert "ridge = 1.0 (validated: 0.1)" in (result.directory / "report.md").read_text()
+    other = VALIDATED["ridge"] * 10
+    result = attribute_run(tiny_run, AttributionSettings(**SMALL, ridge=other), overwrite=True, progress=False)
+    assert f"ridge = {other} (validated: {VALIDATED['ridge']})" in (result.directory / "report.md").read_text()
     assert json.loads((result.directory / "attribution.json").read_text())["validation"] == VALIDATION
 
 

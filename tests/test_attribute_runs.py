@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SMALL = {"num_targets": 2, "steps": (900, 100), "top": 3, "train_timesteps": 4, "resamplings": 3, "dimension": 64,
          "batch_size": 16, "journey_every": 10}
-FEATURES = "features-dtrak-K4-k64-sparse"
+FEATURES = f"features-{AttributionSettings().output}-K4-k64-sparse"   # under the validated output
 
 
 def featurizer_of(run, settings: AttributionSettings):

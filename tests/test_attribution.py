@@ -220,7 +220,7 @@ def test_featurization_resumes_after_a_kill(tiny_run, tmp_path, monkeypatch):
 
     settings = AttributionSettings(**SMALL)
     fresh = attribute_run(tiny_run, settings, overwrite=True, progress=False).directory
-    expected = np.load(fresh / "features-dtrak-K4-k128-sparse.npy").copy()
+    expected = np.load(fresh / f"features-{settings.output}-K4-k128-sparse.npy").copy()
 
     calls, original = [], GradientFeaturizer.train_features
 
@@ -239,7 +239,7 @@ def test_featurization_resumes_after_a_kill(tiny_run, tmp_path, monkeypatch):
                         lambda self, data, timesteps, **kw: calls.append(kw.get("first_index")) or original(
                             self, data, timesteps, **kw))
     attribute_run(tiny_run, settings, resume=True, progress=False)
-    resumed = np.load(tiny_run / "attribution" / "features-dtrak-K4-k128-sparse.npy")
+    resumed = np.load(tiny_run / "attribution" / f"features-{settings.output}-K4-k128-sparse.npy")
     assert 0 not in calls and 16 not in calls         # the two finished batches were not redone
     np.testing.assert_array_equal(resumed, expected)
 

@@ -31,8 +31,8 @@ def test_attribute_under_two_processes_writes_what_one_writes(tiny_config, tmp_p
     from condiff.experiments.training import train_run
 
     run = train_run(tiny_config(tmp_path / "run", train={"steps": 20}))
-    arguments = ["-m", "condiff", "attribute", str(run), "--samples", "2", "--steps", "500,100", "--train-timesteps",
-                 "3", "--dimension", "64", "--journey-every", "0"]
+    arguments = ["-m", "condiff", "attribute", str(run), "--samples", "2", "--steps", "500,100", "--output", "dtrak",
+                 "--train-timesteps", "3", "--dimension", "64", "--journey-every", "0"]
     torchrun(*arguments, processes=1)
     one = {name: np.load(run / "attribution" / name) for name in ("scores.npy", "features-dtrak-K3-k64-sparse.npy")}
     torchrun(*arguments, "--overwrite")

@@ -61,9 +61,10 @@ from condiff.sampling.generate import SampleOutput
 
 # The defaults of AttributionSettings that a counterfactual validation chose, and which validation that was:
 # the one place to change them (report.md says which were overridden).
-VALIDATION = ("no validation yet: condiff's first defaults, kept until `condiff reproduce attribution-digits` "
-              "(being rebuilt) chooses them")
-VALIDATED = {"output": "dtrak", "train_timesteps": 10, "ridge": 0.1, "checkpoints": 1, "ensemble": 1}
+VALIDATION = ("`condiff reproduce attribution-digits --scale cpu` (independent LDS on the generated samples, "
+              "every choice on 32 held-out targets: 0.280 [0.174, 0.368] with 4 models, +0.120 [0.016, 0.230] "
+              "over the gradient dot product)")
+VALIDATED = {"output": "loss", "train_timesteps": 100, "ridge": 1.0, "checkpoints": 1, "ensemble": 4}
 
 
 @dataclass

@@ -131,6 +131,8 @@ def settings_section(result: AttributionResult) -> str:
     overridden = settings.overridden()
     choices = ("none overridden" if not overridden else "overridden here: " + ", ".join(
         f"{name} = {value} (validated: {validated})" for name, (value, validated) in overridden.items()))
+    if "ensemble" in overridden:
+        choices += " (runs of other training seeds, given as `models`, make the ensemble)"
     purity = ("" if result.target_classes is None else
               f"\n\nTarget components (exact posterior of the mixture): {', '.join(map(str, result.target_classes))}.")
     return (f"Output function `{settings.output}`, K = {settings.train_timesteps} training timesteps, "

@@ -2,11 +2,13 @@
 (condiff.experiments.lds_validation) of configs/digits-attribution.toml, the per-step removal test
 (condiff.experiments.removal) and journeys of the attributed model, in one report.
 
-`--scale cpu` fits two cores in about an hour and a half (half of it with two workers:
-`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m condiff reproduce attribution-digits`, which shares
-out the models); `--scale paper` has D-TRAK's protocol sizes, for GPUs; `--scale smoke` the same protocol with
-a few short trainings (minutes: it checks the pipeline, its figures mean nothing); `--coupled` the
-variance-reduction variant (subset models coupled to their seed's full-set random stream), labelled so.
+`--scale cpu` took 1 h 0 min on two cores with two workers
+(`ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m condiff reproduce attribution-digits`,
+which shares out the models; one process needs about twice that). `--scale paper` has D-TRAK's protocol sizes,
+for GPUs (one H200 with 8 workers trained 8 of its ~330 models in 3 min: a few hours in all). `--scale smoke`
+runs the same protocol with a few short trainings (a minute or two: it checks the pipeline, its figures mean
+nothing). `--coupled` is the variance-reduction variant (subset models coupled to their seed's full-set random
+stream), labelled so.
 A reproduction resumes (`--resume`): finished models and features are kept.
 """
 
