@@ -4,6 +4,7 @@ models out between independent workers (each trains alone) and reports what one 
 
 import json
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -27,13 +28,14 @@ def torchrun(*arguments: str, processes: int = 2) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_attribute_under_two_processes_writes_what_one_writes(tiny_config, tmp_path):
+def test_attribute_under_two_processes_writes_what_one_writes(tiny_config, tmp_path, one_torch_thread):
+    from condiff.cli import main
     from condiff.experiments.training import train_run
 
     run = train_run(tiny_config(tmp_path / "run", train={"steps": 20}))
     arguments = ["-m", "condiff", "attribute", str(run), "--samples", "2", "--steps", "500,100", "--output", "dtrak",
                  "--train-timesteps", "3", "--dimension", "64", "--journey-every", "0"]
-    torchrun(*arguments, processes=1)
+    assert main(arguments[2:]) == 0   # one process: this one
     one = {name: np.load(run / "attribution" / name) for name in ("scores.npy", "features-dtrak-K3-k64-sparse.npy")}
     torchrun(*arguments, "--overwrite")
     for name, expected in one.items():
@@ -41,9 +43,10 @@ def test_attribute_under_two_processes_writes_what_one_writes(tiny_config, tmp_p
     assert json.loads((run / "attribution" / "attribution.json").read_text())["steps"]
 
 
-def test_validation_under_two_workers_reports_what_one_reports(tmp_path):
+def test_validation_under_two_workers_reports_what_one_reports(tmp_path, monkeypatch, one_torch_thread):
     worker = str(Path(__file__).with_name("attribution_workers_worker.py"))
-    torchrun(worker, str(tmp_path / "one"), processes=1)
+    monkeypatch.setattr(sys, "argv", [worker, str(tmp_path / "one")])
+    runpy.run_path(worker, run_name="__main__")   # one worker: this process
     torchrun(worker, str(tmp_path / "two"))
     one, two = (json.loads((tmp_path / name / "lds.json").read_text()) for name in ("one", "two"))
     assert one["results"] == two["results"] and one["removals"] == two["removals"]

@@ -26,6 +26,10 @@ from condiff.config import ConfigError
 
 OUTPUT_FUNCTIONS = ("dtrak", "loss")
 
+# Whether the hook rules hold is a property of the architecture (which layers use which weights), not of the
+# weights: checked once per architecture, output and device kind, not once per checkpoint or ensemble member.
+_HOOKS_AGREE: dict[tuple, bool] = {}
+
 
 def checked_output(name: str) -> str:
     """`name`, refused unless it is one of the output functions."""
@@ -163,16 +167,21 @@ class GradientFeaturizer:
         return total / rows_per_example
 
     def check_hooks(self, noisy, timesteps, noise, labels) -> None:
-        """Compare the hook rules with torch.func on one example, once: a model that uses a layer's weights
-        outside that layer's forward would fool the rules, so it falls back to torch.func (with a warning).
-        Each parameter's gradient must agree within 5% of its norm or 1e-4 of the whole gradient's: TF32
-        arithmetic (cuDNN's default on GPUs) differs by ~1e-3, a missed use of a weight by its whole share."""
+        """Compare the hook rules with torch.func on one example, once per architecture: a model that uses a
+        layer's weights outside that layer's forward would fool the rules, so it falls back to torch.func (with
+        a warning). Each parameter's gradient must agree within 5% of its norm or 1e-4 of the whole gradient's:
+        TF32 arithmetic (cuDNN's default on GPUs) differs by ~1e-3, a missed use of a weight by its whole share."""
         self.checked = True
-        hooked = self.mean_gradients(noisy, timesteps, noise, labels, rows_per_example=len(noisy))
-        reference = self.functional_gradients(noisy, timesteps, noise, labels, len(noisy))
-        floor = 1e-4 * float(reference.norm())
-        if any(float((hooked[:, columns] - reference[:, columns]).norm()) > 0.05 * float(reference[:, columns].norm())
-               + floor for columns in self.hooked.slices.values()):
+        key = (type(self.model).__module__, type(self.model).__qualname__, self.output, labels is None,
+               self.device.type, tuple((name, tuple(p.shape)) for name, p in self.model.named_parameters()))
+        if key not in _HOOKS_AGREE:
+            hooked = self.mean_gradients(noisy, timesteps, noise, labels, rows_per_example=len(noisy))
+            reference = self.functional_gradients(noisy, timesteps, noise, labels, len(noisy))
+            floor = 1e-4 * float(reference.norm())
+            _HOOKS_AGREE[key] = all(
+                float((hooked[:, columns] - reference[:, columns]).norm()) <= 0.05 * float(reference[:, columns].norm())
+                + floor for columns in self.hooked.slices.values())
+        if not _HOOKS_AGREE[key]:
             warnings.warn(f"{type(self.model).__name__}: per-example gradients from layer hooks differ from "
                           "torch.func's; using torch.func (slower)", RuntimeWarning, stacklevel=3)
             self.hooked = None

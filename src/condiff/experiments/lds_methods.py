@@ -90,11 +90,17 @@ class FeatureBank:
         self.device, self.progress = device, progress
         self._train: dict[tuple, torch.Tensor] = {}
         self._target: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._projectors: dict[tuple[int, int], object] = {}   # one per (p, k): every model projects alike
+
+    def projector(self, num_params: int, dimension: int):
+        if (num_params, dimension) not in self._projectors:
+            self._projectors[num_params, dimension] = PROJECTORS[self.settings.projection](
+                num_params, dimension, seed=self.settings.seed, device=self.device)
+        return self._projectors[num_params, dimension]
 
     def featurizer(self, model: int, weights: str, output: str, dimension: int) -> GradientFeaturizer:
         network = model_weights(self.runs[model], weights).to(self.device)
-        projector = PROJECTORS[self.settings.projection](sum(p.numel() for p in network.parameters()), dimension,
-                                                         seed=self.settings.seed, device=self.device)
+        projector = self.projector(sum(p.numel() for p in network.parameters()), dimension)
         return GradientFeaturizer(network, load_pipeline(self.runs[model]).scheduler.alphas_cumprod, projector,
                                   output=output, batch_size=self.settings.batch_size)
 
