@@ -34,14 +34,15 @@ TINY_RUN = {
 
 def tiny_table(output_dir, **sections) -> dict:
     """TINY_RUN writing to `output_dir`, each keyword a section whose keys replace the tiny run's
-    (`train={"steps": 20}`); a section given as None is dropped (`constraints=None`: unconstrained)."""
+    (`train={"steps": 20}`, a key given as None is dropped); a section given as None is dropped
+    (`constraints=None`: unconstrained)."""
     table = {key: dict(value) if isinstance(value, dict) else value for key, value in TINY_RUN.items()}
     table["output_dir"] = str(output_dir)
     for name, values in sections.items():
         if values is None:
             table.pop(name, None)
         elif isinstance(values, dict):
-            table[name] = {**table.get(name, {}), **values}
+            table[name] = {k: v for k, v in {**table.get(name, {}), **values}.items() if v is not None}
         else:
             table[name] = values
     return table

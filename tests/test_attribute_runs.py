@@ -162,7 +162,7 @@ def latent_run(tmp_path_factory):
 def test_a_latent_run_is_attributed_in_latent_space_and_pictured_decoded(latent_run, drawn):
     from condiff.data.latent import decode_latents, encode_dataset, load_autoencoder
     from condiff.experiments.attribution_journey import class_posteriors
-    from condiff.experiments.evaluation import evaluation_classifier
+    from condiff.experiments.build import evaluation_classifier
 
     settings = AttributionSettings(**SMALL)
     result = attribute_run(latent_run, settings, progress=False)

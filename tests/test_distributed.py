@@ -19,11 +19,17 @@ from condiff.sampling.generate import generate, load_samples, sampling_scheduler
 pytestmark = pytest.mark.slow   # two torchrun processes
 
 
+# The mixture estimator's run is under measured share control: each process draws half the control samples.
+MEASURED = {"classes": [1, 2], "gamma": None, "target_shares": [0.45, 0.3], "control": "measured",
+            "control_every": 4, "control_samples": 16, "control_steps": 3, "control_start": 0.0}
+
+
 @pytest.mark.parametrize("estimator", ["stratified", "mixture"])
 def test_two_processes_hold_identical_multipliers_at_every_dual_step(tmp_path, estimator, tiny_toml):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     run_dir = tmp_path / "run"
-    config = tiny_toml(tmp_path / "config.toml", run_dir, constraints={"classes": [1, 2]},
+    constraints = {"classes": [1, 2]} if estimator == "stratified" else MEASURED
+    config = tiny_toml(tmp_path / "config.toml", run_dir, constraints=constraints,
                        train={"steps": 24, "warmup_steps": 2, "checkpoint_every": 12},
                        dual={"estimator": estimator, "primal_steps_per_dual": 2})
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -39,6 +45,9 @@ def test_two_processes_hold_identical_multipliers_at_every_dual_step(tmp_path, e
     assert [r["step"] for r in ranks[0]] == list(range(2, 25, 2))
     assert ranks[0] == ranks[1]                      # bit-identical on both processes, every dual step
     assert any(m > 0 for m in ranks[0][-1]["multipliers"].values())
+    if estimator == "mixture":   # the controller moved the multipliers away from Theorem 1's start
+        assert len({json.dumps(r["multipliers"]) for r in ranks[0]}) > 3
+        assert json.loads((run_dir / "summary.json").read_text())["control"]["samples"] == 16
 
     pipeline = DDPMPipeline.from_pretrained(run_dir / "model")
     out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), 16, num_inference_steps=5,

@@ -19,7 +19,7 @@ from condiff.cli import main
 from condiff.config import ConfigError, config_from_dict
 from condiff.data.datasets import class_shares, gaussian_mixture_dataset
 from condiff.experiments.build import build_data
-from condiff.experiments.evaluation import evaluation_classifier
+from condiff.experiments.build import evaluation_classifier
 from condiff.experiments.training import train_run
 from condiff.gmm.guidance import guided_score
 from condiff.gmm.mixture import ExactNoisePredictor, GaussianMixture

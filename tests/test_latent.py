@@ -195,7 +195,8 @@ def test_latent_run_trains_on_latents_and_samples_decoded_images(saved_vae, vae,
     from condiff.evaluation.classifier import extract_features
     from condiff.evaluation.metrics import frechet_distance
     from condiff.experiments.build import build_data
-    from condiff.experiments.evaluation import evaluate_run, evaluation_classifier
+    from condiff.experiments.build import evaluation_classifier
+    from condiff.experiments.evaluation import evaluate_run
     from condiff.experiments.training import train_run
 
     config = latent_config(tmp_path, saved_vae)

@@ -20,6 +20,7 @@ from torch import nn
 
 from condiff.data.datasets import EpochSampler, LabelledDataset
 from condiff.fit import fit, seeded_model
+from condiff.gmm.mixture import GaussianMixture
 from condiff.rundir import write_atomic
 from condiff.runtime import resolve_device
 
@@ -172,3 +173,22 @@ def load_or_train_classifier(key: str, train: LabelledDataset, held_out: Labelle
         (temporary / TRAINING_RECORD).write_text(json.dumps(meta, indent=2))
     write_atomic(folder, save, directory=True)
     return classifier, accuracy
+
+
+class MixtureBayesClassifier(torch.nn.Module):
+    """The exact Bayes classifier of a Gaussian mixture behind the learned classifiers' interface:
+    features are the raw coordinates, logits the exact log posterior."""
+
+    def __init__(self, mixture: GaussianMixture):
+        super().__init__()
+        self.mixture = mixture
+        self.register_buffer("anchor", torch.zeros(0))  # gives the module a device
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).double()
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mixture.log_posterior(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

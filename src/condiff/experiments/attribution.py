@@ -53,7 +53,7 @@ from condiff.experiments.attribution_journey import (
 )
 from condiff.experiments.attribution_report import plot_class_shares, plot_journey, write_attribution_report
 from condiff.experiments.build import load_latent_autoencoder, load_pipeline, load_run_config
-from condiff.experiments.evaluation import evaluation_classifier
+from condiff.experiments.build import evaluation_classifier
 from condiff.models import null_class_label, sample_shape_of
 from condiff.rundir import RunDirectory, create_output_directory, write_json_atomic
 from condiff.runtime import process_state, progress_bar, resolve_device

@@ -6,6 +6,7 @@ and the pretrained model a fine-tuning run starts from."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +43,14 @@ from condiff.data.datasets import (
     split_per_class,
     take_per_class,
 )
-from condiff.data.latent import AutoencoderLoadError, load_autoencoder
+from condiff.data.latent import AutoencoderLoadError, decode_latents, load_autoencoder
+from condiff.evaluation.classifier import MixtureBayesClassifier, load_or_train_classifier, predict_labels
 from condiff.gmm.mixture import GaussianMixture
 from condiff.models import build_model, sample_shape_of
 from condiff.rundir import RunDirectory, RunDirectoryError
+from condiff.runtime import resolve_device
+from condiff.sampling.generate import sampling_scheduler
+from condiff.training.control import MeasuredShareControl, ShareController
 from condiff.training.dual import InfeasibleConstraints, multipliers_for_target_shares, multipliers_from_kl_bounds
 from condiff.training.terms import Constraint, DatasetTerm, PretrainedModelTerm
 
@@ -202,6 +207,32 @@ def build_constraints(config: ExperimentConfig, train_set: LabelledDataset, nois
             for c, b, g, lam in zip(cons.classes, thresholds, gammas, fixed)]
 
 
+def build_share_control(config: ExperimentConfig, data: ExperimentData, constraints: list[Constraint],
+                        noise_scheduler: DDPMScheduler, accelerator, autoencoder=None) -> MeasuredShareControl | None:
+    """Measured control of the target shares (`constraints.control = "measured"`), labelled by the run's
+    evaluation classifier (trained by the main process first, then loaded from the cache by the others);
+    None for runs that do not ask for it."""
+    cons = config.constraints
+    if cons.control != "measured":
+        return None
+    with accelerator.main_process_first():
+        classifier, _ = evaluation_classifier(config, data, accelerator.device)
+    classifier.eval()
+
+    def label(samples: torch.Tensor) -> torch.Tensor:
+        return classifier(samples.to(accelerator.device)).argmax(1)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(autoencoder, latents)
+
+    controller = ShareController(cons.target_shares, [c.fixed_multiplier for c in constraints[:len(cons.classes)]],
+                                 rate=cons.control_rate, smoothing=cons.control_smoothing)
+    return MeasuredShareControl(controller, cons.classes, label, sampling_scheduler(noise_scheduler, "ddim"),
+                                every=cons.control_every, first_step=math.ceil(cons.control_start * config.train.steps),
+                                samples=cons.control_samples, steps=cons.control_steps, seed=config.train.seed,
+                                decode=None if autoencoder is None else decode)
+
+
 def load_latent_autoencoder(config: ExperimentConfig, run_dir: Path | None = None):
     """The frozen AutoencoderKL of a latent-diffusion config (the run's own copy when `run_dir` has one),
     or None when the model works on pixels."""
@@ -285,3 +316,15 @@ def load_pipeline(run_dir: Path) -> DDPMPipeline:
     finally:
         diffusers_logging.set_verbosity(previous)
         diffusers_logging.enable_progress_bar()
+
+
+def evaluation_classifier(config: ExperimentConfig, data: ExperimentData, device: str | torch.device | None = None):
+    """(classifier, held-out accuracy): the exact Bayes classifier for mixtures, else condiff's own
+    classifier trained on balanced data (on `device`) and cached."""
+    if data.mixture is not None:
+        classifier = MixtureBayesClassifier(data.mixture).to(resolve_device(device))
+        accuracy = float((predict_labels(classifier, data.reference.data) == data.reference.labels.numpy()).mean())
+        return classifier, accuracy
+    key = f"{config.data.dataset}-heldout{config.data.held_out_per_class}-seed{config.data.seed}"
+    return load_or_train_classifier(key, data.classifier_train, data.held_out, device=device,
+                                    epochs=config.evaluate.classifier_epochs)

@@ -18,48 +18,16 @@ from accelerate.utils import broadcast_object_list
 
 from condiff.config import ConfigError, ExperimentConfig
 from condiff.data.datasets import take_per_class
-from condiff.evaluation.classifier import features_and_labels, load_or_train_classifier, predict_labels
+from condiff.evaluation.classifier import features_and_labels, predict_labels
 from condiff.evaluation.inception import InceptionFIDUnavailable, check_inception_fid, inception_fid
 from condiff.evaluation.metrics import evaluate_samples, total_variation
-from condiff.experiments.build import ExperimentData, load_run_config
+from condiff.experiments.build import ExperimentData, evaluation_classifier, load_run_config
 from condiff.experiments.sampling import sample_run, sampling_settings
 from condiff.experiments.training import load_evaluation_data
-from condiff.gmm.mixture import GaussianMixture
 from condiff.report import image_md, markdown_table, plot_class_frequencies, plot_training_curves, write_report
 from condiff.rundir import RunDirectory, read_metrics, write_json_atomic
 from condiff.runtime import process_state, resolve_device
 from condiff.sampling.generate import load_samples
-
-
-class MixtureBayesClassifier(torch.nn.Module):
-    """The exact Bayes classifier of a Gaussian mixture behind the learned classifiers' interface:
-    features are the raw coordinates, logits the exact log posterior."""
-
-    def __init__(self, mixture: GaussianMixture):
-        super().__init__()
-        self.mixture = mixture
-        self.register_buffer("anchor", torch.zeros(0))  # gives the module a device
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1).double()
-
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mixture.log_posterior(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def evaluation_classifier(config: ExperimentConfig, data: ExperimentData, device: str | torch.device | None = None):
-    """(classifier, held-out accuracy): the exact Bayes classifier for mixtures, else condiff's own
-    classifier trained on balanced data (on `device`) and cached."""
-    if data.mixture is not None:
-        classifier = MixtureBayesClassifier(data.mixture).to(resolve_device(device))
-        accuracy = float((predict_labels(classifier, data.reference.data) == data.reference.labels.numpy()).mean())
-        return classifier, accuracy
-    key = f"{config.data.dataset}-heldout{config.data.held_out_per_class}-seed{config.data.seed}"
-    return load_or_train_classifier(key, data.classifier_train, data.held_out, device=device,
-                                    epochs=config.evaluate.classifier_epochs)
 
 
 def describe_difference(found: dict, wanted: dict) -> str:

@@ -29,7 +29,7 @@ from condiff.experiments.counterfactual import (
     measure_subsets,
     train_models,
 )
-from condiff.experiments.evaluation import evaluation_classifier
+from condiff.experiments.build import evaluation_classifier
 from condiff.experiments.lds_methods import (
     FINAL,
     TRAK,

@@ -203,8 +203,7 @@ def describe_constraints(config: ExperimentConfig) -> str:
     if cons.classes:
         mode = next(f"{key.replace('_', ' ')} {getattr(cons, key)}" for key in ("gamma", "thresholds", "target_shares",
                                                                              "kl_bounds") if getattr(cons, key) is not None)
-        held = ", multipliers held at the closed form" if cons.target_shares or cons.kl_bounds else ""
-        parts.append(f"one constraint per class {cons.classes}, {mode}{held} ({config.dual.estimator} estimator)")
+        parts.append(f"one constraint per class {cons.classes}, {mode}: {cons.mode} ({config.dual.estimator} estimator)")
     if config.finetune.pretrained:
         parts.append("starts from the pretrained model")
     if config.finetune.threshold is not None:

@@ -33,6 +33,8 @@ class TrainingSummary:
     multipliers: dict[str, float]          # final multipliers, by constraint name
     data_class_shares: list[float]         # class shares of the training data
     predicted_class_shares: list[float]    # the shares Theorem 1 predicts from the multipliers
+    constraint_mode: str = ""              # what the multipliers did, e.g. "held multipliers (Theorem 1)"
+    control: dict | None = None            # measured share control: the last control step's shares
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class Run:
     def summary(self) -> TrainingSummary:
         summary = self.directory.read_json(self.directory.summary_file)
         return TrainingSummary(summary["steps"], {c["name"]: c["multiplier"] for c in summary["constraints"]},
-                               summary["data_class_shares"], summary["predicted_class_shares"])
+                               summary["data_class_shares"], summary["predicted_class_shares"],
+                               summary.get("constraint_mode", ""), summary.get("control"))
 
     def pipeline(self) -> DDPMPipeline:
         """The trained model as a diffusers pipeline (`DDPMPipeline.from_pretrained(RUN/model)`)."""

@@ -29,6 +29,7 @@ from condiff.experiments.build import (
     build_data,
     build_network,
     build_noise_scheduler,
+    build_share_control,
     check_inputs,
     load_latent_autoencoder,
     load_run_config,
@@ -156,6 +157,7 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
         constraints.append(pretrained_constraint(config, pretrained.to(accelerator.device), train_set.sample_shape,
                                                  noise_scheduler, progress=accelerator.is_main_process))
     objective = DatasetTerm("data", train_set, noise_scheduler, config.train.label_dropout, example_weights=weights)
+    control = build_share_control(config, data, constraints, noise_scheduler, accelerator, autoencoder)
 
     # Only now, with everything built and checked, is anything written.
     # Every process checks (so a refusal exits all of them instead of leaving some at a barrier);
@@ -181,11 +183,11 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     if config.train.log_with:
         accelerator.init_trackers(TRACKERS, config=tracker_hyperparameters(config))
     result = train(model, noise_scheduler, objective, constraints, config.train, config.dual, run.path,
-                   resume=resume, on_step=on_step, accelerator=accelerator)
+                   resume=resume, on_step=on_step, accelerator=accelerator, control=control)
     for tracker in accelerator.trackers:   # not end_training(): it also ends the process group sampling needs
         tracker.finish()
     if accelerator.is_main_process:
-        summary = training_summary(config, data, constraints, result)
+        summary = training_summary(config, data, constraints, result, control)
         save_pretrained_atomic(DDPMPipeline(unet=result.model, scheduler=noise_scheduler), run.model)
         write_text_atomic(run.model / "README.md", model_card(config, summary, len(data.train)))
         write_json_atomic(run.summary_file, summary)
@@ -214,8 +216,9 @@ def tracker_hyperparameters(config: ExperimentConfig) -> dict:
     return flat
 
 
-def training_summary(config: ExperimentConfig, data: ExperimentData, constraints, result) -> dict:
-    """summary.json: the final multipliers and the class shares Theorem 1 predicts from them."""
+def training_summary(config: ExperimentConfig, data: ExperimentData, constraints, result, control=None) -> dict:
+    """summary.json: the constraint mode, the final multipliers and the class shares Theorem 1 predicts from
+    them; under measured control, the shares the last control step measured beside that prediction."""
     shares = np.asarray(data.train.class_counts()) / len(data.train)
     classes = config.constraints.classes
     lam = {label: result.multipliers[c.name] for label, c in zip(classes, constraints)}
@@ -224,11 +227,22 @@ def training_summary(config: ExperimentConfig, data: ExperimentData, constraints
         pretrained_summary = json.loads((Path(config.finetune.pretrained) / "summary.json").read_text())
         reference = {"reference_shares": pretrained_summary["predicted_class_shares"],
                      "reference_multiplier": result.multipliers[constraints[len(classes)].name]}
-    return {"steps": result.step, "data_class_shares": shares.tolist(), "multipliers": result.multipliers,
+    predicted = predicted_shares(shares, lam, **reference)
+    measured = None
+    if control is not None and control.controller.history:
+        last = control.controller.history[-1]
+        measured = {"step": last.step, "samples": last.samples, "classes": list(classes),
+                    "targets": list(config.constraints.target_shares), "shares": last.shares,
+                    "smoothed": last.smoothed, "interval_95": [list(p) for p in zip(last.low, last.high)],
+                    "predicted_by_theorem_1": [float(predicted[c]) for c in classes],
+                    "control_steps": len(control.controller.history)}
+    return {"steps": result.step, "constraint_mode": config.constraints.mode, "control": measured,
+            "data_class_shares": shares.tolist(), "multipliers": result.multipliers,
             "constraints": [{"name": c.name, "threshold": c.threshold, "relaxation_cost": c.relaxation_cost,
-                             "multiplier": result.multipliers[c.name], "fixed": c.fixed_multiplier is not None}
+                             "multiplier": result.multipliers[c.name],
+                             "fixed": c.fixed_multiplier is not None and control is None}
                             for c in constraints],
-            "predicted_class_shares": predicted_shares(shares, lam, **reference).tolist()}
+            "predicted_class_shares": predicted.tolist()}
 
 
 def model_card(config: ExperimentConfig, summary: dict, num_train: int) -> str:
@@ -238,6 +252,13 @@ def model_card(config: ExperimentConfig, summary: dict, num_train: int) -> str:
         f"{' (fixed)' if c.get('fixed') else ''} |" for c in summary["constraints"]) or "| (none: unconstrained) | | | |"
     shares = ", ".join(f"{c}: {data:.3f} -> {predicted:.3f}" for c, (data, predicted) in
                        enumerate(zip(summary["data_class_shares"], summary["predicted_class_shares"])))
+    measured = summary.get("control")
+    if measured:
+        measured = "\n\nThe multipliers followed the shares the model generated (measured share control): at step " + \
+            f"{measured['step']}, " + ", ".join(
+                f"class {c} {share:.3f} [{lo:.3f}, {hi:.3f}] for a target of {target:g}" for c, share, (lo, hi), target
+                in zip(measured["classes"], measured["shares"], measured["interval_95"], measured["targets"])) + \
+            f" ({measured['samples']} samples, 95% Wilson intervals)."
     return f"""---
 library_name: diffusers
 tags: [condiff, diffusion, constrained-training]
@@ -247,12 +268,13 @@ tags: [condiff, diffusion, constrained-training]
 
 A `{config.model.kind}` diffusion model trained by condiff (primal-dual training, Khalafi, Ding, Ribeiro,
 NeurIPS 2024) for {summary['steps']} steps on `{config.data.dataset}` data ({num_train} training samples).
+Constraints: {config.constraints.mode}.
 
 | constraint | threshold | relaxation cost | final multiplier |
 |---|---|---|---|
 {constraints}
 
-Class shares of the data -> the shares Theorem 1 predicts for the constrained optimum: {shares}.
+Class shares of the data -> the shares Theorem 1 predicts for the constrained optimum: {shares}.{measured or ""}
 
 ## Load it
 

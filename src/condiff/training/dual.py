@@ -97,6 +97,12 @@ class DualState:
         self.multipliers = torch.where(self.fixed.isnan(), updated, self.fixed)
         self.loss_sum, self.loss_count = torch.zeros_like(self.loss_sum), torch.zeros_like(self.loss_count)
 
+    def hold(self, values: dict[str, float]) -> None:
+        """Hold the named multipliers at new values (a controller outside the dual rule moves them)."""
+        for name, value in values.items():
+            index = self.names.index(name)
+            self.fixed[index] = self.multipliers[index] = float(value)
+
     def state_dict(self) -> dict:
         return {"multipliers": self.named(self.multipliers), "loss_sum": self.named(self.loss_sum),
                 "loss_count": self.named(self.loss_count)}

@@ -9,6 +9,7 @@ processes before each dual step so that the multipliers stay identical everywher
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -26,6 +27,7 @@ from condiff.config import DualConfig, TrainConfig
 from condiff.rundir import RunDirectoryError, read_metrics, write_text_atomic
 from condiff.runtime import progress_bar
 from condiff.training.checkpoint import load_checkpoint, optimizer_state_from_json, save_checkpoint
+from condiff.training.control import MeasuredShareControl
 from condiff.training.dual import DualState
 from condiff.training.estimators import ESTIMATORS
 from condiff.training.metrics_log import MetricsLog, StepMetrics, check_finite
@@ -52,6 +54,20 @@ def restore_learning_rate(optimizer, lr_schedule, lr: float) -> None:
     lr_schedule._last_lr = [group["lr"] for group in optimizer.param_groups]   # what get_last_lr() reports
 
 
+@contextlib.contextmanager
+def ema_weights(ema: EMAModel | None, model: torch.nn.Module):
+    """The model holds its EMA weights inside (the weights a run saves), its training weights after."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
 def make_accelerator(config: TrainConfig, project_dir: Path | None = None) -> Accelerator:
     """The accelerator of a training run: its mixed precision, `torch.compile` (inductor) and tracker."""
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
@@ -65,10 +81,12 @@ def make_accelerator(config: TrainConfig, project_dir: Path | None = None) -> Ac
 
 def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: DatasetTerm,
           constraints: list[Constraint], config: TrainConfig, dual_config: DualConfig, run_dir: Path,
-          *, resume: bool = False, on_step=None, accelerator: Accelerator | None = None) -> TrainResult:
+          *, resume: bool = False, on_step=None, accelerator: Accelerator | None = None,
+          control: MeasuredShareControl | None = None) -> TrainResult:
     """Train `model` on `objective` subject to `constraints`, logging to run_dir/metrics.jsonl and
     checkpointing to run_dir/checkpoints. `on_step(record)` is called after every completed step
-    on every process with that step's metrics record (its multipliers are this process's own)."""
+    on every process with that step's metrics record (its multipliers are this process's own).
+    `control` steers the multipliers of the first constraints by the shares the model generates."""
     accelerator = accelerator or make_accelerator(config)
     device = accelerator.device
     generator = torch.Generator().manual_seed(config.seed * 7919 + accelerator.process_index)
@@ -85,6 +103,11 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
                                                   dual_config.floor)
     terms = [objective] + [c.term for c in constraints]
     start = 0
+
+    def hold_controlled() -> None:
+        if control is not None:
+            dual.hold(dict(zip(dual.names, control.controller.multipliers)))
+    hold_controlled()
 
     checkpoints_dir, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     if resume:
@@ -103,6 +126,9 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
         if ema is not None:
             ema.load_state_dict(state["ema"])
         dual.load_state_dict(state["dual"])
+        if control is not None and state.get("control"):   # (a checkpoint of a held run has none)
+            control.controller.load_state_dict(state["control"])
+            hold_controlled()
         rank_state = state["ranks"][str(accelerator.process_index)]
         generator.set_state(rank_state["generator"])
         for term, term_state in zip(terms, rank_state["terms"]):
@@ -121,7 +147,8 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
         if accelerator.is_main_process:
             state = {"step": step, "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
                      "dual": dual.state_dict(), "ranks": {str(r): s for r, s in ranks},
-                     "ema": ema.state_dict() if ema is not None else None}
+                     "ema": ema.state_dict() if ema is not None else None,
+                     "control": control.controller.state_dict() if control is not None else None}
             save_checkpoint(checkpoints_dir, step, accelerator.unwrap_model(model), state, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
@@ -162,6 +189,11 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
                 dual.step(estimates, dual_lr)
                 check_finite(step + 1, {f"the multiplier of {n}": v for n, v in zip(dual.names, dual.multipliers)},
                              checkpoints_dir)
+            if control is not None and control.due(step + 1):
+                with ema_weights(ema, model):
+                    control(accelerator.unwrap_model(model), accelerator, step + 1)
+                model.train()
+                hold_controlled()
             metrics = StepMetrics(step + 1, lr, dual_lr, torch.cat([losses, grad_norm.reshape(1).float(),
                                                                     step_losses.float()]),
                                   dual.named(dual.multipliers), dual_step)

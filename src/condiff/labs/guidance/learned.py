@@ -23,7 +23,7 @@ from condiff.config import ExperimentConfig, config_from_dict
 from condiff.evaluation.classifier import features_and_labels
 from condiff.evaluation.metrics import frechet_distance
 from condiff.experiments.build import build_data, load_pipeline
-from condiff.experiments.evaluation import evaluation_classifier
+from condiff.experiments.build import evaluation_classifier
 from condiff.experiments.training import train_run
 from condiff.gmm.guidance import knn_entropy, mean_confidence
 from condiff.gmm.mixture import ExactNoisePredictor

@@ -1,227 +1,29 @@
-"""Experiment configuration: TOML files validated into dataclasses.
-
-Every error names the offending field (`train.batch_size: must be positive, got -4`) so a user can
-fix a config without reading a traceback; the CLI prints it on one line and exits with code 2.
-
-Validation checks values only, declared beside the fields, without touching a file, so a stored run's
-config always loads; the files a config names are checked where they are used (condiff.experiments).
-Relative input paths in a config file are resolved against the file's folder (relative `--set` values
-against the working directory) and stored resolved; `output_dir` is relative to the working directory.
-"""
+"""Validation of TOML tables into the schema's dataclasses: types, ranges, choices and the consistency
+of fields with each other, every error naming its field."""
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 import types
 import typing
 import warnings
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
-
-
-class InfeasibleConstraints(ValueError):
-    """The requested constraints cannot all hold at once."""
-
-
-def check_kl_feasibility(kl_bounds) -> None:
-    """Refuse KL bounds b_i (nats) with sum_i exp(-b_i) >= 1 (Theorem 2: no model can meet them)."""
-    if any(b <= 0 for b in kl_bounds):
-        raise InfeasibleConstraints("KL bounds must be positive (nats)")
-    total = sum(math.exp(-b) for b in kl_bounds)
-    if total >= 1.0:
-        raise InfeasibleConstraints(
-            f"infeasible KL bounds {list(kl_bounds)}: sum of exp(-b_i) = {total:.4f} must be < 1 "
-            "(loosen the bounds: raise some b_i)")
-
-
-# Checks declared beside the fields they check (dataclass field metadata), applied by `_check_ranges`.
-def positive(default=None):
-    return field(default=default, metadata={"check": "positive"})
-
-
-def non_negative(default):
-    return field(default=default, metadata={"check": "non-negative"})
-
-
-def one_of(default, *others):
-    return field(default=default, metadata={"choices": (default, *others)})
-
-
-@dataclass
-class DataConfig:
-    dataset: str = one_of("digits", "gmm", "mnist", "fashion-mnist", "idx", "image-folder", "image-csv")
-    per_class: int | None = positive(None)      # training samples of every class (default: all)
-    class_counts: dict[str, int] = field(default_factory=dict)  # per-class overrides, e.g. {"4" = 40}
-    held_out_per_class: int = non_negative(30)  # image datasets: kept out of training, for the classifier
-    max_per_class: int | None = positive(None)  # image datasets: use at most this many samples of every class
-                                                # (drawn at random before anything else; default: all)
-    means: list[list[float]] = field(default_factory=list)      # gmm: component means
-    std: float = positive(0.1)                  # gmm: component standard deviation
-    # Real datasets. Relative paths are relative to the config file's folder.
-    path: str | None = None                     # idx: images file; image-folder: root (one sub-folder per
-                                                # class); image-csv: image directory; fashion-mnist: directory
-                                                # of its IDX files (default: Debian's dataset-fashion-mnist)
-    labels_path: str | None = None              # idx: labels file; image-csv: the attribute CSV
-    column: str | None = None                   # image-csv: the attribute (0/1 or -1/1) that is the label
-    resolution: int | None = positive(None)     # resize images to this; default: 28 for the IDX datasets
-                                                # (mnist, fashion-mnist, idx: native), 32 for image-folder/-csv
-    channels: int | None = None                 # image-folder/-csv: 1 (grayscale) or 3 (RGB, the default)
-    seed: int = 0
-
-
-@dataclass
-class ModelConfig:
-    kind: str = one_of("unet8", "unet28", "unet32", "unet", "mlp")   # unet: sized to the data; mlp: vectors
-    block_out_channels: list[int] | None = None  # UNet widths, one level each (default: the preset's;
-                                                # unet: [32, 64])
-    hidden: int = 128                           # mlp width
-    layers: int = 3                             # mlp residual blocks
-    class_conditional: bool = False             # a class embedding (+ "no class"): for guidance
-
-
-@dataclass
-class DiffusionConfig:
-    num_train_timesteps: int = positive(1000)
-    beta_schedule: str = one_of("linear", "scaled_linear", "squaredcos_cap_v2")
-    beta_start: float = positive(1e-4)
-    beta_end: float = positive(0.02)
-    clip_sample: bool | None = None             # clip predicted x0 to [-1, 1]; default: for pixels
-                                                # (not vectors, not latents)
-
-
-@dataclass
-class LatentConfig:
-    """Latent diffusion: the model is trained on the images' latents under a frozen autoencoder."""
-    autoencoder: str | None = None              # a diffusers AutoencoderKL folder (safetensors), e.g. Stable
-                                                # Diffusion's vae/ or one from `condiff autoencoder`; unset: pixels
-
-
-@dataclass
-class TrainConfig:
-    steps: int = positive(1000)
-    batch_size: int = positive(64)              # primal batch: samples of the data per step
-    lr: float = positive(1e-3)
-    warmup_steps: int = non_negative(100)
-    weight_decay: float = non_negative(0.0)
-    grad_clip: float = non_negative(1.0)
-    ema_decay: float = non_negative(0.0)        # 0 disables the EMA
-    label_dropout: float = non_negative(0.0)    # class-conditional models: share of labels replaced by
-                                                # "no class" (trains the unconditional half of
-                                                # classifier-free guidance; 0.1-0.2 is usual)
-    mixed_precision: str = one_of("no", "fp16", "bf16")
-    channels_last: bool = False                 # NHWC weights and activations (faster convolutions on GPUs)
-    compile: bool = False                       # torch.compile the network (accelerate's inductor backend)
-    log_with: str | None = one_of(None, "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
-                                                # an accelerate tracker beside metrics.jsonl (logs in RUN/trackers)
-    log_every: int = positive(50)               # steps between metrics.jsonl writes (one host sync each)
-    checkpoint_every: int = positive(500)
-    keep_checkpoints: int = positive(2)
-    seed: int = 0
-
-
-@dataclass
-class ConstraintsConfig:
-    classes: list[int] = field(default_factory=list)   # one constraint per class: its loss on its samples
-    gamma: float | None = positive(None)        # resilient relaxation cost (paper: 0.085)
-    thresholds: list[float] | None = None       # fixed thresholds in loss units, one per class
-    target_shares: list[float] | None = None    # class shares to reach: multipliers fixed by Theorem 1 ...
-    kl_bounds: list[float] | None = None        # ... or by KL bounds via Theorem 2
-
-
-@dataclass
-class FinetuneConfig:
-    """Adapt a pretrained run to the data while staying close to it (fine-tuning without forgetting)."""
-    pretrained: str = ""                        # run directory of the pretrained model: the starting point
-    threshold: float | None = non_negative(None)    # bound on E||eps_pre - eps_theta||^2; unset: unconstrained
-    inputs: str = one_of("gaussian", "trajectory")  # x_t of that distance: pure noise, or the pretrained
-                                                    # model's own ancestral sampling paths
-    trajectory_samples: int = positive(256)     # trajectory: ancestral sampling paths of the pretrained model
-    states_per_trajectory: int = positive(50)   # trajectory: states kept per path (timesteps spread evenly)
-    trajectory_steps: int | None = positive(None)   # trajectory: ancestral steps of those paths (default:
-                                                    # every training timestep; fewer approximate the same
-                                                    # marginals faster)
-
-
-@dataclass
-class DualConfig:
-    estimator: str = one_of("stratified", "mixture")
-    batch_size: int = positive(16)              # stratified: samples of every constraint set per step
-    floor: float = positive(0.1)                # mixture: constraint i is drawn with weight max(lambda_i, floor)
-    primal_steps_per_dual: int = positive(2)    # N
-    lr: float = positive(1000.0)                # dual step size ...
-    lr_relative: bool = True                    # ... times the current primal lr when true
-
-
-@dataclass
-class SampleConfig:
-    method: str = one_of("ddim", "ddpm")
-    steps: int = positive(50)
-    num_samples: int = positive(1000)
-    batch_size: int = positive(500)
-    seed: int = 1234
-    mixed_precision: str = one_of("no", "fp16", "bf16")   # autocast the network while sampling
-    channels_last: bool = False                 # NHWC weights and activations while sampling
-
-
-@dataclass
-class EvaluateConfig:
-    """`condiff evaluate`: class shares, FD and precision/recall in a learned classifier's feature
-    space, and optionally Inception FID."""
-    classifier_epochs: int = positive(30)
-    num_samples: int | None = positive(None)    # generated samples to evaluate (default: sample.num_samples;
-                                                # the paper evaluates 15,000)
-    reference_samples: int | None = positive(None)  # cap on the real reference set, kept class-balanced
-                                                # (default: all of it)
-    nearest_neighbours: int = positive(3)       # k of the k-NN manifolds of precision and recall
-    inception_weights: str | None = None        # pt_inception-2015-12-05-6726825d.pth: also report Inception
-                                                # FID (needs pip install 'condiff[fid]'); unset: skipped
-
-
-@dataclass
-class ExperimentConfig:
-    name: str = "experiment"
-    output_dir: str = ""                        # default: runs/<name> (relative to the working directory)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    latent: LatentConfig = field(default_factory=LatentConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    dual: DualConfig = field(default_factory=DualConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-
-    def validated(self, source: str = "config") -> "ExperimentConfig":
-        """A checked copy (as if loaded from TOML): one-line ConfigError naming the field otherwise."""
-        return config_from_dict(self.to_dict(), source)
-
-    def to_dict(self) -> dict:
-        """A TOML-serialisable dict (None values dropped, as TOML has no null)."""
-        def drop_none(d):
-            return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
-        return drop_none(asdict(self))
-
-
-DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "image-csv": 2}
-IDX_DATASETS = {"mnist", "fashion-mnist", "idx"}           # grayscale, 28x28 unless resized
-IMAGE_DATASETS = {"image-folder", "image-csv"}
-# The fields each real dataset needs ("path" of fashion-mnist is optional) and what each is.
-REQUIRED_FIELDS = {
-    "idx": {"path": "the IDX images file", "labels_path": "the IDX labels file"},
-    "image-folder": {"path": "the image folder (one sub-folder of images per class)"},
-    "image-csv": {"path": "the image directory", "labels_path": "the attribute CSV (e.g. list_attr_celeba.csv)",
-                  "column": "the CSV column that is the 0/1 label"},
-}
-DATA_FIELDS = ("path", "labels_path", "column", "resolution", "channels")
-INPUT_PATHS = ("data.path", "data.labels_path", "latent.autoencoder", "finetune.pretrained", "evaluate.inception_weights")
-
+from condiff.config.schema import (
+    DATA_FIELDS,
+    DATASET_CLASSES,
+    IDX_DATASETS,
+    IMAGE_DATASETS,
+    INPUT_PATHS,
+    REQUIRED_FIELDS,
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    InfeasibleConstraints,
+    check_kl_feasibility,
+)
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -371,6 +173,11 @@ def _check_consistency(config: ExperimentConfig) -> None:
     if cons.target_shares is not None and (min(cons.target_shares) <= 0 or sum(cons.target_shares) >= 1):
         raise ConfigError(f"constraints.target_shares: each share must be positive and together below 1 "
                           f"(they sum to {sum(cons.target_shares):.4g})")
+    if cons.control == "measured" and cons.target_shares is None:
+        raise ConfigError("constraints.control: \"measured\" steers the shares of constraints.target_shares; set them")
+    for key in ("control_smoothing", "control_start"):
+        if not getattr(cons, key) < 1:
+            raise ConfigError(f"constraints.{key}: must be below 1, got {getattr(cons, key)}")
     if cons.kl_bounds is not None:
         try:
             check_kl_feasibility(cons.kl_bounds)

@@ -1,0 +1,39 @@
+"""Experiment configuration: TOML files validated into dataclasses.
+
+Every error names the offending field (`train.batch_size: must be positive, got -4`) so a user can
+fix a config without reading a traceback; the CLI prints it on one line and exits with code 2.
+
+Validation checks values only, declared beside the fields, without touching a file, so a stored run's
+config always loads; the files a config names are checked where they are used (condiff.experiments).
+Relative input paths in a config file are resolved against the file's folder (relative `--set` values
+against the working directory) and stored resolved; `output_dir` is relative to the working directory.
+"""
+
+from condiff.config.schema import (
+    DATASET_CLASSES,
+    IDX_DATASETS,
+    IMAGE_DATASETS,
+    ConfigError,
+    ConstraintsConfig,
+    DataConfig,
+    DiffusionConfig,
+    DualConfig,
+    EvaluateConfig,
+    ExperimentConfig,
+    FinetuneConfig,
+    InfeasibleConstraints,
+    LatentConfig,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    check_kl_feasibility,
+)
+from condiff.config.validation import (
+    check_classes,
+    config_from_dict,
+    image_channels,
+    known_num_classes,
+    load_config,
+    read_config_table,
+    resolve_input_paths,
+)

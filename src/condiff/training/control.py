@@ -1,0 +1,124 @@
+"""Closed-loop control of the class shares a model generates (docs/share-control.md).
+
+Theorem 1's multipliers make the requested mixture the Lagrangian's minimiser, which a finite model trained
+for finite steps does not reach. Measured control treats the request as a constraint on what the model
+generates, share_c(p_theta) >= s_c, and takes dual steps on a measurement of it: every `every` steps the
+model draws `samples` samples with a few DDIM steps (split across processes), a classifier labels them, and
+log lambda_c += rate (log s_c - log s_hat_c), s_hat the share smoothed over control steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+from condiff.sampling.generate import generate
+
+FLOOR = 1e-4      # multipliers stay above it: at 0 a multiplicative step could never move one again
+MAX_STEP = 0.5    # |change of log lambda| per control step: one unlucky draw moves a multiplier by <= 65%
+
+
+def wilson_interval(count: float, total: float, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial share count / total."""
+    if total <= 0:
+        return 0.0, 1.0
+    z = float(norm.ppf(0.5 + level / 2))
+    share = count / total
+    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class ShareMeasurement:
+    """One control step: the constrained classes' counts among `samples` draws, the smoothed shares the
+    step used, the raw shares' 95% Wilson intervals, and the multipliers after the step."""
+    step: int
+    samples: int
+    counts: list[int]
+    smoothed: list[float]
+    low: list[float]
+    high: list[float]
+    multipliers: list[float]
+
+    @property
+    def shares(self) -> list[float]:
+        return [c / self.samples for c in self.counts]
+
+
+class ShareController:
+    """The dual rule on measured shares, pure arithmetic on counts. The smoothed share is (counts + w *
+    earlier counts) / (samples + w * earlier samples), w = `smoothing`, so its effective sample size grows
+    to samples / (1 - w) while an old model's draws fade; half a count is added to every class, so that a
+    class absent from one draw gives a finite log share."""
+
+    def __init__(self, targets: Sequence[float], initial: Sequence[float], *, rate: float, smoothing: float):
+        self.targets = np.asarray(targets, dtype=float)
+        self.log_multipliers = np.log(np.maximum(np.asarray(initial, dtype=float), FLOOR))
+        self.rate, self.smoothing = rate, smoothing
+        self.counts, self.total = np.zeros(len(self.targets)), 0.0
+        self.history: list[ShareMeasurement] = []
+
+    @property
+    def multipliers(self) -> np.ndarray:
+        return np.exp(self.log_multipliers)
+
+    def update(self, step: int, counts: Sequence[int], samples: int) -> ShareMeasurement:
+        counts = np.asarray(counts, dtype=float)
+        self.counts = counts + self.smoothing * self.counts
+        self.total = samples + self.smoothing * self.total
+        smoothed = (self.counts + 0.5) / (self.total + 1.0)
+        change = np.clip(self.rate * (np.log(self.targets) - np.log(smoothed)), -MAX_STEP, MAX_STEP)
+        self.log_multipliers = np.maximum(self.log_multipliers + change, math.log(FLOOR))
+        intervals = [wilson_interval(c, samples) for c in counts]
+        measurement = ShareMeasurement(step, samples, [int(c) for c in counts], smoothed.tolist(),
+                                       [lo for lo, _ in intervals], [hi for _, hi in intervals],
+                                       self.multipliers.tolist())
+        self.history.append(measurement)
+        return measurement
+
+    def state_dict(self) -> dict:
+        return {"log_multipliers": self.log_multipliers.tolist(), "counts": self.counts.tolist(),
+                "total": self.total, "history": [asdict(m) for m in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.log_multipliers = np.asarray(state["log_multipliers"], dtype=float)
+        self.counts, self.total = np.asarray(state["counts"], dtype=float), float(state["total"])
+        self.history = [ShareMeasurement(**m) for m in state["history"]]
+
+
+class MeasuredShareControl:
+    """What the training loop calls: when `due(step)`, draw `samples` samples from the model (each process its
+    part; noise seeded by (seed, step), so a resumed run draws the same), label them with `label` (samples ->
+    class indices, on the decoded images when `decode` is given), sum the counts over processes and step
+    the controller; every process then holds the same multipliers."""
+
+    def __init__(self, controller: ShareController, classes: Sequence[int], label: Callable[[torch.Tensor], torch.Tensor],
+                 scheduler, *, every: int, first_step: int, samples: int, steps: int, seed: int,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.controller, self.classes, self.label, self.decode = controller, list(classes), label, decode
+        self.scheduler, self.every, self.first_step = scheduler, every, first_step
+        self.samples, self.steps, self.seed = samples, steps, seed
+
+    def due(self, step: int) -> bool:
+        return step >= self.first_step and step % self.every == 0
+
+    def counts(self, model: torch.nn.Module, accelerator, step: int) -> torch.Tensor:
+        """Per constrained class, its count among all processes' samples at this step."""
+        rank, size = accelerator.process_index, accelerator.num_processes
+        first, last = rank * self.samples // size, (rank + 1) * self.samples // size
+        seed = int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0] >> 1)
+        drawn = generate(model, self.scheduler, last - first, num_inference_steps=self.steps, batch_size=self.samples,
+                         seed=seed, first_index=first, device=accelerator.device, progress=False).samples
+        with torch.no_grad():
+            labels = self.label(drawn if self.decode is None else self.decode(drawn))
+        local = torch.stack([(labels == c).sum() for c in self.classes]).to(accelerator.device)
+        return accelerator.reduce(local, "sum").cpu()
+
+    def __call__(self, model: torch.nn.Module, accelerator, step: int) -> ShareMeasurement:
+        return self.controller.update(step, self.counts(model, accelerator, step).tolist(), self.samples)

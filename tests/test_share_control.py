@@ -1,0 +1,139 @@
+"""Measured share control (issue 21): multipliers that follow the class shares the model generates.
+
+The controller alone against a simulated model whose shares are a distorted Theorem 1 mixture (the
+multipliers that reach the targets are known); the whole loop on a Gaussian mixture with an under-capacity
+denoiser, where held multipliers miss the requested shares and measured control must reach them, labelled
+by the mixture's exact Bayes classifier; exact resume; configs that cannot be honoured are refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from scipy.stats import binomtest
+
+from condiff.config import ConfigError, config_from_dict
+from condiff.data.datasets import class_shares
+from condiff.experiments.build import build_data
+from condiff.experiments.training import train_run
+from condiff.sampling.generate import generate, sampling_scheduler
+from condiff.training.control import ShareController, wilson_interval
+from condiff.training.dual import multipliers_for_target_shares, predicted_shares
+from condiff.training.loop import StopTraining
+
+from conftest import tiny_table
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("count,total", [(0, 50), (7, 50), (50, 50), (123, 1000)])
+def test_wilson_interval_is_scipys(count, total):
+    expected = binomtest(count, total).proportion_ci(method="wilson")
+    np.testing.assert_allclose(wilson_interval(count, total), (expected.low, expected.high), atol=1e-12)
+
+
+def simulated_model_shares(multipliers, data_shares, classes, distortion):
+    """A model that realises only `distortion` times each multiplier: Theorem 1's mixture of the distorted
+    multipliers (what an under- or over-fitting model does to the constrained classes)."""
+    return predicted_shares(data_shares, dict(zip(classes, np.asarray(multipliers) * distortion)))
+
+
+def test_controller_finds_the_multipliers_a_distorted_model_needs():
+    """Ground truth: the model realises lambda * a, so the targets need lambda* / a. From Theorem 1's start the
+    controller reaches them through binomial measurement noise (1000 samples a step)."""
+    pi = np.array([0.4, 0.4, 0.1, 0.1])
+    classes, targets, distortion = [2, 3], [0.25, 0.2], np.array([0.5, 2.0])
+    closed_form = multipliers_for_target_shares(pi, classes, targets)
+    controller = ShareController(targets, closed_form, rate=0.5, smoothing=0.5)
+    rng = np.random.default_rng(0)
+    assert np.abs(simulated_model_shares(closed_form, pi, classes, distortion)[classes] - targets).max() > 0.05
+    for step in range(40):
+        shares = simulated_model_shares(controller.multipliers, pi, classes, distortion)
+        counts = rng.multinomial(1000, shares)[classes]
+        controller.update(step, counts, 1000)
+    reached = simulated_model_shares(controller.multipliers, pi, classes, distortion)[classes]
+    assert np.abs(reached - targets).max() < 0.01, reached
+    np.testing.assert_allclose(controller.multipliers, closed_form / distortion, rtol=0.1)
+
+
+def test_controller_state_resumes_exactly_and_keeps_multipliers_positive():
+    controller = ShareController([0.3], [0.2], rate=0.5, smoothing=0.5)
+    for step, count in enumerate([90, 95, 100]):
+        controller.update(step, [count], 100)   # a share of ~1 pushes the multiplier down, never below 0
+    assert controller.multipliers[0] > 0 and controller.history[-1].multipliers == controller.multipliers.tolist()
+    restored = ShareController([0.3], [0.2], rate=0.5, smoothing=0.5)
+    restored.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+    assert restored.update(3, [10], 100) == controller.update(3, [10], 100)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"control": "measured", "target_shares": None, "gamma": 0.3}, "constraints.control"),
+    ({"control": "measured", "control_smoothing": 1.0}, "constraints.control_smoothing"),
+    ({"control": "measured", "control_start": 1.5}, "constraints.control_start"),
+    ({"control": "steered"}, "constraints.control"),
+    ({"control_every": 0}, "constraints.control_every")])
+def test_control_settings_that_cannot_work_are_refused_naming_the_field(tmp_path, change, field):
+    table = tiny_table(tmp_path / "run", constraints={"classes": [2], "target_shares": [0.3], "gamma": None, **change})
+    with pytest.raises(ConfigError, match=f"{field}:"):
+        config_from_dict(table)
+
+
+MEASURED = {"classes": [2], "target_shares": [0.3], "gamma": None, "control": "measured", "control_every": 10,
+            "control_samples": 20, "control_steps": 3, "control_start": 0.0}
+
+
+def measured_tiny(output_dir, **train):
+    return config_from_dict(tiny_table(output_dir, train=train, constraints=MEASURED))
+
+
+def test_a_killed_run_under_measured_control_resumes_exactly(tmp_path):
+    reference = train_run(measured_tiny(tmp_path / "reference"))
+    config = measured_tiny(tmp_path / "interrupted")
+
+    def crash(record):
+        if record["step"] == 25:
+            raise StopTraining("simulated crash after step 25")
+    with pytest.raises(StopTraining):
+        train_run(config, on_step=crash)
+    resumed = train_run(config, resume=True)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (reference, resumed)]
+    assert summaries[0] == summaries[1]
+    assert summaries[0]["constraint_mode"] == "measured share control"
+    assert summaries[0]["control"]["control_steps"] == 4 and summaries[0]["control"]["samples"] == 20
+    assert (resumed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    card = (resumed / "model" / "README.md").read_text()
+    assert "measured share control" in card and "for a target of 0.3" in card
+
+
+MEANS = [[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]]
+
+
+def mixture_run(tmp_path, control):
+    """Four components, two at a fifth of the others, requested at 0.25 each; an MLP of width 8 cannot
+    represent the mixture Theorem 1's multipliers ask for."""
+    return config_from_dict({
+        "name": control, "output_dir": str(tmp_path / control),
+        "data": {"dataset": "gmm", "means": MEANS, "std": 0.3, "per_class": 1000,
+                 "class_counts": {"0": 1000, "1": 1000, "2": 200, "3": 200}},
+        "model": {"kind": "mlp", "hidden": 8, "layers": 1},
+        "train": {"steps": 3000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "checkpoint_every": 3000},
+        "dual": {"estimator": "mixture"},
+        "constraints": {"classes": [2, 3], "target_shares": [0.25, 0.25], "control": control,
+                        "control_every": 100, "control_samples": 1000}})
+
+
+@pytest.mark.slow
+def test_measured_control_reaches_the_shares_held_multipliers_miss_on_a_mixture(tmp_path):
+    shares = {}
+    for control in ("held", "measured"):
+        config = mixture_run(tmp_path, control)
+        pipeline = DDPMPipeline.from_pretrained(train_run(config) / "model")
+        out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), 6000, num_inference_steps=50,
+                       batch_size=6000, seed=0, progress=False)
+        labels = build_data(config).mixture.classify(out.samples)
+        shares[control] = class_shares(labels, 4)[[2, 3]]
+    assert np.abs(shares["held"] - 0.25).max() > 0.04, shares        # the model misses Theorem 1's mixture
+    assert np.abs(shares["measured"] - 0.25).max() <= 0.02, shares
+    summary = json.loads((tmp_path / "measured" / "summary.json").read_text())
+    assert summary["control"]["control_steps"] == 25 and torch.tensor(summary["control"]["shares"]).sum() < 1
