@@ -24,8 +24,9 @@ data: $(BIN)/condiff
 demo: $(BIN)/condiff
 	HF_HUB_OFFLINE=1 $(BIN)/condiff demo --output runs/demo --overwrite
 
+# Two workers, each a test file at a time (module fixtures are built once): most tests use one core.
 test: $(BIN)/condiff
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The edit loop: everything but the tests marked slow (real trainings, subprocesses), in about a minute.
 test-fast: $(BIN)/condiff

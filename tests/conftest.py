@@ -5,6 +5,9 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("CONDIFF_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "condiff"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core (pytest -n 2): a worker's extra threads would only contend with the other's.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -278,6 +278,18 @@ def test_changed_data_or_arguments_retrain(tmp_path, gmm_split, count_training):
     assert len(count_training) == 3
 
 
+def test_runs_started_side_by_side_train_a_cache_entry_once(tmp_path, gmm_split, count_training):
+    """Two loaders at once (two runs, or two test workers): one trains, the other waits and reads its entry."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    train, held_out = gmm_split
+    with ThreadPoolExecutor(2) as pool:
+        loaded = list(pool.map(lambda _: load_or_train_classifier("gmm", train, held_out, cache_dir=tmp_path,
+                                                                  epochs=2), range(2)))
+    assert len(count_training) == 1
+    assert all(torch.equal(a, b) for a, b in zip(loaded[0][0].state_dict().values(), loaded[1][0].state_dict().values()))
+
+
 def test_a_retrained_entry_replaces_the_old_one_whole(tmp_path, gmm_split, count_training):
     """Weights and their record are one folder, renamed into place: they cannot come from two runs."""
     train, held_out = gmm_split

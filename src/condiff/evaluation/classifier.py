@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
@@ -153,25 +154,30 @@ def load_or_train_classifier(key: str, train: LabelledDataset, held_out: Labelle
     accuracy), written as one atomic folder; it is reused only if it was made from the same train and
     held-out data with the same training arguments, else retrained and replaced.
     """
-    folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "classifiers" / key
+    cache = Path(cache_dir if cache_dir is not None else default_cache_dir())
+    folder = cache / "classifiers" / key
     fingerprint = hashlib.sha256(json.dumps({
         "train": dataset_fingerprint(train),
         "held_out": dataset_fingerprint(held_out),
         "train_kwargs": train_kwargs,
     }, sort_keys=True).encode()).hexdigest()
     record = folder / TRAINING_RECORD
-    if record.is_file() and json.loads(record.read_text()).get("fingerprint") == fingerprint:
-        classifier = Classifier.from_pretrained(folder, use_safetensors=True)
-        return classifier.to(resolve_device(device)).eval(), float(json.loads(record.read_text())["held_out_accuracy"])
+    (cache / "locks").mkdir(parents=True, exist_ok=True)
+    # Runs started side by side share the cache: one trains an entry while the others wait, then read it.
+    with FileLock(cache / "locks" / f"classifier-{key}.lock"):
+        if record.is_file() and json.loads(record.read_text()).get("fingerprint") == fingerprint:
+            classifier = Classifier.from_pretrained(folder, use_safetensors=True)
+            accuracy = float(json.loads(record.read_text())["held_out_accuracy"])
+            return classifier.to(resolve_device(device)).eval(), accuracy
 
-    classifier, accuracy = train_classifier(train, held_out, device=device, **train_kwargs)
-    meta = {"fingerprint": fingerprint, "held_out_accuracy": accuracy, "train_name": train.name,
-            "held_out_name": held_out.name, "train_kwargs": train_kwargs}
+        classifier, accuracy = train_classifier(train, held_out, device=device, **train_kwargs)
+        meta = {"fingerprint": fingerprint, "held_out_accuracy": accuracy, "train_name": train.name,
+                "held_out_name": held_out.name, "train_kwargs": train_kwargs}
 
-    def save(temporary: Path) -> None:
-        classifier.save_pretrained(temporary, safe_serialization=True)
-        (temporary / TRAINING_RECORD).write_text(json.dumps(meta, indent=2))
-    write_atomic(folder, save, directory=True)
+        def save(temporary: Path) -> None:
+            classifier.save_pretrained(temporary, safe_serialization=True)
+            (temporary / TRAINING_RECORD).write_text(json.dumps(meta, indent=2))
+        write_atomic(folder, save, directory=True)
     return classifier, accuracy
 
 
