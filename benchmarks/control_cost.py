@@ -1,21 +1,28 @@
 #!/usr/bin/env python
-"""What measured share control costs: training time under `constraints.control = "measured"` over training
-time with the multipliers held, same config, side by side in one process.
+"""What measured share control costs: the time of a control step (sampling with a few DDIM steps,
+labelling, the dual step) against the training steps it steers, measured inside one training run.
 
-Per config, both variants train `control_every + 2` steps with the control starting at once, so that the
-timed window (steps 2 to control_every + 1: step 1 has no start stamp, the last step writes the final
-checkpoint) holds `control_every` steps and exactly one control step, as every control period of a real run
-does. Variants alternate over rounds; the table gives the median over rounds of the per-round ratio
-measured / held of the window's time (paired within a round, so slow drifts of machine load cancel). A
-real run pays this from `control_start` of its training on (0.2 by default) and, once per data set, the
-evaluation classifier's training (cached; warmed here before timing).
+Per config, one run with `constraints.control = "measured"` trains `periods x control_every + 2` steps with
+the control starting at once, so that it holds `periods` control steps; step times are the gaps between
+consecutive `on_step` calls (the first step has no start stamp, the last writes the final checkpoint: both
+dropped). A control step's cost is its time less the median training step's, so the control and the steps
+it is compared with share the machine's state of the moment (on this 2-core CPU, whole runs differ by up to
+30% from one minute to the next, which a ratio of two runs cannot resolve). The table gives the median
+over control steps of
 
-    .venv/bin/python benchmarks/control_cost.py [--configs digits-minority mnist-minority ...] [--rounds 3]
+* per period: cost / (control_every x median step), the share the control adds while it runs;
+* per run: that cost times the control steps of a default run (from `control_start` on) over the run's
+  training time, i.e. what a whole run with the config's settings pays.
+
+The evaluation classifier is trained (and cached) before timing, as a real run does once per data set.
+
+    .venv/bin/python benchmarks/control_cost.py [--configs digits-minority mnist-minority ...] [--periods 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -28,42 +35,44 @@ from condiff.experiments.training import CONFIG_DIR, train_run
 CONFIGS = ["digits-minority", "mnist-minority", "fashion-minority"]
 
 
-def window_seconds(config_name: str, control: str, folder: Path) -> float:
-    """Seconds of the timed window of one run."""
-    config = load_config(CONFIG_DIR / f"{config_name}.toml", {"output_dir": str(folder / control)})
+def step_seconds(config, periods: int, folder: Path) -> list[float]:
+    """Seconds of steps 2 .. periods x every + 1 of a measured-control run, by step number."""
     every = config.constraints.control_every
-    config.train.steps, config.train.checkpoint_every = every + 2, every + 2
-    config.constraints.control, config.constraints.control_start = control, 0.0
+    config.output_dir = str(folder)
+    config.train.steps = config.train.checkpoint_every = periods * every + 2
+    config.constraints.control, config.constraints.control_start = "measured", 0.0
     stamps: list[float] = []
     train_run(config, overwrite=True, on_step=lambda record: stamps.append(time.perf_counter()))
-    return stamps[every] - stamps[0]   # steps 2 .. every + 1
+    return [later - earlier for earlier, later in zip(stamps, stamps[1:-1])]   # index i: step i + 2
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--periods", type=int, default=4)
     args = parser.parse_args()
-    print("| config | control (samples x DDIM steps, every) | held window (s) | measured / held |")
-    print("|---|---|---|---|")
+    print("| config | control (samples x DDIM steps, every) | median step (s) | control step (s) "
+          "| per period | per run |")
+    print("|---|---|---|---|---|---|")
     for name in args.configs:
         config = load_config(CONFIG_DIR / f"{name}.toml")
         try:
-            evaluation_classifier(config, build_data(config))   # trained once and cached, as a run would
+            evaluation_classifier(config, build_data(config))
         except MissingData as err:
-            print(f"| {name} | skipped: {err} | | |")
+            print(f"| {name} | skipped: {err} | | | | |")
             continue
-        cons = config.constraints
-        held, ratios = [], []
+        cons, steps = config.constraints, config.train.steps
+        first = max(1, math.ceil(cons.control_start * steps))
+        controls_per_run = sum(1 for step in range(first, steps + 1) if step % cons.control_every == 0)
         with tempfile.TemporaryDirectory(prefix="condiff-control-") as tmp:
-            for round_ in range(args.rounds):
-                order = ("held", "measured") if round_ % 2 == 0 else ("measured", "held")
-                seconds = {control: window_seconds(name, control, Path(tmp)) for control in order}
-                held.append(seconds["held"])
-                ratios.append(seconds["measured"] / seconds["held"])
-        print(f"| {name} | {cons.control_samples} x {cons.control_steps}, every {cons.control_every} | "
-              f"{statistics.median(held):.1f} | {statistics.median(ratios):.3f} "
-              f"({', '.join(f'{r:.3f}' for r in ratios)}) |", flush=True)
+            seconds = step_seconds(load_config(CONFIG_DIR / f"{name}.toml"), args.periods, Path(tmp))
+        every = cons.control_every
+        control_steps = {i: s for i, s in enumerate(seconds) if (i + 2) % every == 0}
+        median_step = statistics.median(s for i, s in enumerate(seconds) if i not in control_steps)
+        cost = statistics.median(control_steps.values()) - median_step
+        print(f"| {name} | {cons.control_samples} x {cons.control_steps}, every {every} | {median_step:.3f} | "
+              f"{cost:.2f} | {cost / (every * median_step):.3f} | "
+              f"{controls_per_run * cost / (steps * median_step):.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@ refuse to clobber; resume keeps finished runs) works, on tiny digits stand-ins o
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from condiff.cli import main
 from condiff.config import ExperimentConfig, load_config
 from condiff.experiments import reproduce as reproduce_module
 from condiff.experiments.reproduce import EXPERIMENTS, SCALES, old_class_coverage, reproduce
-from condiff.rundir import RunDirectoryError
+from condiff.rundir import RunDirectoryError, read_metrics
 
 TINY = """
 name = "{name}"
@@ -38,6 +39,9 @@ classifier_epochs = 1
 """
 MINORITY = TINY.format(name="m", data="per_class = 40\nclass_counts = { 4 = 10 }",
                        extra="[constraints]\nclasses = [4]\ngamma = 0.5")
+SHARES = TINY.format(name="s", data="per_class = 40\nclass_counts = { 4 = 10 }",
+                     extra="[constraints]\nclasses = [4]\ntarget_shares = [0.1]\ncontrol_every = 2\n"
+                           "control_samples = 8\ncontrol_steps = 2")
 PRETRAIN = TINY.format(name="p", data="class_counts = { 9 = 0 }", extra="")
 FINETUNE = TINY.format(name="f", data="class_counts = { " + ", ".join(f"{c} = 0" for c in range(9)) + " }",
                        extra='[finetune]\nthreshold = 0.01\ninputs = "gaussian"')
@@ -47,7 +51,8 @@ FINETUNE = TINY.format(name="f", data="class_counts = { " + ", ".join(f"{c} = 0"
 def tiny_configs(tmp_path, monkeypatch):
     folder = tmp_path / "configs"
     folder.mkdir()
-    for file, text in {"mnist-minority.toml": MINORITY, "mnist-pretrain-without-9.toml": PRETRAIN,
+    for file, text in {"mnist-minority.toml": MINORITY, "fashion-minority.toml": SHARES,
+                       "mnist-pretrain-without-9.toml": PRETRAIN,
                        "mnist-finetune.toml": FINETUNE}.items():
         (folder / file).write_text(text)
     monkeypatch.setitem(SCALES, "cpu", folder)
@@ -59,7 +64,7 @@ def test_every_shipped_config_is_valid(scale, tmp_path):
     fake_run = tmp_path / "pretrained"
     (fake_run / "model").mkdir(parents=True)
     (fake_run / "model" / "model_index.json").write_text("{}")
-    for experiment in EXPERIMENTS.values():
+    for experiment in (e for e in EXPERIMENTS.values() if scale in e.scales):
         for file in filter(None, [experiment.config, experiment.pretrain_config]):
             config = load_config(SCALES[scale] / file, {"finetune.pretrained": str(fake_run)}
                                  if "finetune" in file else None)
@@ -82,6 +87,31 @@ def test_minority_experiment_trains_evaluates_and_reports(tiny_configs, tmp_path
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     reproduce("mnist-minority", out, resume=True, progress=False)          # finished runs are kept
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+
+
+def test_a_share_request_reproduces_four_models_the_papers_calibrated_on_the_held_run(tiny_configs, tmp_path):
+    out = tmp_path / "shares"
+    text = reproduce("fashion-minority", out, progress=False).read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    models = ["unconstrained", "resilient", "held", "measured"]
+    assert [n for n in summary if n in models] == models and summary["paper_model"] == "resilient"
+    assert all(summary[n]["train_seconds"] > 0 for n in models)
+    assert summary["tv_ratio"] == summary["resilient"]["tv_ratio"]
+    assert "share of class 4 [95%]" in text and "training (s)" in text
+    held = json.loads((out / "held" / "summary.json").read_text())
+    name, multiplier = held["constraints"][0]["name"], held["constraints"][0]["multiplier"]
+    assert held["constraint_mode"] == "held multipliers (Theorem 1)"
+    # the resilient rule's fixed point l / (2 gamma) put at Theorem 1's multiplier, l from the held run's end
+    losses = [r["constraint_losses"][name] for r in read_metrics(out / "held" / "metrics.jsonl")]
+    resilient = load_config(out / "resilient" / "config.toml")
+    assert resilient.constraints.gamma == pytest.approx(np.mean(losses[len(losses) * 3 // 4:]) / (2 * multiplier))
+    assert resilient.constraints.target_shares is None and resilient.dual.estimator == "stratified"
+    assert resilient.dual.lr * resilient.train.lr == pytest.approx(0.1)    # the authors' peak dual step
+    resilient_summary = json.loads((out / "resilient" / "summary.json").read_text())
+    assert resilient_summary["constraint_mode"] == "resilient dual ascent"
+    assert not resilient_summary["constraints"][0]["fixed"]
+    measured = json.loads((out / "measured" / "summary.json").read_text())
+    assert measured["constraint_mode"] == "measured share control" and measured["control"]["classes"] == [4]
 
 
 def test_resume_continues_an_interrupted_run(tiny_configs, tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
 """`condiff reproduce EXPERIMENT`: the paper's experiments, end to end, with a report beside its figures.
 
-- mnist-minority / fashion-minority: digits (items) 4, 5, 7 kept at a quarter of the other classes
-  (256 per class, 64 for the minorities, the authors' setting); an unconstrained and a constrained
-  model, same budget.
+- mnist-minority / fashion-minority / digits-minority (the demo's data): digits (items) 4, 5, 7 kept at a
+  quarter of the other classes (MNIST: 256 per class, 64 for the minorities, the authors' setting). A config
+  that requests target shares gives four models, same budget: unconstrained, the paper's resilient dual
+  training (Algorithm 3), multipliers held at Theorem 1's closed form, and measured share control; a config
+  without target shares (the paper scale) an unconstrained and a constrained model.
 - mnist-finetune: a model pretrained without digit 9 is adapted to 9 alone, unconstrained and under
   the constraint "stay close to the pretrained model" (fixed threshold).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 
 import numpy as np
 import torch
@@ -25,7 +28,8 @@ from condiff.config import ConstraintsConfig, ExperimentConfig, load_config
 from condiff.experiments.evaluation import RunEvaluation, describe_multipliers, evaluate_run, plot_runs_side_by_side
 from condiff.experiments.training import CONFIG_DIR, train_run, with_seed_offset
 from condiff.report import image_md, markdown_table, write_report
-from condiff.rundir import RunDirectoryError, create_output_directory, is_condiff_directory, write_json_atomic
+from condiff.rundir import (RunDirectoryError, create_output_directory, is_condiff_directory, read_metrics,
+                            write_json_atomic)
 from condiff.runtime import process_state
 
 SCALES = {"cpu": CONFIG_DIR, "paper": CONFIG_DIR / "paper"}
@@ -52,6 +56,7 @@ class Experiment:
     paper: PaperFigure
     pretrain_config: str | None = None       # fine-tuning: the pretraining run's config
     new_classes: list[int] = field(default_factory=list)
+    scales: tuple[str, ...] = ("cpu", "paper")
 
 
 EXPERIMENTS = {e.name: e for e in [
@@ -59,15 +64,49 @@ EXPERIMENTS = {e.name: e for e in [
                PaperFigure(15.9, 13.4)),
     Experiment("fashion-minority", "Fashion-MNIST, items 4, 5, 7 under-represented", "fashion-minority.toml",
                PaperFigure(None, None, "not reported in the paper")),
+    Experiment("digits-minority", "8x8 digits (the demo's data), digits 4, 5, 7 under-represented",
+               "digits-minority.toml", PaperFigure(None, None, "not in the paper"), scales=("cpu",)),
     Experiment("mnist-finetune", "MNIST fine-tuning: pretrained without 9, adapted to 9", "mnist-finetune.toml",
                PaperFigure(45.9, 25.2), pretrain_config="mnist-pretrain-without-9.toml", new_classes=[9]),
 ]}
+
+
+# Models of a config that requests target shares, in the order they train ("resilient" calibrates on "held").
+SHARE_VARIANTS = ("unconstrained", "held", "resilient", "measured")
+PAPER_PEAK_DUAL_LR = 0.1     # the authors' dual step: 1000 x their peak primal lr of 1e-4
 
 
 def unconstrained_variant(config: ExperimentConfig) -> ExperimentConfig:
     """The same run with its constraints dropped: the baseline with an equal budget."""
     config.constraints = ConstraintsConfig()
     config.finetune.threshold = None
+    return config
+
+
+def resilient_variant(config: ExperimentConfig, held_run: Path) -> ExperimentConfig:
+    """The paper's Algorithm 3 on the same classes: multipliers from 0 by resilient dual ascent, N = 2 primal
+    steps per dual step, a dual step following the primal schedule with the authors' peak of 0.1, one batch of
+    every constraint set per step (their estimator). Its fixed point is lambda_c = l_c / (2 gamma); gamma =
+    mean_c l_c / (2 lambda*_c) puts it at Theorem 1's multipliers lambda* for the requested shares, with l_c
+    the constraint losses of the held run's last quarter (the calibration of docs/constrained-training.md)."""
+    held = json.loads((held_run / "summary.json").read_text())["constraints"]
+    records = [r for r in read_metrics(held_run / "metrics.jsonl") if r["constraint_losses"]]
+    late = records[len(records) * 3 // 4:]
+    config.constraints.gamma = fmean(fmean(r["constraint_losses"][c["name"]] for r in late) / (2 * c["multiplier"])
+                                     for c in held)
+    config.constraints.target_shares, config.constraints.control = None, "held"
+    config.dual.estimator, config.dual.primal_steps_per_dual = "stratified", 2
+    config.dual.lr, config.dual.lr_relative = PAPER_PEAK_DUAL_LR / config.train.lr, True
+    return config
+
+
+def share_variant(variant: str, config: ExperimentConfig, output: Path) -> ExperimentConfig:
+    """One of SHARE_VARIANTS of a config that requests target shares."""
+    if variant == "unconstrained":
+        return unconstrained_variant(config)
+    if variant == "resilient":
+        return resilient_variant(config, output / "held")
+    config.constraints.control = variant
     return config
 
 
@@ -104,8 +143,8 @@ def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = 
     if name not in EXPERIMENTS:
         raise RunDirectoryError(f"unknown experiment {name!r}; choose one of "
                                 f"{', '.join([*EXPERIMENTS, *ATTRIBUTION_EXPERIMENTS])}")
-    if scale not in SCALES:
-        raise RunDirectoryError(f"--scale {scale}: {name} has the scales {', '.join(SCALES)}")
+    if scale not in EXPERIMENTS[name].scales:
+        raise RunDirectoryError(f"--scale {scale}: {name} has the scales {', '.join(EXPERIMENTS[name].scales)}")
     experiment, config_dir = EXPERIMENTS[name], SCALES[scale]
     output = Path(output)
     if not resume:
@@ -121,10 +160,17 @@ def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = 
                                                    {"output_dir": str(output / "pretrained")}), seed)
         results["pretrained"] = run_once(configs["pretrained"], resume, device, progress)
         overrides = {"finetune.pretrained": str(output / "pretrained")}
-    for variant in ("unconstrained", "constrained"):
-        config = with_seed_offset(load_config(config_dir / experiment.config, {**overrides, "output_dir": str(output / variant)}),
-                        seed)
-        configs[variant] = unconstrained_variant(config) if variant == "unconstrained" else config
+    def load(variant: str) -> ExperimentConfig:
+        return with_seed_offset(load_config(config_dir / experiment.config,
+                                            {**overrides, "output_dir": str(output / variant)}), seed)
+
+    requests_shares = load("constrained").constraints.target_shares is not None
+    for variant in SHARE_VARIANTS if requests_shares else ("unconstrained", "constrained"):
+        config = load(variant)
+        if requests_shares:
+            configs[variant] = share_variant(variant, config, output)
+        else:
+            configs[variant] = unconstrained_variant(config) if variant == "unconstrained" else config
         results[variant] = run_once(configs[variant], resume, device, progress)
     if not process_state().is_main_process:
         return output / "report.md"
@@ -140,18 +186,24 @@ def old_class_coverage(frequencies, reference, new_classes: list[int]) -> float:
     return float(np.minimum(p, q).sum() / q.sum())
 
 
-def write_reproduction_report(experiment: Experiment, scale: str, output: Path, configs: dict[str, ExperimentConfig],
-                              results: dict[str, RunEvaluation]) -> Path:
-    plot_runs_side_by_side(output, results, experiment.title)
-
-    headers = ["model", "class TV to uniform", "FD (condiff classifier)", "precision", "recall",
+def result_rows(experiment: Experiment, output: Path, configs: dict[str, ExperimentConfig],
+                results: dict[str, RunEvaluation]) -> tuple[list[str], list[list], dict]:
+    """The results table (headers, rows) and summary.json's per-model entries."""
+    classes = next((c.constraints.classes for c in configs.values() if c.constraints.target_shares), [])
+    headers = ["model", "class TV to uniform", "FD (condiff classifier)", "precision", "recall", "training (s)",
                "classifier held-out accuracy", "samples"]
-    rows = [[n, r.tv_to_uniform, r.frechet_distance, r.precision, r.recall, r.classifier_accuracy,
-             r.num_samples] for n, r in results.items()]
-    summary = {"scale": scale, **{n: {k: getattr(r, k) for k in ("tv_to_uniform", "frechet_distance", "precision", "recall",
-                                                        "classifier_accuracy", "class_frequencies", "multipliers")}
-                                  for n, r in results.items()}}
-    findings = []
+    if classes:
+        headers[1:1] = [f"share of class {c} [95%]" for c in classes]
+    rows, summary = [], {}
+    for n, r in results.items():
+        seconds = json.loads((output / n / "summary.json").read_text()).get("train_seconds")
+        summary[n] = {k: getattr(r, k) for k in ("tv_to_uniform", "frechet_distance", "precision", "recall",
+                                                 "classifier_accuracy", "class_frequencies", "multipliers")}
+        summary[n]["train_seconds"] = seconds
+        rows.append([n, *(f"{r.class_frequencies[c]:.3f} [{r.class_frequencies_low[c]:.3f}, "
+                          f"{r.class_frequencies_high[c]:.3f}]" for c in classes),
+                     r.tv_to_uniform, r.frechet_distance, r.precision, r.recall, seconds, r.classifier_accuracy,
+                     r.num_samples])
     if experiment.new_classes:
         reference = results["pretrained"].class_frequencies
         headers[1:1] = ["new-class share", "old-class coverage"]
@@ -160,35 +212,49 @@ def write_reproduction_report(experiment: Experiment, scale: str, output: Path, 
             coverage = old_class_coverage(r.class_frequencies, reference, experiment.new_classes)
             row[1:1] = [new_share, coverage]
             summary[n].update(new_class_share=new_share, old_class_coverage=coverage)
+    return headers, rows, summary
+
+
+def write_reproduction_report(experiment: Experiment, scale: str, output: Path, configs: dict[str, ExperimentConfig],
+                              results: dict[str, RunEvaluation]) -> Path:
+    order = [n for n in ("pretrained", "unconstrained", "resilient", "held", "measured", "constrained") if n in results]
+    results = {n: results[n] for n in order}
+    plot_runs_side_by_side(output, results, experiment.title)
+    headers, rows, summary = result_rows(experiment, output, configs, results)
+    paper_model = "resilient" if "resilient" in results else "constrained"   # the paper's own method
+    baseline = results["unconstrained"]
+    findings = []
+    if experiment.new_classes:
         findings.append("Old-class coverage: sum over the old classes of min(p(c), p_pretrained(c)), divided by "
                         "the pretrained model's old-class mass (1 = keeps everything it generated).")
-    else:
-        ratio = results["constrained"].tv_to_uniform / max(results["unconstrained"].tv_to_uniform, 1e-12)
-        summary["tv_ratio"] = ratio
-        findings.append(f"Constrained / unconstrained class TV to uniform: {ratio:.3f}.")
-    fd_ratio = results["constrained"].frechet_distance / results["unconstrained"].frechet_distance
-    summary["fd_ratio"] = fd_ratio
-    findings.append(f"Constrained / unconstrained FD: {fd_ratio:.3f}.")
+    for n, r in results.items():
+        if n in ("pretrained", "unconstrained"):
+            continue
+        summary[n]["tv_ratio"] = r.tv_to_uniform / max(baseline.tv_to_uniform, 1e-12)
+        summary[n]["fd_ratio"] = r.frechet_distance / baseline.frechet_distance
+        findings.append(f"{n} / unconstrained: class TV {summary[n]['tv_ratio']:.3f}, FD {summary[n]['fd_ratio']:.3f}.")
+    summary.update(scale=scale, paper_model=paper_model, tv_ratio=summary[paper_model]["tv_ratio"],
+                   fd_ratio=summary[paper_model]["fd_ratio"])
     write_json_atomic(output / "summary.json", summary)
 
     paper = experiment.paper
     comparison = markdown_table(
         ["source", "metric", "unconstrained", "constrained", "constrained / unconstrained"],
         [["paper (Khalafi et al. 2024)", paper.metric, paper.unconstrained, paper.constrained, paper.ratio],
-         [f"condiff, --scale {scale}", "FD on condiff's own classifier features (not Inception FID), "
-          f"{results['constrained'].num_samples} samples against a balanced reference of "
-          f"{results['constrained'].num_reference}", results["unconstrained"].frechet_distance,
-          results["constrained"].frechet_distance, fd_ratio]])
-    lam = describe_multipliers(results["constrained"].multipliers)
+         [f"condiff, --scale {scale} ({paper_model})", "FD on condiff's own classifier features (not Inception "
+          f"FID), {results[paper_model].num_samples} samples against a balanced reference of "
+          f"{results[paper_model].num_reference}", baseline.frechet_distance, results[paper_model].frechet_distance,
+          summary["fd_ratio"]]])
+    multipliers = "\n".join(f"- {n}: {describe_multipliers(r.multipliers)}" for n, r in results.items() if r.multipliers)
     setup = "\n".join(f"- **{n}**: `{c.data.dataset}` data, model `{c.model.kind}`, {c.train.steps} steps of batch "
                       f"{c.train.batch_size}, lr {c.train.lr:g}, {describe_constraints(c)}; sampled with "
                       f"{c.sample.method.upper()}-{c.sample.steps}; training seed {c.train.seed}, sampling seed "
                       f"{c.sample.seed}." for n, c in configs.items())
     return write_report(output / "report.md", f"condiff reproduce {experiment.name} (--scale {scale})", [
         ("Setup", f"{experiment.title}.\n\n{setup}\n\nConfigs: `{output}/*/config.toml`."),
-        ("Results", markdown_table(headers, rows) + "\n\n" + " ".join(findings)
-         + f"\n\nFinal multipliers of the constrained model: {lam}; Theorem 1's shares from them are in "
-           f"`constrained/report.md`."),
+        ("Results", markdown_table(headers, rows) + "\n\nShares and intervals (95% Wilson) by condiff's evaluation "
+         "classifier on each model's samples; training time is wall-clock on this machine. " + " ".join(findings)
+         + f"\n\nFinal multipliers:\n\n{multipliers}\n\nTheorem 1's shares from them are in `MODEL/report.md`."),
         ("Beside the paper", comparison + "\n\nThe two metrics differ (different feature extractors, sample "
          "counts and model scales): compare the direction and the ratios, not the values."),
         ("Class frequencies", image_md("class_frequencies.png", "class frequencies")),

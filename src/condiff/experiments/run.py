@@ -35,6 +35,7 @@ class TrainingSummary:
     predicted_class_shares: list[float]    # the shares Theorem 1 predicts from the multipliers
     constraint_mode: str = ""              # what the multipliers did, e.g. "held multipliers (Theorem 1)"
     control: dict | None = None            # measured share control: the last control step's shares
+    train_seconds: float | None = None     # wall-clock training time (None: a run from before it was kept)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class Run:
         summary = self.directory.read_json(self.directory.summary_file)
         return TrainingSummary(summary["steps"], {c["name"]: c["multiplier"] for c in summary["constraints"]},
                                summary["data_class_shares"], summary["predicted_class_shares"],
-                               summary.get("constraint_mode", ""), summary.get("control"))
+                               summary.get("constraint_mode", ""), summary.get("control"),
+                               summary.get("train_seconds"))
 
     def pipeline(self) -> DDPMPipeline:
         """The trained model as a diffusers pipeline (`DDPMPipeline.from_pretrained(RUN/model)`)."""

@@ -236,7 +236,8 @@ def training_summary(config: ExperimentConfig, data: ExperimentData, constraints
                     "smoothed": last.smoothed, "interval_95": [list(p) for p in zip(last.low, last.high)],
                     "predicted_by_theorem_1": [float(predicted[c]) for c in classes],
                     "control_steps": len(control.controller.history)}
-    return {"steps": result.step, "constraint_mode": config.constraints.mode, "control": measured,
+    return {"steps": result.step, "train_seconds": result.seconds, "constraint_mode": config.constraints.mode,
+            "control": measured,
             "data_class_shares": shares.tolist(), "multipliers": result.multipliers,
             "constraints": [{"name": c.name, "threshold": c.threshold, "relaxation_cost": c.relaxation_cost,
                              "multiplier": result.multipliers[c.name],

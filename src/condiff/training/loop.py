@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class TrainResult:
     model: torch.nn.Module          # the trained network (EMA weights when the EMA is on), unwrapped
     multipliers: dict[str, float]   # by constraint name
     step: int
+    seconds: float                  # wall-clock training time, summed over resumed sessions
 
 
 class StopTraining(Exception):
@@ -102,7 +104,7 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
     estimator = ESTIMATORS[dual_config.estimator](objective, constraints, config.batch_size, dual_config.batch_size,
                                                   dual_config.floor)
     terms = [objective] + [c.term for c in constraints]
-    start = 0
+    start, earlier_seconds, started = 0, 0.0, time.perf_counter()
 
     def hold_controlled() -> None:
         if control is not None:
@@ -133,7 +135,7 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
         generator.set_state(rank_state["generator"])
         for term, term_state in zip(terms, rank_state["terms"]):
             term.load_state_dict(term_state)
-        start = state["step"]
+        start, earlier_seconds = state["step"], state.get("train_seconds", 0.0)
         if accelerator.is_main_process:  # drop lines logged after the checkpoint (and a torn last one): redone
             records = read_metrics(metrics_path) if metrics_path.exists() else []
             write_text_atomic(metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n"
@@ -148,7 +150,8 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
             state = {"step": step, "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
                      "dual": dual.state_dict(), "ranks": {str(r): s for r, s in ranks},
                      "ema": ema.state_dict() if ema is not None else None,
-                     "control": control.controller.state_dict() if control is not None else None}
+                     "control": control.controller.state_dict() if control is not None else None,
+                     "train_seconds": earlier_seconds + time.perf_counter() - started}
             save_checkpoint(checkpoints_dir, step, accelerator.unwrap_model(model), state, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
@@ -209,4 +212,5 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
     trained = accelerator.unwrap_model(model)
     if ema is not None:
         ema.copy_to(trained.parameters())
-    return TrainResult(trained, dual.named(dual.multipliers), config.steps)
+    return TrainResult(trained, dual.named(dual.multipliers), config.steps,
+                       earlier_seconds + time.perf_counter() - started)
