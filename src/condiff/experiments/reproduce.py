@@ -100,13 +100,14 @@ def resilient_variant(config: ExperimentConfig, held_run: Path) -> ExperimentCon
     return config
 
 
-def share_variant(variant: str, config: ExperimentConfig, output: Path) -> ExperimentConfig:
-    """One of SHARE_VARIANTS of a config that requests target shares."""
+def variant_config(variant: str, config: ExperimentConfig, output: Path) -> ExperimentConfig:
+    """The model `variant` of an experiment's config: "constrained" is the config as it is."""
     if variant == "unconstrained":
         return unconstrained_variant(config)
     if variant == "resilient":
         return resilient_variant(config, output / "held")
-    config.constraints.control = variant
+    if variant in ("held", "measured"):
+        config.constraints.control = variant
     return config
 
 
@@ -164,13 +165,9 @@ def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = 
         return with_seed_offset(load_config(config_dir / experiment.config,
                                             {**overrides, "output_dir": str(output / variant)}), seed)
 
-    requests_shares = load("constrained").constraints.target_shares is not None
+    requests_shares = load_config(config_dir / experiment.config, overrides).constraints.target_shares is not None
     for variant in SHARE_VARIANTS if requests_shares else ("unconstrained", "constrained"):
-        config = load(variant)
-        if requests_shares:
-            configs[variant] = share_variant(variant, config, output)
-        else:
-            configs[variant] = unconstrained_variant(config) if variant == "unconstrained" else config
+        configs[variant] = variant_config(variant, load(variant), output)
         results[variant] = run_once(configs[variant], resume, device, progress)
     if not process_state().is_main_process:
         return output / "report.md"
