@@ -104,7 +104,7 @@ def test_every_config_the_commands_read_is_package_data():
 
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["condiff"]
     read = [CONFIG_DIR / name for name in DEMO_CONFIGS.values()] + [
-        folder / name for folder in SCALES.values() for e in EXPERIMENTS.values()
+        SCALES[scale] / name for e in EXPERIMENTS.values() for scale in e.scales
         for name in (e.config, e.pretrain_config) if name]
     for path in read:
         relative = path.relative_to(CONFIG_DIR.parent).as_posix()
