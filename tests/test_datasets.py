@@ -133,6 +133,128 @@ def test_image_folder_errors(tmp_path):
         load_image_folder(tmp_path / "bad", 8)
 
 
+# Every kind of image file is read with its real range: 0..255, 0..65535, or 0.0..1.0 for float images.
+
+
+def load_one(tmp_path, image, name, resolution, channels=3, **save_options) -> torch.Tensor:
+    """The (C, resolution, resolution) values that load_image_folder gives `image` saved as `name`."""
+    path = tmp_path / name.replace(".", "_") / "class" / name
+    path.parent.mkdir(parents=True)
+    image.save(path, **save_options)
+    return load_image_folder(path.parent.parent, resolution, channels).data[0]
+
+
+def assert_values(actual: torch.Tensor, expected) -> None:
+    expected = torch.as_tensor(np.asarray(expected, dtype=np.float64)).float().expand_as(actual)
+    assert torch.allclose(actual, expected, atol=1e-6, rtol=0), (actual, expected)
+
+
+def test_8_bit_images_are_unchanged(tmp_path):
+    pixels = np.array([[0, 51, 255], [128, 7, 200], [99, 1, 254]], np.uint8)
+    image = Image.fromarray(pixels)  # mode L
+    assert torch.equal(load_one(tmp_path, image, "same.png", 3, channels=1)[0],
+                       torch.from_numpy(pixels).float() / 127.5 - 1)
+    resized = np.array(image.resize((2, 2), Image.Resampling.BICUBIC))  # PIL's 8-bit bicubic, as before
+    assert torch.equal(load_one(tmp_path, image, "resized.png", 2, channels=1)[0],
+                       torch.from_numpy(resized).float() / 127.5 - 1)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_png_spans_the_range(tmp_path, channels):
+    pixels = np.array([[0, 40000, 65535], [1, 32768, 257], [65534, 40000, 0]], np.uint16)
+    image = Image.fromarray(pixels)
+    assert image.mode.startswith("I;16")
+    assert_values(load_one(tmp_path, image, "deep.png", 3, channels), pixels / 65535 * 2 - 1)  # not clipped to 255
+    flat = Image.fromarray(np.full((5, 7), 40000, np.uint16))  # resized as floats, not as 8 bits
+    assert_values(load_one(tmp_path, flat, "flat.png", 4, channels), 40000 / 65535 * 2 - 1)
+
+
+def test_32_bit_integer_images_are_16_bit_or_refused(tmp_path):
+    pixels = np.array([[0, 40000], [65535, 300]], np.int32)
+    assert_values(load_one(tmp_path, Image.fromarray(pixels), "int.tif", 2, channels=1), pixels / 65535 * 2 - 1)
+    with pytest.raises(DataError, match=r"^\S*too-deep\.tif: image mode I holds values 0\.\.70000") as err:
+        load_one(tmp_path, Image.fromarray(np.array([[0, 70000]], np.int32)), "too-deep.tif", 1)
+    assert "\n" not in str(err.value)
+
+
+def test_float_tiff_is_read_as_0_to_1(tmp_path):
+    pixels = np.array([[0.5, 0.25], [0.0, 1.0]], np.float32)
+    image = Image.fromarray(pixels)
+    assert image.mode == "F"
+    assert_values(load_one(tmp_path, image, "float.tif", 2, channels=1), [[0.0, -0.5], [-1.0, 1.0]])
+    assert_values(load_one(tmp_path, image, "float-rgb.tif", 2, channels=3), [[0.0, -0.5], [-1.0, 1.0]])
+
+
+@pytest.mark.parametrize("bad, message", [(1.5, r"values 0\.5\.\.1\.5, outside \[0, 1\]"),
+                                          (-0.25, r"values -0\.25\.\.0\.5, outside \[0, 1\]"),
+                                          (np.nan, "non-finite"), (np.inf, "non-finite")])
+def test_float_tiff_outside_0_to_1_is_refused(tmp_path, bad, message):
+    image = Image.fromarray(np.array([[0.5, bad]], np.float32))
+    with pytest.raises(DataError, match=rf"^\S*bad\.tif: image mode F holds {message}") as err:
+        load_one(tmp_path, image, "bad.tif", 1)
+    assert "\n" not in str(err.value)
+
+
+def test_opaque_alpha_is_dropped(tmp_path):
+    rgb = np.array([[[255, 0, 0], [0, 128, 255]], [[10, 20, 30], [255, 255, 255]]], np.uint8)
+    rgba = np.concatenate([rgb, np.full((2, 2, 1), 255, np.uint8)], axis=-1)
+    expected = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(load_one(tmp_path, Image.fromarray(rgba), "opaque.png", 2), expected)
+    assert torch.equal(load_one(tmp_path, Image.fromarray(rgb), "plain.png", 2), expected)
+    gray_alpha = Image.merge("LA", [Image.fromarray(rgb[..., 1]), Image.new("L", (2, 2), 255)])
+    assert_values(load_one(tmp_path, gray_alpha, "opaque-la.png", 2, channels=1), rgb[..., 1] / 127.5 - 1)
+
+
+def palette_image(transparent_index=None) -> Image.Image:
+    image = Image.new("P", (2, 2))
+    image.putdata([0, 1, 2, 0])
+    image.putpalette([255, 0, 0, 0, 200, 40, 30, 60, 90, 9, 9, 9])  # index 3 is never used
+    if transparent_index is not None:
+        image.info["transparency"] = transparent_index
+    return image
+
+
+@pytest.mark.parametrize("name, image, mode", [
+    ("see-through.png", Image.fromarray(np.array([[[9, 9, 9, 255], [9, 9, 9, 254]]], np.uint8)), "RGBA"),
+    ("see-through-la.png", Image.merge("LA", [Image.new("L", (2, 1), 9), Image.new("L", (2, 1), 0)]), "LA"),
+    ("see-through.gif", palette_image(transparent_index=1), "P"),
+], ids=["RGBA", "LA", "P"])
+def test_images_not_fully_opaque_are_refused(tmp_path, name, image, mode):
+    for channels in (1, 3):
+        with pytest.raises(DataError, match=rf"^\S*{re.escape(name)}: image mode {mode} has pixels that are "
+                                            "not fully opaque") as err:
+            load_one(tmp_path / str(channels), image, name, 2, channels)
+        assert "\n" not in str(err.value)
+
+
+def test_a_transparent_colour_key_is_refused_where_it_occurs(tmp_path):
+    image = Image.new("RGB", (2, 2), (1, 2, 3))
+    image.putpixel((1, 1), (4, 5, 6))
+    with pytest.raises(DataError, match=r"keyed\.png: image mode RGB has pixels that are not fully opaque"):
+        load_one(tmp_path, image, "keyed.png", 2, transparency=(4, 5, 6))
+    assert_values(load_one(tmp_path, image, "unkeyed.png", 2, transparency=(7, 7, 7))[:, 0, 0],
+                  [1 / 127.5 - 1, 2 / 127.5 - 1, 3 / 127.5 - 1])
+
+
+@pytest.mark.parametrize("transparent_index", [None, 3], ids=["plain", "unused-transparent-entry"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_palette_images_read_as_their_rgb_conversion(tmp_path, transparent_index, channels):
+    converted = np.asarray(palette_image().convert("RGB" if channels == 3 else "L"), np.float64)
+    expected = converted.reshape(2, 2, -1).transpose(2, 0, 1) / 127.5 - 1
+    assert expected[:, 0, 0].tolist() == ([1.0, -1.0, -1.0] if channels == 3 else [76 / 127.5 - 1])  # red
+    assert_values(load_one(tmp_path, palette_image(transparent_index), "palette.png", 2, channels), expected)
+
+
+def test_cmyk_and_bilevel_images(tmp_path):
+    cmyk = Image.new("CMYK", (2, 2))
+    for xy, ink in [((0, 0), (0, 255, 255, 0)), ((1, 0), (255, 0, 0, 0)), ((0, 1), (0, 0, 0, 255)), ((1, 1), (0,) * 4)]:
+        cmyk.putpixel(xy, ink)  # red, cyan, black, white
+    assert_values(load_one(tmp_path, cmyk, "cmyk.tif", 2), [[[1, -1], [-1, 1]], [[-1, 1], [-1, 1]], [[-1, 1], [-1, 1]]])
+    bilevel = Image.fromarray(np.array([[True, False], [False, True]]))
+    assert bilevel.mode == "1"
+    assert_values(load_one(tmp_path, bilevel, "bilevel.png", 2, channels=1), [[1.0, -1.0], [-1.0, 1.0]])
+
+
 @pytest.fixture
 def celeb(tmp_path):
     images = tmp_path / "img_align_celeba"

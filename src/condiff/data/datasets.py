@@ -192,24 +192,86 @@ def load_fashion_mnist(directory: str | Path | None = None) -> LabelledDataset:
                            list(FASHION_MNIST_CLASSES))
 
 
+def _opaque(image, path: Path):
+    """The image without its alpha channel, refused if any pixel is not fully opaque: the colour
+    behind a transparent pixel is unknown, and any background would be a guess."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "PA" or (mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")  # the palette's per-entry alpha becomes a channel to check
+    *colour, alpha = image.getbands()
+    if alpha in ("A", "a"):
+        transparent = image.getchannel(alpha).getextrema()[0] < 255
+        image = Image.merge("RGB" if len(colour) == 3 else "L", image.split()[:-1])  # also "La"/"RGBa"
+    elif "transparency" in image.info:  # one colour (PNG's tRNS chunk) marks the transparent pixels
+        key = np.asarray(image.info["transparency"]).reshape(-1)
+        transparent = (np.asarray(image).reshape(image.height, image.width, -1) == key).all(-1).any()
+    else:
+        return image
+    if transparent:
+        raise DataError(f"{path}: image mode {mode} has pixels that are not fully opaque; condiff does not "
+                        "guess a background, so flatten the image onto one (or drop its alpha) first")
+    return image
+
+
+def _unit_values(image, path: Path) -> np.ndarray | None:
+    """The pixels of a 16-bit integer or float image as float32 in [0, 1]; None for 8-bit modes."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image)
+        if mode == "I" and (values.min() < 0 or values.max() > 65535):  # no full scale to divide by
+            raise DataError(f"{path}: image mode I holds values {values.min()}..{values.max()}, "
+                            "outside 0..65535; condiff reads 32-bit integer images as 16-bit ones")
+        return values.astype(np.float32) / 65535
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise DataError(f"{path}: image mode F holds non-finite values (NaN or infinity)")
+        if values.min() < 0 or values.max() > 1:
+            raise DataError(f"{path}: image mode F holds values {values.min():g}..{values.max():g}, "
+                            "outside [0, 1], the range condiff reads float images in")
+        return values
+    return None
+
+
+def _read_image(image, path: Path, resolution: int, channels: int) -> torch.Tensor:
+    """One open image -> (channels, resolution, resolution) in [-1, 1]: its largest centred square,
+    resized, with 0..255, 0..65535 or 0.0..1.0 (float) spanning the range."""
+    from PIL import Image, ImageOps
+
+    image = _opaque(image, path)
+    size, bicubic = (resolution, resolution), Image.Resampling.BICUBIC
+    values = _unit_values(image, path)
+    if values is None:  # 8-bit: PIL's conversions (palette, CMYK, bilevel to 0/255, luma from RGB)
+        target = "RGB" if channels == 3 else "L"
+        try:
+            image = image.convert(target)
+        except ValueError as err:
+            raise DataError(f"{path}: cannot convert image mode {image.mode} to {target} ({err})") from None
+        return _to_unit_range(np.asarray(ImageOps.fit(image, size, bicubic))[None])[0]
+    # Resized as a float image, then clipped like 8-bit images, whose bicubic overshoot saturates.
+    fitted = np.asarray(ImageOps.fit(Image.fromarray(values), size, bicubic)).clip(0.0, 1.0)
+    return torch.from_numpy(fitted * 2 - 1).expand(channels, -1, -1)  # gray repeated as RGB, as "L" -> "RGB"
+
+
 def _load_images(paths: list[Path], resolution: int, channels: int) -> torch.Tensor:
     """Image files -> (N, C, resolution, resolution) in [-1, 1]: the largest centred square of each
     image, resized (so that faces or objects keep their proportions), in grayscale or RGB."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-    pixels = np.empty((len(paths), resolution, resolution) + ((3,) if channels == 3 else ()), np.uint8)
+    images = torch.empty((len(paths), channels, resolution, resolution), dtype=torch.float32)
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB" if channels == 3 else "L")
-                pixels[i] = np.asarray(ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC))
+                images[i] = _read_image(image, path, resolution, channels)
         except FileNotFoundError:
             raise DataNotFound(f"{path}: image not found") from None
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"{path}: cannot read the image ({err})") from None
-    return _to_unit_range(pixels)
+    return images
 
 
 def image_folder_classes(root: str | Path) -> list[str]:
