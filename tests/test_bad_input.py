@@ -21,6 +21,7 @@ import tomli_w
 from PIL import Image
 
 from condiff.cli import main
+from condiff.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
@@ -68,15 +69,19 @@ def write_image(path: Path, value: int = 128) -> Path:
     return path
 
 
+# The tiny runs rows copy, by key: two widths, and a class-conditional one (for guidance).
+TRAINED = {16: {"model.hidden": 16}, 32: {"model.hidden": 32},
+           "conditional": {"model.class_conditional": True, "train.label_dropout": 0.2}}
+
+
 @pytest.fixture(scope="module")
-def trained(one_torch_thread, tmp_path_factory) -> dict[int, Path]:
-    """Two tiny runs, {model.hidden: run directory}, checkpoints at steps 2 and 4."""
+def trained(one_torch_thread, tmp_path_factory) -> dict[int | str, Path]:
+    """The TRAINED runs, {key: run directory}, checkpoints at steps 2 and 4."""
     root = tmp_path_factory.mktemp("trained")
     runs = {}
-    for hidden in (16, 32):
-        runs[hidden] = root / f"hidden{hidden}"
-        config = tiny_config(root / f"hidden{hidden}.toml", runs[hidden], {"model.hidden": hidden})
-        assert main(["train", config]) == 0
+    for key, changes in TRAINED.items():
+        runs[key] = root / f"run-{key}"
+        assert main(["train", tiny_config(root / f"run-{key}.toml", runs[key], changes)]) == 0
     return runs
 
 
@@ -91,8 +96,8 @@ class Row:
     def config(self, changes: dict | None = None, output: str = "out") -> str:
         return tiny_config(self.tmp / "config.toml", self.tmp / output, changes)
 
-    def copy_run(self, hidden: int = 16) -> Path:
-        return Path(shutil.copytree(self.request.getfixturevalue("trained")[hidden], self.tmp / "run"))
+    def copy_run(self, key: int | str = 16) -> Path:
+        return Path(shutil.copytree(self.request.getfixturevalue("trained")[key], self.tmp / "run"))
 
     def resumable_run(self) -> tuple[Path, str]:
         """A copy of the hidden=16 run whose config names the copy, `latest` set back to step 2 (so that
@@ -122,7 +127,7 @@ class Row:
 
 
 # Each row: id -> setup. setup(row) writes what the row needs and returns (argv, names): the line
-# must contain one of `names` (a field, or the path of the offending file or folder).
+# must contain one of `names` (a field, or the path of the offending file or folder; a tuple: all its parts).
 
 def config_row(changes: dict, field: str):
     return lambda row: (["train", row.config(changes)], [field])
@@ -283,6 +288,17 @@ def checkpoint_of_two_processes(row):
     return ["train", config, "--resume"], [str(run)]
 
 
+def run_command(command: str, *options: str, key: int | str = 16, names=()):
+    """`condiff COMMAND RUN OPTIONS...` on a copy of the trained run `key`; the line names one of `names`."""
+    def setup(row):
+        return [command, str(row.copy_run(key)), *options], list(names)
+    return setup
+
+
+def name_row(name: str):
+    return lambda row: (["train", row.config({"name": name})], ["config.toml: name: "])
+
+
 def demo_overwrite_user_folder(row):
     row.no_demo_training()
     folder = row.user_folder()
@@ -330,6 +346,29 @@ ROWS = {
     "two constraint modes": config_row(
         {"data": DIGITS, "constraints.classes": [4], "constraints.gamma": 0.1, "constraints.thresholds": [0.05]},
         "constraints"),
+    "diffusion.beta_end = 1.5": config_row({"diffusion.beta_end": 1.5}, "diffusion.beta_end"),
+    "diffusion.beta_end = 0.5: alphas_cumprod reach 0": config_row({"diffusion.beta_end": 0.5}, "diffusion.beta_end"),
+    "scaled_linear alphas_cumprod reach 0": config_row(
+        {"diffusion.beta_schedule": "scaled_linear", "diffusion.beta_end": 0.4}, "diffusion.beta_end"),
+    "diffusion.beta_start = 0": config_row({"diffusion.beta_start": 0.0}, "diffusion.beta_start"),
+    "diffusion.beta_start above beta_end": config_row({"diffusion.beta_start": 0.05}, "diffusion.beta_end"),
+    "NaN diffusion.beta_end": config_row({"diffusion.beta_end": float("nan")}, "diffusion.beta_end"),
+    "infinite train.lr": config_row({"train.lr": float("inf")}, "train.lr"),
+    "sample.steps beyond the training schedule": config_row({"sample.steps": 5000}, "sample.steps"),
+    "evaluate.num_samples not above its k": config_row({"evaluate.num_samples": 3}, "evaluate.num_samples"),
+    "negative train.seed": config_row({"train.seed": -1}, "train.seed"),
+    "negative sample.seed": config_row({"sample.seed": -5}, "sample.seed"),
+    "negative data.seed": config_row({"data.seed": -1}, "data.seed"),
+    "train.seed = 2**32": config_row({"train.seed": 2**32}, "train.seed"),
+    "name ../../escaped": name_row("../../escaped"),
+    "empty name": name_row(""),
+    "name .": name_row("."),
+    "name ..": name_row(".."),
+    "name with /": name_row("a/b"),
+    "name with backslash": name_row("a\\b"),
+    "name with a leading dot": name_row(".hidden"),
+    "name with NUL": name_row("a\x00b"),
+    "name with a newline": name_row("a\nb"),
     "missing config file": missing_config,
     "--set without =": set_without_equals,
     # data files
@@ -351,6 +390,18 @@ ROWS = {
     "sample a run with truncated safetensors": truncated_safetensors,
     "resume a checkpoint of another model": checkpoint_of_another_model,
     "resume with another process count": checkpoint_of_two_processes,
+    "sample --steps beyond the training schedule": run_command("sample", "--steps", "5000", names=["steps 5000"]),
+    "sample --steps 0": run_command("sample", "--steps", "0", names=["--steps"]),
+    "sample --seed -5": run_command("sample", "--seed", "-5", names=["--seed"]),
+    "sample --seed 2**32": run_command("sample", "--seed", str(2**32), names=["--seed"]),
+    "sample --guidance nan": run_command("sample", "--class", "0", "--guidance", "nan", key="conditional",
+                                         names=["--guidance"]),
+    "sample --guidance inf": run_command("sample", "--class", "0", "--guidance", "inf", key="conditional",
+                                         names=["--guidance"]),
+    "evaluate --num-samples 1": run_command("evaluate", "--num-samples", "1", names=["num_samples 1"]),
+    "attribute --top beyond the training set": run_command("attribute", "--top", "1000",
+                                                           names=[("--top 1000", "40 examples")]),
+    "attribute --seed -1": run_command("attribute", "--seed", "-1", names=["--seed"]),
     "demo --overwrite a user's folder": demo_overwrite_user_folder,
     "train --overwrite a user's folder": train_overwrite_user_folder,
     "demo --output .": demo_output_dot(overwrite=False),
@@ -383,7 +434,33 @@ def test_bad_input_exits_2_with_one_line_naming_it_and_changes_nothing(setup, tm
     assert code == 2, f"exit code {code}, stderr: {err!r}"
     assert len(lines) == 1 and lines[0].startswith("condiff: error: ") and lines[0].strip() != "condiff: error:", \
         f"expected one line `condiff: error: ...`, got {err!r}"
-    assert any(name in lines[0] for name in names), f"{lines[0]!r} names none of {names}"
+    assert any(all(part in lines[0] for part in (name if isinstance(name, tuple) else (name,))) for name in names), \
+        f"{lines[0]!r} names none of {names}"
     after = snapshot(tmp_path)
     assert after == before, {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
                              "changed": sorted(p for p in set(before) & set(after) if before[p] != after[p])}
+
+
+def library_calls():
+    """Bad arguments of the library's own calls, behind the command line's checks: (call on a run, what the
+    ConfigError must name)."""
+    from condiff.experiments.attribution import AttributionSettings
+    from condiff.experiments.evaluation import evaluate_run
+    from condiff.experiments.sampling import sample_run
+    return {
+        "sample_run steps=5000": (lambda run: sample_run(run, steps=5000, progress=False), "steps 5000"),
+        "sample_run steps=0": (lambda run: sample_run(run, steps=0, progress=False), "steps 0"),
+        "sample_run seed=-5": (lambda run: sample_run(run, seed=-5, progress=False), "seed: "),
+        "evaluate_run num_samples=3": (lambda run: evaluate_run(run, num_samples=3, progress=False), "num_samples 3"),
+        "AttributionSettings seed=-1": (lambda run: AttributionSettings(seed=-1).validate(), "--seed"),
+    }
+
+
+@pytest.mark.parametrize("name", list(library_calls()))
+def test_the_library_refuses_them_naming_the_argument_and_changes_nothing(name, tmp_path, monkeypatch, request):
+    call, named = library_calls()[name]
+    run = Row(tmp_path, monkeypatch, request).copy_run()
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=named):
+        call(run)
+    assert snapshot(tmp_path) == before

@@ -13,7 +13,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from condiff.config import ConfigError, InfeasibleConstraints
+from condiff.config import ConfigError, InfeasibleConstraints, check_seed
 from condiff.rundir import RunDirectoryError
 from condiff.runtime import end_processes
 
@@ -276,19 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_numbers(args) -> None:
+    """Refuse the command line's out-of-range numbers before the command starts."""
     for name in ("num_samples", "steps", "batch_size", "latent_channels"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
-            print(f"condiff: error: --{name.replace('_', '-')}: must be positive, got {value}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {value}")
     if any(width <= 0 for width in getattr(args, "block_out_channels", None) or []):
-        print(f"condiff: error: --block-out-channels: must be positive, got {args.block_out_channels}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--block-out-channels: must be positive, got {args.block_out_channels}")
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed, "--seed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from condiff.training.metrics_log import TrainingDiverged
 
     try:
+        check_numbers(args)
         args.func(args)
         end_processes()
     except (ConfigError, RunDirectoryError, InfeasibleConstraints, TrainingDiverged, FileNotFoundError) as err:

@@ -13,6 +13,7 @@ from condiff.config.schema import (
     DATASET_CLASSES,
     IDX_DATASETS,
     IMAGE_DATASETS,
+    SEED_LIMIT,
     ConfigError,
     ConstraintsConfig,
     DataConfig,
@@ -27,6 +28,7 @@ from condiff.config.schema import (
     SampleConfig,
     TrainConfig,
     check_kl_feasibility,
+    check_seed,
 )
 from condiff.config.validation import (
     check_classes,

@@ -26,6 +26,15 @@ def check_kl_feasibility(kl_bounds) -> None:
             "(loosen the bounds: raise some b_i)")
 
 
+SEED_LIMIT = 2**32   # numpy's legacy range: every generator condiff seeds takes it, derived seeds (seed * 7919 + i) too
+
+
+def check_seed(seed: int, where: str) -> None:
+    """Refuse a seed outside 0 .. 2**32 - 1, naming `where` (a field, an argument or an option)."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{where}: a seed must be an integer from 0 to {SEED_LIMIT - 1}, got {seed}")
+
+
 # Checks declared beside the fields they check (dataclass field metadata), applied by `_check_ranges`.
 def positive(default=None):
     return field(default=default, metadata={"check": "positive"})
@@ -33,6 +42,10 @@ def positive(default=None):
 
 def non_negative(default):
     return field(default=default, metadata={"check": "non-negative"})
+
+
+def seed_value(default):
+    return field(default=default, metadata={"check": "seed"})
 
 
 def one_of(default, *others):
@@ -58,7 +71,7 @@ class DataConfig:
     resolution: int | None = positive(None)     # resize images to this; default: 28 for the IDX datasets
                                                 # (mnist, fashion-mnist, idx: native), 32 for image-folder/-csv
     channels: int | None = None                 # image-folder/-csv: 1 (grayscale) or 3 (RGB, the default)
-    seed: int = 0
+    seed: int = seed_value(0)
 
 
 @dataclass
@@ -108,7 +121,7 @@ class TrainConfig:
     log_every: int = positive(50)               # steps between metrics.jsonl writes (one host sync each)
     checkpoint_every: int = positive(500)
     keep_checkpoints: int = positive(2)
-    seed: int = 0
+    seed: int = seed_value(0)
 
 
 @dataclass
@@ -171,7 +184,7 @@ class SampleConfig:
     steps: int = positive(50)
     num_samples: int = positive(1000)
     batch_size: int = positive(500)
-    seed: int = 1234
+    seed: int = seed_value(1234)
     mixed_precision: str = one_of("no", "fp16", "bf16")   # autocast the network while sampling
     channels_last: bool = False                 # NHWC weights and activations while sampling
 

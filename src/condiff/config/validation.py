@@ -3,10 +3,12 @@ of fields with each other, every error naming its field."""
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 import types
 import typing
+import unicodedata
 import warnings
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from condiff.config.schema import (
     ExperimentConfig,
     InfeasibleConstraints,
     check_kl_feasibility,
+    check_seed,
 )
 
 def _type_name(tp) -> str:
@@ -79,6 +82,13 @@ def _build(cls, table: dict, prefix: str):
     return cls(**values)
 
 
+def _non_finite(value) -> bool:
+    """Whether a float, or a list of them at any depth, holds a NaN or an infinity (TOML allows both)."""
+    if isinstance(value, list):
+        return any(_non_finite(item) for item in value)
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def _check_ranges(config: ExperimentConfig) -> None:
     for section in fields(config):
         sub = getattr(config, section.name)
@@ -88,6 +98,10 @@ def _check_ranges(config: ExperimentConfig) -> None:
             where, value, check = f"{section.name}.{f.name}", getattr(sub, f.name), f.metadata
             if value is None:
                 continue
+            if _non_finite(value):
+                raise ConfigError(f"{where}: must be finite, got {value}")
+            if check.get("check") == "seed":
+                check_seed(value, where)
             if "choices" in check and value not in check["choices"]:
                 options = ", ".join(str(choice) for choice in check["choices"] if choice is not None)
                 raise ConfigError(f"{where}: {value!r} is not one of {options}")
@@ -189,14 +203,57 @@ def _check_consistency(config: ExperimentConfig) -> None:
     _check_latent(config)
     if config.evaluate.inception_weights is not None and not config.evaluate.inception_weights.strip():
         raise ConfigError("evaluate.inception_weights: empty path (leave it out to skip Inception FID)")
-    if config.diffusion.beta_end <= config.diffusion.beta_start:
-        raise ConfigError("diffusion.beta_end: must exceed diffusion.beta_start")
     for key in ("label_dropout", "ema_decay"):   # both non-negative already
         if not getattr(config.train, key) < 1:
             raise ConfigError(f"train.{key}: must be below 1, got {getattr(config.train, key)}")
     if config.train.label_dropout > 0 and not config.model.class_conditional:
         raise ConfigError("train.label_dropout: drops the labels of a class-conditional model; "
                           "set model.class_conditional = true")
+
+
+def _check_schedule(config: ExperimentConfig) -> None:
+    """0 < beta_start < beta_end < 1, and alphas_cumprod (float32, as training computes them) positive to
+    the last timestep: where they reach 0, x0 predictions divide by 0 and training and sampling give NaN."""
+    d = config.diffusion
+    if d.beta_end <= d.beta_start:
+        raise ConfigError("diffusion.beta_end: must exceed diffusion.beta_start")
+    if not d.beta_end < 1:
+        raise ConfigError(f"diffusion.beta_end: a noise variance per step, must be below 1, got {d.beta_end}")
+    from diffusers import DDPMScheduler   # the real schedule, imported late: `import condiff.config` stays light
+
+    alphas_cumprod = DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
+                                   beta_start=d.beta_start, beta_end=d.beta_end).alphas_cumprod
+    if not alphas_cumprod[-1] > 0:
+        where = "num_train_timesteps" if d.beta_schedule == "squaredcos_cap_v2" else "beta_end"   # cos ignores betas
+        raise ConfigError(f"diffusion.{where}: the {d.beta_schedule} schedule's alphas_cumprod reach 0 at timestep "
+                          f"{int((alphas_cumprod > 0).sum())} of {d.num_train_timesteps} (float32), where training and "
+                          "sampling give NaN; lower diffusion.beta_end or diffusion.num_train_timesteps")
+
+
+# Samplers that space their steps over the training schedule, which has num_train_timesteps of them at most.
+INFERENCE_STEPS = (("sample", "steps"), ("constraints", "control_steps"), ("finetune", "trajectory_steps"))
+
+
+def _check_samplers(config: ExperimentConfig) -> None:
+    """Sampling steps within the training schedule; evaluations of more samples than their k-NN's k."""
+    timesteps = config.diffusion.num_train_timesteps
+    for section, key in INFERENCE_STEPS:
+        steps = getattr(getattr(config, section), key)
+        if steps is not None and steps > timesteps:
+            raise ConfigError(f"{section}.{key}: {steps} steps, more than the {timesteps} timesteps of the training "
+                              "schedule (diffusion.num_train_timesteps)")
+    evaluation = config.evaluate
+    if evaluation.num_samples is not None and evaluation.num_samples <= evaluation.nearest_neighbours:
+        raise ConfigError(f"evaluate.num_samples: {evaluation.num_samples} samples, precision and recall need more "
+                          f"than evaluate.nearest_neighbours = {evaluation.nearest_neighbours}")
+
+
+def _check_name(name: str) -> None:
+    """The run's folder under runs/ by default: one visible path component, so that it stays inside runs/."""
+    if (not name or name.startswith(".") or "/" in name or "\\" in name
+            or any(unicodedata.category(c) == "Cc" for c in name)):
+        raise ConfigError(f"name: {name!r} is not a folder name (the run's runs/NAME): one path component, not "
+                          "empty, without /, \\ or control characters, not starting with a dot")
 
 
 def check_classes(config: ExperimentConfig, num_classes: int) -> None:
@@ -225,8 +282,11 @@ def config_from_dict(table: dict, source: str = "config") -> ExperimentConfig:
     `source` and the field. Relative input paths left in the table are taken from the working directory."""
     try:
         config = _build(ExperimentConfig, table, "")
+        _check_name(config.name)
         _check_ranges(config)
         _check_consistency(config)
+        _check_schedule(config)
+        _check_samplers(config)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     for dotted in INPUT_PATHS:

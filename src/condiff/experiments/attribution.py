@@ -31,7 +31,7 @@ from condiff.attribution.features import OUTPUT_FUNCTIONS, GradientFeaturizer, t
 from condiff.attribution.projector import PROJECTORS
 from condiff.attribution.store import stored_train_features
 from condiff.attribution.trak import ensemble_scores
-from condiff.config import ConfigError, ExperimentConfig
+from condiff.config import SEED_LIMIT, ConfigError, ExperimentConfig
 from condiff.data.latent import decode_latents
 from condiff.experiments.attribution_inputs import (
     EnsembleModel,
@@ -101,6 +101,7 @@ class AttributionSettings:
         checks = {"output": self.output in OUTPUT_FUNCTIONS, "projection": self.projection in PROJECTORS,
                   "steps": bool(self.steps) and all(0 <= t < 1000 for t in self.steps),
                   "target_class": self.target_class is None or self.target_class >= 0,
+                  "seed": 0 <= self.seed < SEED_LIMIT,
                   "journey_every": self.journey_every >= 0}
         checks.update({name: getattr(self, name) > 0 for name in (
             "num_targets", "top", "train_timesteps", "resamplings", "dimension", "ridge", "sampling_steps",
@@ -310,6 +311,9 @@ def attribute_run(run_dir: Path, settings: AttributionSettings | None = None, *,
     autoencoder = load_latent_autoencoder(config, run_dir)
     autoencoder = None if autoencoder is None else autoencoder.to(device)
     training = training_set(config, run_dir, autoencoder, null_class_label(pipeline.unet) is not None)
+    if settings.top > len(training.inputs):
+        raise ConfigError(f"{flag('top')} {settings.top}: more than the {len(training.inputs)} examples of the run's "
+                          "training set, of which each step shows the top helpful and harmful")
     models = ensemble_models(run_dir, config, pipeline.unet, training, settings.models, settings.checkpoints, device)
     saved = (None if settings.samples_file is None else
              saved_targets(Path(settings.samples_file), run_dir, settings.num_targets, sample_shape_of(pipeline.unet)))

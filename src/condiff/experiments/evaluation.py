@@ -61,6 +61,9 @@ def evaluate_run(run_dir: Path, *, num_samples: int | None = None, device: str |
     config = load_run_config(run_dir)
     evaluation = config.evaluate
     num_samples = num_samples or evaluation.num_samples or config.sample.num_samples
+    if num_samples <= evaluation.nearest_neighbours:   # before anything is drawn: RUN/samples.npz stays as it is
+        raise ConfigError(f"num_samples {num_samples}: precision and recall need more samples than their "
+                          f"{evaluation.nearest_neighbours} nearest neighbours (evaluate.nearest_neighbours)")
     if evaluation.inception_weights:  # fail before sampling, not after
         try:
             check_inception_fid(evaluation.inception_weights)

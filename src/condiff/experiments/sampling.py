@@ -5,13 +5,14 @@ split across processes; guided samples of one class; the noise-aware classifier 
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
 from diffusers import DDPMPipeline
 
-from condiff.config import ConfigError
+from condiff.config import ConfigError, ExperimentConfig, check_seed
 from condiff.data.latent import decode_latents, encode_dataset
 from condiff.experiments.build import build_data, load_latent_autoencoder, load_pipeline, load_run_config
 from condiff.models import null_class_label
@@ -83,6 +84,7 @@ def sample_run(run_dir: Path, *, num_samples: int | None = None, method: str | N
     so that RUN/samples.npz stays the unconditional samples `evaluate` reads."""
     run_dir = Path(run_dir)
     run_config = load_run_config(run_dir)
+    check_sampling_arguments(run_config, steps, seed)
     config = run_config.sample
     device = resolve_device(device)
     autoencoder = load_latent_autoencoder(run_config, run_dir)
@@ -115,6 +117,17 @@ def sample_run(run_dir: Path, *, num_samples: int | None = None, method: str | N
     return path
 
 
+def check_sampling_arguments(config: ExperimentConfig, steps: int | None, seed: int | None) -> None:
+    """Refuse, before anything is loaded or drawn, a seed out of range and inference steps that the run's
+    training schedule cannot space out (diffusers would fail mid-command)."""
+    timesteps = config.diffusion.num_train_timesteps
+    if steps is not None and not 1 <= steps <= timesteps:
+        raise ConfigError(f"steps {steps}: inference steps must be from 1 to the {timesteps} timesteps the run was "
+                          "trained on (its diffusion.num_train_timesteps)")
+    if seed is not None:
+        check_seed(seed, "seed")
+
+
 def run_guidance(run_dir: Path, pipeline: DDPMPipeline, class_label: int | None, scale: float,
                  kind: str | None, num_samples: int, device: torch.device):
     """(guidance object or None, class labels or None, output path, title, guidance kind) for `sample_run`."""
@@ -122,8 +135,8 @@ def run_guidance(run_dir: Path, pipeline: DDPMPipeline, class_label: int | None,
         if scale or kind:
             raise ConfigError("--guidance: needs --class, the class to guide towards")
         return None, None, run_dir / "samples.npz", "samples", None
-    if scale < 0:
-        raise ConfigError(f"--guidance: must be non-negative, got {scale}")
+    if not 0 <= scale < math.inf:   # a NaN scale fails both comparisons
+        raise ConfigError(f"--guidance: must be finite and non-negative, got {scale}")
     null = null_class_label(pipeline.unet)
     kind = kind or ("cfg" if null is not None else "classifier")
     if kind not in GUIDANCE_KINDS:
