@@ -70,6 +70,15 @@ def tiny_toml():
     return write
 
 
+@pytest.fixture(scope="session")
+def snapshot():
+    """`snapshot(root)`: {relative path: bytes} of every file under root (None for a folder), to show that a
+    refused or interrupted command changed nothing."""
+    def take(root) -> dict:
+        return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+    return take
+
+
 @pytest.fixture
 def drawn(monkeypatch):
     """The figures condiff saves, in order: what they show is read back from their artists."""

@@ -8,6 +8,7 @@ directory, so a default output (runs/NAME) would show up in the before/after sna
 import copy
 import gzip
 import json
+import os
 import shutil
 import struct
 import tomllib
@@ -47,11 +48,6 @@ def tiny_config(path: Path, output_dir: Path, changes: dict | None = None) -> st
         node[leaf] = value
     path.write_text(tomli_w.dumps(table))
     return str(path)
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """{relative path: bytes} of every file under root (None for a folder)."""
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
 def write_idx(path: Path, array, compress: bool = False, magic: bytes | None = None) -> Path:
@@ -295,6 +291,61 @@ def run_command(command: str, *options: str, key: int | str = 16, names=()):
     return setup
 
 
+def output_below_a_file(row):
+    (row.tmp / "notes.txt").write_text("a user's notes\n")
+    return ["train", row.config(output="notes.txt/run")], [str(row.tmp / "notes.txt" / "run")]
+
+
+def output_in_a_symlink_loop(row):
+    (row.tmp / "loop").symlink_to("loop")
+    return ["train", row.config(output="loop/run")], [str(row.tmp / "loop" / "run")]
+
+
+def output_in_a_read_only_folder(row):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders: the refusal cannot happen")
+    (row.tmp / "locked").mkdir()
+    (row.tmp / "locked").chmod(0o555)
+    return ["train", row.config(output="locked/run")], [str(row.tmp / "locked" / "run")]
+
+
+def random_metrics(row):
+    run = row.copy_run()
+    (run / "metrics.jsonl").write_bytes(b"\xff\xfe" + np.random.default_rng(0).bytes(4096))
+    return ["evaluate", str(run)], [str(run / "metrics.jsonl")]
+
+
+def sampled_run(row, *options: str) -> tuple[Path, Path, dict]:
+    """A copy of the hidden=16 run sampled with `options`: (run, its samples.npz, that file's arrays)."""
+    run = row.copy_run()
+    assert main(["sample", str(run), *options]) == 0
+    with np.load(run / "samples.npz") as arrays:
+        return run, run / "samples.npz", dict(arrays)
+
+
+def damaged_samples(command: str, damage):
+    """`condiff evaluate RUN`, or attribute --samples-file, on a samples.npz whose provenance still matches
+    the drawing but whose arrays `damage(arrays)` changed."""
+    def setup(row):
+        run, path, arrays = sampled_run(row, *(["--record-x0"] if command == "attribute" else []))
+        damage(arrays)
+        with open(path, "wb") as file:
+            np.savez(file, **arrays)
+        options = ["--samples-file", str(path), "--samples", "2"] if command == "attribute" else []
+        return [command, str(run), *options], [str(path)]
+    return setup
+
+
+def wrong_shape(arrays):
+    arrays["samples"] = np.zeros((len(arrays["samples"]), 3), dtype=np.float32)   # 3-D points of a 2-D run
+
+
+def with_nan(arrays):
+    for name in ("samples", "x0_predictions"):
+        if name in arrays:
+            arrays[name][0, 0] = np.nan
+
+
 def name_row(name: str):
     return lambda row: (["train", row.config({"name": name})], ["config.toml: name: "])
 
@@ -406,6 +457,15 @@ ROWS = {
     "train --overwrite a user's folder": train_overwrite_user_folder,
     "demo --output .": demo_output_dot(overwrite=False),
     "demo --output . --overwrite": demo_output_dot(overwrite=True),
+    # what the system refuses, and damaged files in a run
+    "output_dir below a regular file": output_below_a_file,
+    "output_dir in a symlink loop": output_in_a_symlink_loop,
+    "output_dir in a read-only folder": output_in_a_read_only_folder,
+    "evaluate a run whose metrics.jsonl is random bytes": random_metrics,
+    "evaluate a samples.npz of the wrong shape": damaged_samples("evaluate", wrong_shape),
+    "evaluate a samples.npz holding NaN": damaged_samples("evaluate", with_nan),
+    "attribute --samples-file of the wrong shape": damaged_samples("attribute", wrong_shape),
+    "attribute --samples-file holding NaN": damaged_samples("attribute", with_nan),
 }
 
 
@@ -424,7 +484,8 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("setup", list(ROWS.values()), ids=list(ROWS))
-def test_bad_input_exits_2_with_one_line_naming_it_and_changes_nothing(setup, tmp_path, monkeypatch, capsys, request):
+def test_bad_input_exits_2_with_one_line_naming_it_and_changes_nothing(setup, tmp_path, monkeypatch, capsys, request,
+                                                                     snapshot):
     monkeypatch.chdir(tmp_path)
     argv, names = setup(Row(tmp_path, monkeypatch, request))
     before = snapshot(tmp_path)
@@ -457,7 +518,8 @@ def library_calls():
 
 
 @pytest.mark.parametrize("name", list(library_calls()))
-def test_the_library_refuses_them_naming_the_argument_and_changes_nothing(name, tmp_path, monkeypatch, request):
+def test_the_library_refuses_them_naming_the_argument_and_changes_nothing(name, tmp_path, monkeypatch, request,
+                                                                           snapshot):
     call, named = library_calls()[name]
     run = Row(tmp_path, monkeypatch, request).copy_run()
     before = snapshot(tmp_path)

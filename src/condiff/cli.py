@@ -1,21 +1,29 @@
 """Command line: a thin layer over condiff.experiments.build, condiff.experiments.sampling, condiff.experiments.evaluation and
 condiff.demo.
 
-Bad input (config, run directory, infeasible constraints) prints one line naming the field or file
-and exits with code 2, having written nothing; so does a training run that diverges (it keeps its last
-finite checkpoint).
+Bad input (config, run directory, infeasible constraints) and what the system refuses (a file it cannot
+read or write, a full disk) print one line naming the field or file and exit with code 2, having written
+nothing; so does a training run that diverges (it keeps its last finite checkpoint), and a command on a run
+that another command is writing into (every command that writes into a run holds its lock). Ctrl-C prints
+one line saying what the run holds now and exits with code 130. `--debug` or CONDIFF_DEBUG=1 adds the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import tomllib
+import traceback
 from pathlib import Path
+from typing import Iterator
 
 from condiff.config import ConfigError, InfeasibleConstraints, check_seed
-from condiff.rundir import RunDirectoryError
-from condiff.runtime import end_processes
+from condiff.rundir import RunDirectory, RunDirectoryError
+from condiff.runtime import close_progress_bars, end_processes
+from condiff.training.metrics_log import TrainingDiverged
 
 DEVICE_HELP = "where models run, e.g. cuda, cuda:1, cpu (default: the accelerator's device, CUDA when present)"
 
@@ -31,9 +39,29 @@ def parse_override(text: str) -> tuple[str, object]:
         return key.strip(), value  # a bare word is a string
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command on a run, with what the run holds now."""
+
+
+@contextlib.contextmanager
+def writing(run: Path, *, training: bool = False) -> Iterator[None]:
+    """Hold `run`'s lock for the whole command (see RunDirectory.lock); an interruption says what it left.
+    `training`: the command makes the run (its folder may not exist yet) and checkpoints it."""
+    before = RunDirectory(run).listing()
+    try:
+        with RunDirectory(run).lock(create=training):
+            yield
+    except KeyboardInterrupt as err:
+        if RunDirectory(run).listing() == before:
+            raise Interrupted(f"interrupted; {run} is unchanged") from err
+        if training and any(RunDirectory(run).checkpoints.glob("step-*")):
+            raise Interrupted(f"interrupted; resume with condiff train {run} --resume") from err
+        raise Interrupted(f"interrupted; {run} is partly written") from err
+
+
 def cmd_train(args) -> None:
     from condiff.config import load_config
-    from condiff.experiments.training import train_run
+    from condiff.experiments.training import run_directory, train_run
 
     overrides = dict(parse_override(s) for s in args.set)
     source = Path(args.config)
@@ -44,7 +72,8 @@ def cmd_train(args) -> None:
         if not source.is_file():
             raise RunDirectoryError(f"{args.config}: not a condiff run directory (config.toml missing)")
     config = load_config(source, overrides)
-    run_dir = train_run(config, resume=args.resume, overwrite=args.overwrite)
+    with writing(run_directory(config), training=True):
+        run_dir = train_run(config, resume=args.resume, overwrite=args.overwrite)
     print(f"trained: {run_dir}")
 
 
@@ -67,25 +96,28 @@ def cmd_autoencoder(args) -> None:
 def cmd_sample(args) -> None:
     from condiff.experiments.sampling import sample_run
 
-    path = sample_run(Path(args.run), num_samples=args.num_samples, method=args.method, steps=args.steps,
-                      seed=args.seed, batch_size=args.batch_size, record_x0=args.record_x0,
-                      class_label=getattr(args, "class"), guidance=args.guidance, guidance_kind=args.guidance_kind,
-                      device=args.device)
+    with writing(Path(args.run)):
+        path = sample_run(Path(args.run), num_samples=args.num_samples, method=args.method, steps=args.steps,
+                          seed=args.seed, batch_size=args.batch_size, record_x0=args.record_x0,
+                          class_label=getattr(args, "class"), guidance=args.guidance,
+                          guidance_kind=args.guidance_kind, device=args.device)
     print(f"samples: {path} and {path.with_suffix('.png')}")
 
 
 def cmd_noise_classifier(args) -> None:
     from condiff.experiments.sampling import train_noise_classifier_run
 
-    accuracy = train_noise_classifier_run(Path(args.run), steps=args.steps, overwrite=args.overwrite,
-                                          device=args.device)
+    with writing(Path(args.run)):
+        accuracy = train_noise_classifier_run(Path(args.run), steps=args.steps, overwrite=args.overwrite,
+                                              device=args.device)
     print("held-out accuracy at t = " + ", ".join(f"{t}: {a:.3f}" for t, a in accuracy.items()))
 
 
 def cmd_evaluate(args) -> None:
     from condiff.experiments.evaluation import evaluate_run
 
-    result = evaluate_run(Path(args.run), num_samples=args.num_samples, device=args.device)
+    with writing(Path(args.run)):
+        result = evaluate_run(Path(args.run), num_samples=args.num_samples, device=args.device)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.to_dict().items()
                    if v is not None and not isinstance(v, (list, dict))))
 
@@ -103,7 +135,9 @@ def cmd_attribute(args) -> None:
                                    samples_file=args.samples_file, checkpoints=args.checkpoints,
                                    models=tuple(args.models), target_class=getattr(args, "class"),
                                    journey_every=args.journey_every)
-    result = attribute_run(Path(args.run), settings, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    with writing(Path(args.run)):
+        result = attribute_run(Path(args.run), settings, resume=args.resume, overwrite=args.overwrite,
+                               device=args.device)
     if result is not None:   # None: a torchrun process other than the main one
         print(f"report: {result.directory / 'report.md'}")
 
@@ -140,6 +174,8 @@ def cmd_reproduce(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="condiff", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error too (also: environment CONDIFF_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a (constrained) diffusion model from a TOML config")
@@ -288,17 +324,34 @@ def check_numbers(args) -> None:
         check_seed(args.seed, "--seed")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from condiff.training.metrics_log import TrainingDiverged
+def one_line(err: BaseException) -> str:
+    """What main prints of an error it catches: an OSError names its file(s), an interruption what it left."""
+    if isinstance(err, KeyboardInterrupt):
+        text = str(err) or "interrupted"
+    elif isinstance(err, OSError) and err.filename is not None:
+        files = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+        text = f"error: {files}: {err.strerror or err}"
+    else:
+        text = f"error: {err}"
+    return "condiff: " + " ".join(text.split())   # one line, whatever the message
 
+
+def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("CONDIFF_DEBUG") == "1"
     try:
+        args = build_parser().parse_args(argv)
+        debug = debug or args.debug
         check_numbers(args)
         args.func(args)
         end_processes()
-    except (ConfigError, RunDirectoryError, InfeasibleConstraints, TrainingDiverged, FileNotFoundError) as err:
-        print("condiff: error: " + " ".join(str(err).split()), file=sys.stderr)   # one line, whatever the message
-        return 2
+    # What a user or the system can cause: one line each, the traceback only when asked for.
+    except (ConfigError, RunDirectoryError, InfeasibleConstraints, TrainingDiverged, OSError, UnicodeDecodeError,
+            KeyboardInterrupt) as err:
+        close_progress_bars()
+        if debug:
+            traceback.print_exc()
+        print(one_line(err), file=sys.stderr)
+        return 130 if isinstance(err, KeyboardInterrupt) else 2
     return 0
 
 

@@ -5,19 +5,22 @@ a reproduction, a lab, an autoencoder, a noise classifier) carries a marker file
 replaces an empty directory or a marked one and refuses anything else, and the current directory, its
 ancestors, the home directory, `/` and condiff's own checkout are refused as outputs whatever is passed.
 Every file condiff writes goes through `write_atomic`: a unique temporary name in the same folder, then a
-rename, so a reader never sees half a file and two writers never collide.
+rename, so a reader never sees half a file and two writers never collide. A command writing into a run
+holds its lock, `.condiff.lock` (`RunDirectory.lock`), so that a second one is refused instead of mixing files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 MARKER = ".condiff"
+LOCK = ".condiff.lock"   # held by the command writing into a directory; gone again when it ends
 PROJECT_ROOT = Path(__file__).resolve().parents[2]   # the checkout, when condiff runs from one
 
 
@@ -46,8 +49,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, di
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".old"))
             os.replace(path, old / path.name)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(temporary, ignore_errors=True) if directory else temporary.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:   # a failed write (e.g. a full disk) names no file
+            err.filename = str(path)
         raise
     finally:
         if old is not None:
@@ -99,6 +104,11 @@ def is_condiff_directory(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
+def contents(path: Path) -> list[Path]:
+    """The entries of a folder, less the lock of the command writing into it."""
+    return [entry for entry in path.iterdir() if entry.name != LOCK]
+
+
 def check_output_directory(path: str | os.PathLike, *, overwrite: bool, resumable: bool = False) -> Path:
     """Refuse, before anything is written, an output that condiff may not create or replace."""
     path = Path(path)
@@ -108,7 +118,7 @@ def check_output_directory(path: str | os.PathLike, *, overwrite: bool, resumabl
                                 "give a folder of its own, e.g. runs/NAME")
     if path.exists() and not path.is_dir():
         raise RunDirectoryError(f"{path}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and contents(path):
         if not overwrite:
             resume = "--resume to continue it or " if resumable else ""
             raise RunDirectoryError(f"{path}: exists; pass {resume}--overwrite to replace it")
@@ -128,9 +138,9 @@ def create_output_directory(path: str | os.PathLike, kind: str, *, overwrite: bo
     path = check_output_directory(path, overwrite=overwrite, resumable=resumable)
     state.wait_for_everyone()
     if state.is_main_process:
-        if path.is_dir() and any(path.iterdir()):
-            shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
+        for entry in contents(path):   # the lock stays: the command replacing the run holds it
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         write_json_atomic(path / MARKER, {"kind": kind})
     state.wait_for_everyone()
     return path
@@ -142,7 +152,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     A final line without its newline that does not parse is dropped: it is the record a killed or
     still-running trainer was writing. A malformed line anywhere else is an error naming the line.
     """
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RunDirectoryError(f"{path}: not a metrics log (not UTF-8 text: byte {err.start} is "
+                                f"{err.object[err.start:err.start + 1]!r})") from None
     lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
@@ -155,6 +169,20 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 break
             raise RunDirectoryError(f"{path}:{number}: not a JSON object: {line[:80]!r}") from None
     return records
+
+
+def lock_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except (OSError, UnicodeDecodeError):   # released, or not a lock condiff wrote
+        return "unknown"
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders`, innermost first, as long as they are empty."""
+    with contextlib.suppress(OSError):
+        for folder in folders:
+            folder.rmdir()
 
 
 class RunDirectory:
@@ -173,6 +201,46 @@ class RunDirectory:
         self.train_subset = self.path / "train_subset.json"   # counterfactual retraining: the examples kept
         self.autoencoder = self.path / "autoencoder"           # latent runs: a copy of their AutoencoderKL
         self.noise_classifier = self.path / "noise_classifier"  # p_phi(y | x_t, t), for classifier guidance
+        self.lock_file = self.path / LOCK
+
+    @contextlib.contextmanager
+    def lock(self, *, create: bool = False) -> Iterator[None]:
+        """Hold the run's lock while a command writes into it: a second writer is refused at once, naming
+        the holder. Only a folder condiff made is locked (the command itself refuses any other), or with
+        `create` a missing or empty one, which is made to hold it and removed again if it stays empty."""
+        from filelock import FileLock, Timeout
+
+        made = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]   # innermost first
+        empty = bool(made) or self.path.is_dir() and not contents(self.path)
+        # torchrun's other processes share rank 0's hold: torchrun stops them all if rank 0 is refused.
+        if os.environ.get("RANK", "0") != "0" or not (is_condiff_directory(self.path) or create and empty):
+            yield
+            return
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(remove_empty, made)
+            self.path.mkdir(parents=True, exist_ok=True)
+            # FileLock, an OS lock (flock), not SoftFileLock, whose mere file would outlive a killed holder: the
+            # kernel drops the lock when its holder dies, SIGKILL too, so the file such a command leaves blocks nobody.
+            lock = FileLock(self.lock_file, timeout=0)
+            holder = lock_holder(self.lock_file)   # read before trying: filelock 3 empties the file as it tries
+            try:
+                lock.acquire()
+            except Timeout:
+                raise RunDirectoryError(f"{self.path}: in use by another condiff command (pid {holder}); "
+                                        "wait for it to end") from None
+            cleanup.callback(lock.release)
+            cleanup.callback(self.lock_file.unlink, missing_ok=True)   # first, while still held
+            self.lock_file.write_text(f"{os.getpid()}\n")
+            yield
+
+    def listing(self) -> dict[str, tuple[int, int]]:
+        """(size, modification time) of everything in the run but its lock: what a command changed."""
+        listing = {}
+        for path in self.path.rglob("*"):
+            if path.name != LOCK:
+                status = path.lstat()
+                listing[str(path.relative_to(self.path))] = (status.st_size, status.st_mtime_ns)
+        return listing
 
     def require_run(self) -> "RunDirectory":
         if not self.config_file.is_file():

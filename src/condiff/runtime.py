@@ -49,6 +49,12 @@ def progress_bar(iterable=None, *, desc: str, enabled: bool = True, **options) -
                 mininterval=0.1 if interactive else 30.0, **options)
 
 
+def close_progress_bars() -> None:
+    """Close the bars an error or an interruption left open, so that a message printed next has its own line."""
+    for bar in list(getattr(tqdm, "_instances", ())):   # tqdm's registry of open bars, made with the first one
+        bar.close()
+
+
 def end_processes() -> None:
     """Leave the process group together at the end of a command: a rank that exits while the group is
     still open can abort ("terminate called without an active exception")."""

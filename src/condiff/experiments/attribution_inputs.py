@@ -217,20 +217,31 @@ def saved_targets(path: Path, run_dir: Path, num_targets: int, sample_shape: tup
     if missing:
         raise ConfigError(f"{option} {path}: no {' or '.join(missing)} in it; attribution needs every step's "
                           "x0 prediction and timestep: draw the samples with `condiff sample RUN --record-x0`")
-    x0_predictions, timesteps = stored["x0_predictions"], stored["timesteps"]
+    samples, x0_predictions, timesteps = stored["samples"], stored["x0_predictions"], stored["timesteps"]
     if x0_predictions.shape[:1] + x0_predictions.shape[2:] != (len(timesteps), *sample_shape):
         raise ConfigError(f"{option} {path}: x0 predictions of shape {x0_predictions.shape}, expected "
                           f"({len(timesteps)} steps, samples, {', '.join(map(str, sample_shape))}) for this run")
+    drawn = stored.get("latents", samples)   # a latent run's samples are decodes: its latents are the model's
+    if len(samples) != x0_predictions.shape[1] or drawn.shape != (x0_predictions.shape[1], *sample_shape):
+        raise ConfigError(f"{option} {path}: samples of shape {drawn.shape}, expected ({x0_predictions.shape[1]} "
+                          f"samples, {', '.join(map(str, sample_shape))}) for this run")
+    if any(array.dtype.kind not in "biuf" or not np.isfinite(array).all() for array in (samples, x0_predictions)):
+        raise ConfigError(f"{option} {path}: samples or x0 predictions that are not all finite numbers")
     if x0_predictions.shape[1] < num_targets:
         raise ConfigError(f"{flag('num_targets')}: {num_targets} targets asked, {path} holds "
                           f"{x0_predictions.shape[1]} samples")
-    provenance = json.loads(str(stored["provenance"])) if "provenance" in stored else {}
+    try:
+        provenance = json.loads(str(stored["provenance"])) if "provenance" in stored else {}
+    except ValueError:
+        provenance = None
+    if not isinstance(provenance, dict):
+        raise ConfigError(f"{option} {path}: its provenance is not a JSON object")
     drawn_by, attributed = provenance.get("model_sha256"), model_provenance(run_dir)["model_sha256"]
     if drawn_by is not None and drawn_by != attributed:
         raise ConfigError(f"{option} {path}: drawn by another model (weights {drawn_by}, step "
                           f"{provenance.get('model_step')}) than {run_dir}'s ({attributed}); a journey is of "
                           "the attributed model's own x0 predictions")
-    return SampleOutput(torch.from_numpy(stored["samples"][:num_targets]).float(), torch.from_numpy(timesteps).long(),
+    return SampleOutput(torch.from_numpy(samples[:num_targets]).float(), torch.from_numpy(timesteps).long(),
                         torch.from_numpy(x0_predictions[:, :num_targets]).float(), provenance=provenance)
 
 

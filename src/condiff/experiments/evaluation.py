@@ -25,7 +25,7 @@ from condiff.experiments.build import ExperimentData, evaluation_classifier, loa
 from condiff.experiments.sampling import sample_run, sampling_settings
 from condiff.experiments.training import load_evaluation_data
 from condiff.report import image_md, markdown_table, plot_class_frequencies, plot_training_curves, write_report
-from condiff.rundir import RunDirectory, read_metrics, write_json_atomic
+from condiff.rundir import RunDirectory, RunDirectoryError, read_metrics, write_json_atomic
 from condiff.runtime import process_state, resolve_device
 from condiff.sampling.generate import load_samples
 
@@ -69,11 +69,13 @@ def evaluate_run(run_dir: Path, *, num_samples: int | None = None, device: str |
             check_inception_fid(evaluation.inception_weights)
         except InceptionFIDUnavailable as err:
             raise ConfigError(f"evaluate.inception_weights: {err}") from None
+    # A run that was never trained, then a damaged log, is refused before anything is drawn.
+    metrics = read_metrics(RunDirectory(run_dir).require_model().metrics_file)
     device = resolve_device(device)
     samples, provenance = evaluation_samples(run_dir, num_samples, device, progress)
     state = process_state()
-    result = [measure(run_dir, config, torch.from_numpy(samples), provenance, device) if state.is_main_process
-              else None]
+    result = [measure(run_dir, config, torch.from_numpy(samples), provenance, metrics, device)
+              if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(result)
     return result[0]
@@ -114,11 +116,18 @@ class RunEvaluation:
         return cls(**{"samples": {}, **values})
 
 
-def measure(run_dir: Path, config: ExperimentConfig, samples: torch.Tensor, provenance: dict, device) -> RunEvaluation:
+def measure(run_dir: Path, config: ExperimentConfig, samples: torch.Tensor, provenance: dict, metrics: list[dict],
+            device) -> RunEvaluation:
+    """Evaluate the samples drawn as `provenance` says; write RUN/evaluation.json and RUN/report.md (its training
+    curves: the `metrics` records)."""
     run = RunDirectory(run_dir)
     evaluation = config.evaluate
     data = load_evaluation_data(config, run_dir)
     reference = data.reference
+    expected = (provenance["num_samples"], *reference.sample_shape)
+    if tuple(samples.shape) != expected:   # a file whose provenance matches, but not its array
+        raise RunDirectoryError(f"{run.samples_file}: samples of shape {tuple(samples.shape)}, expected {expected} "
+                                "for this run")
     if evaluation.reference_samples is not None and evaluation.reference_samples < len(reference):
         per_class = max(1, evaluation.reference_samples // reference.num_classes)
         reference = take_per_class(reference, [min(per_class, n) for n in reference.class_counts()], config.data.seed)
@@ -143,7 +152,7 @@ def measure(run_dir: Path, config: ExperimentConfig, samples: torch.Tensor, prov
             raise ConfigError("evaluate.inception_weights: Inception FID needs image samples")
         result.inception_fid = inception_fid(samples, reference.data, evaluation.inception_weights, device=device)
     write_json_atomic(run.evaluation_file, result.to_dict())
-    write_run_report(run_dir, config, result)
+    write_run_report(run_dir, config, result, metrics)
     return result
 
 
@@ -157,14 +166,14 @@ def describe_multipliers(multipliers: dict[str, float]) -> str:
     return ", ".join(f"{name}: {value:.4f}" for name, value in multipliers.items())
 
 
-def write_run_report(run_dir: Path, config: ExperimentConfig, result: RunEvaluation) -> Path:
-    """RUN/report.md with the samples, class frequencies, training curves and a table of metrics."""
+def write_run_report(run_dir: Path, config: ExperimentConfig, result: RunEvaluation, metrics: list[dict]) -> Path:
+    """RUN/report.md with the samples, class frequencies, training curves (of the `metrics` records) and a
+    table of metrics."""
     num_classes = len(result.class_frequencies)
     plot_class_frequencies({config.name: result.class_frequencies}, run_dir / "class_frequencies.png",
                            target=[1.0 / num_classes] * num_classes,
                            intervals={config.name: (result.class_frequencies_low, result.class_frequencies_high)},
                            title="generated class frequencies (95% Wilson intervals); line: uniform")
-    metrics = read_metrics(RunDirectory(run_dir).metrics_file)
     plot_training_curves({config.name: metrics}, run_dir / "training_curves.png",
                          constraint_names=list(result.multipliers))
     inception = [] if result.inception_fid is None else ["Inception FID"]

@@ -164,7 +164,7 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     # then the main process alone writes.
     if resume:
         check_resumable(run, config)
-        recorded = json.loads(run.train_subset.read_text()) if run.train_subset.is_file() else None
+        recorded = run.read_json(run.train_subset) if run.train_subset.is_file() else None
         if recorded != subset:
             raise ConfigError(f"{run.train_subset}: cannot resume with a different training subset")
     else:

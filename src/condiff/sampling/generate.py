@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +51,20 @@ class SampleOutput:
 
 
 def load_samples(path) -> tuple[np.ndarray, dict]:
-    """(samples, provenance) of a samples .npz file; provenance is {} for files without it."""
+    """(samples, provenance) of a samples .npz file; provenance is {} for files without it. Samples that
+    are not finite numbers (a NaN, an infinity, text) and a provenance that is not a JSON object are refused."""
     try:
         with np.load(path, allow_pickle=False) as arrays:
             provenance = json.loads(str(arrays["provenance"])) if "provenance" in arrays.files else {}
-            return arrays["samples"], provenance
-    except (OSError, ValueError, KeyError) as err:
+            samples = arrays["samples"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise RunDirectoryError(f"{path}: unreadable samples file ({err})") from None
+    if not isinstance(provenance, dict):
+        raise RunDirectoryError(f"{path}: its provenance is not a JSON object")
+    if samples.dtype.kind not in "biuf" or not np.isfinite(samples).all():
+        raise RunDirectoryError(f"{path}: samples that are not all finite numbers (dtype {samples.dtype}); "
+                                "the file is damaged or was drawn by a model that diverged")
+    return samples, provenance
 
 
 def sample_generators(seed: int, indices: range) -> list[torch.Generator]:
