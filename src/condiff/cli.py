@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import tomllib
 import traceback
+import warnings
 from pathlib import Path
 from typing import Iterator
 
-from condiff.config import ConfigError, InfeasibleConstraints, check_seed
+from condiff.config import INT_LIMIT, ConfigError, InfeasibleConstraints, check_seed
 from condiff.rundir import RunDirectory, RunDirectoryError
-from condiff.runtime import close_progress_bars, end_processes
+from condiff.runtime import close_progress_bars, end_processes, resolve_device
 from condiff.training.metrics_log import TrainingDiverged
 
 DEVICE_HELP = "where models run, e.g. cuda, cuda:1, cpu (default: the accelerator's device, CUDA when present)"
@@ -172,8 +174,31 @@ def cmd_reproduce(args) -> None:
     print(f"report: {report}")
 
 
+def integer(text: str) -> int:
+    """An integer flag: refused beyond 64 bits, which no count, index or seed can use."""
+    value = int(text)   # a ValueError: argparse's "invalid integer value"
+    if not -INT_LIMIT <= value < INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is beyond 64-bit integers")
+    return value
+
+
+def number(text: str) -> float:
+    """A real-valued flag: a finite number (a NaN or an infinity means nothing to any of them)."""
+    value = float(text)   # a ValueError: argparse's "invalid number value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other refusal (not the usage, then the error)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="condiff", description=__doc__.splitlines()[0])
+    parser = Parser(prog="condiff", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an error too (also: environment CONDIFF_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,24 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("autoencoder", help="train a small AutoencoderKL on a config's images, for latent diffusion")
     p.add_argument("config", help="experiment config whose data the autoencoder learns")
     p.add_argument("--output", help="default: the config's latent.autoencoder, else runs/NAME-autoencoder")
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
-    p.add_argument("--block-out-channels", type=int, nargs="+", default=[16, 32],
+    p.add_argument("--steps", type=integer, default=2000, help="training steps (default 2000)")
+    p.add_argument("--block-out-channels", type=integer, nargs="+", default=[16, 32],
                    help="encoder widths; each after the first halves the resolution (default 16 32)")
-    p.add_argument("--latent-channels", type=int, default=4, help="default 4")
+    p.add_argument("--latent-channels", type=integer, default=4, help="default 4")
     p.add_argument("--overwrite", action="store_true", help="replace an autoencoder folder condiff created")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_autoencoder)
 
     p = sub.add_parser("sample", help="sample a trained run: RUN/samples.npz and RUN/samples.png")
     p.add_argument("run", help="run directory")
-    p.add_argument("--num-samples", type=int, help="default: the config's sample.num_samples")
+    p.add_argument("--num-samples", type=integer, help="default: the config's sample.num_samples")
     p.add_argument("--method", choices=["ddim", "ddpm"], help="default: the config's sample.method")
-    p.add_argument("--steps", type=int, help="inference steps; default: the config's sample.steps")
-    p.add_argument("--seed", type=int, help="default: the config's sample.seed")
-    p.add_argument("--batch-size", type=int, help="default: the config's sample.batch_size")
+    p.add_argument("--steps", type=integer, help="inference steps; default: the config's sample.steps")
+    p.add_argument("--seed", type=integer, help="default: the config's sample.seed")
+    p.add_argument("--batch-size", type=integer, help="default: the config's sample.batch_size")
     p.add_argument("--record-x0", action="store_true", help="also store the per-step x0 predictions")
-    p.add_argument("--class", type=int, metavar="C", help="sample class C (written to RUN/samples-classC-KINDETA.npz)")
-    p.add_argument("--guidance", type=float, default=0.0, metavar="ETA",
+    p.add_argument("--class", type=integer, metavar="C",
+                   help="sample class C (written to RUN/samples-classC-KINDETA.npz)")
+    p.add_argument("--guidance", type=number, default=0.0, metavar="ETA",
                    help="guidance strength towards --class: (1+ETA) cond - ETA uncond (default 0: plain conditional)")
     p.add_argument("--guidance-kind", choices=["cfg", "classifier"],
                    help="cfg (classifier-free; default for class-conditional models) or classifier "
@@ -219,14 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("noise-classifier", help="train the noise-aware classifier of a run, for classifier guidance")
     p.add_argument("run", help="run directory")
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
+    p.add_argument("--steps", type=integer, default=2000, help="training steps (default 2000)")
     p.add_argument("--overwrite", action="store_true", help="retrain an existing RUN/noise_classifier")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_noise_classifier)
 
     p = sub.add_parser("evaluate", help="class frequencies, TV to uniform and Frechet distance of a run")
     p.add_argument("run", help="run directory")
-    p.add_argument("--num-samples", type=int, help="default: the config's sample.num_samples")
+    p.add_argument("--num-samples", type=integer, help="default: the config's sample.num_samples")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
@@ -236,40 +262,40 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Defaults of --output, --train-timesteps, --ridge, --checkpoints and the "
                                    f"ensemble size: {VALIDATION}.")
     p.add_argument("run", help="run directory")
-    p.add_argument("--samples", type=int, default=defaults.num_targets,
+    p.add_argument("--samples", type=integer, default=defaults.num_targets,
                    help=f"targets to generate and explain (default {defaults.num_targets})")
-    p.add_argument("--seed", type=int, default=defaults.seed,
+    p.add_argument("--seed", type=integer, default=defaults.seed,
                    help=f"seed of the targets and of every noise (default {defaults.seed})")
     p.add_argument("--steps", dest="timesteps", default=",".join(map(str, defaults.steps)),
                    help="sampling timesteps to attribute")
-    p.add_argument("--top", type=int, default=defaults.top,
+    p.add_argument("--top", type=integer, default=defaults.top,
                    help=f"helpful and harmful examples shown per step (default {defaults.top})")
     p.add_argument("--output", choices=["dtrak", "loss"], default=defaults.output,
                    help=f"output function: D-TRAK's ||eps||^2/d (dtrak) or the denoising loss (loss, Journey-TRAK); "
                         f"default {defaults.output}")
-    p.add_argument("--train-timesteps", type=int, default=defaults.train_timesteps,
+    p.add_argument("--train-timesteps", type=integer, default=defaults.train_timesteps,
                    help=f"K training-side timesteps (default {defaults.train_timesteps})")
-    p.add_argument("--resamplings", type=int, default=defaults.resamplings,
+    p.add_argument("--resamplings", type=integer, default=defaults.resamplings,
                    help=f"R re-noisings per target (default {defaults.resamplings})")
     p.add_argument("--projection", choices=["sparse", "gaussian"], default=defaults.projection,
                    help=f"default {defaults.projection}")
-    p.add_argument("--dimension", type=int, default=defaults.dimension,
+    p.add_argument("--dimension", type=integer, default=defaults.dimension,
                    help=f"projected dimension k (default {defaults.dimension})")
-    p.add_argument("--ridge", type=float, default=defaults.ridge,
+    p.add_argument("--ridge", type=number, default=defaults.ridge,
                    help=f"c of the ridge c trace(Phi^T Phi) / k (default {defaults.ridge:g})")
     p.add_argument("--samples-file", metavar="NPZ",
                    help="explain the first --samples samples of this file (from `condiff sample --record-x0`) "
                         "instead of new ones")
-    p.add_argument("--class", type=int, metavar="C",
+    p.add_argument("--class", type=integer, metavar="C",
                    help="generate targets of class C (class-conditional runs; default: unconditional, or the class "
                         "the --samples-file was drawn as)")
-    p.add_argument("--checkpoints", type=int, default=defaults.checkpoints, metavar="N",
+    p.add_argument("--checkpoints", type=integer, default=defaults.checkpoints, metavar="N",
                    help=f"average the scores of each run's final model and its N-1 newest saved checkpoints "
                         f"(default {defaults.checkpoints})")
     p.add_argument("--models", nargs="+", default=[], metavar="RUN",
                    help="other runs of the same data and architecture (e.g. other train.seed) whose scores are "
                         "averaged in: the ensemble TRAK needs")
-    p.add_argument("--journey-every", type=int, default=defaults.journey_every, metavar="N",
+    p.add_argument("--journey-every", type=integer, default=defaults.journey_every, metavar="N",
                    help="follow each target over every N-th DDIM step for journey-steps-T.png "
                         f"(default {defaults.journey_every}: every step; 0: none)")
     group = p.add_mutually_exclusive_group()
@@ -281,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="minority digits 4, 5, 7: unconstrained vs constrained, with a report")
     p.add_argument("--output", default="runs/demo", help="where the two runs and report.md go")
     p.add_argument("--overwrite", action="store_true", help="replace the demo directory if condiff created it")
-    p.add_argument("--steps", type=int, help="training steps per model (default: the demo configs')")
-    p.add_argument("--seed", type=int, default=0, help="offset of both models' training and sampling seeds")
+    p.add_argument("--steps", type=integer, help="training steps per model (default: the demo configs')")
+    p.add_argument("--seed", type=integer, default=0, help="offset of both models' training and sampling seeds")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_demo)
 
@@ -305,15 +331,29 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--overwrite", action="store_true", help="replace the output directory if condiff created it")
     group.add_argument("--resume", action="store_true", help="continue an interrupted reproduction")
     p.add_argument("--device", help=DEVICE_HELP)
-    p.add_argument("--seed", type=int, default=0, help="offset of every model's training and sampling seeds")
+    p.add_argument("--seed", type=integer, default=0, help="offset of every model's training and sampling seeds")
     p.add_argument("--coupled", action="store_true",
                    help="attribution-digits: the labelled variant whose subset models share their seed's random stream")
     p.set_defaults(func=cmd_reproduce)
     return parser
 
 
-def check_numbers(args) -> None:
-    """Refuse the command line's out-of-range numbers before the command starts."""
+def check_device(name: str) -> None:
+    """Refuse a --device this machine cannot compute on: torch knows more names (meta, mps, xla...) than it has."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch's deprecation notes on old names: the refusal says it all
+        device = resolve_device(name)   # a name torch does not know, or CUDA missing: refused there
+        try:
+            torch.ones(1, device=device).cpu()
+        except Exception as err:   # each backend fails its own way (NotImplementedError, RuntimeError, ...)
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:100]
+            raise ConfigError(f"--device {name}: this machine cannot compute on it ({reason})") from None
+
+
+def check_flags(args) -> None:
+    """Refuse the command line's out-of-range numbers and unusable devices before the command starts."""
     for name in ("num_samples", "steps", "batch_size", "latent_channels"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
@@ -322,6 +362,8 @@ def check_numbers(args) -> None:
         raise ConfigError(f"--block-out-channels: must be positive, got {args.block_out_channels}")
     if getattr(args, "seed", None) is not None:
         check_seed(args.seed, "--seed")
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
 
 
 def one_line(err: BaseException) -> str:
@@ -341,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         debug = debug or args.debug
-        check_numbers(args)
+        check_flags(args)
         args.func(args)
         end_processes()
     # What a user or the system can cause: one line each, the traceback only when asked for.

@@ -71,8 +71,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, value) -> Path:
-    """Strict JSON (a NaN or infinity is an error, not a bare `NaN` token)."""
-    return write_text_atomic(path, json.dumps(value, indent=1, allow_nan=False))
+    """Strict JSON: a NaN or infinity is refused naming the file (never a bare `NaN` token), nothing written."""
+    try:
+        text = json.dumps(value, indent=1, allow_nan=False)
+    except ValueError as err:
+        raise RunDirectoryError(f"{path}: not written: {err}") from None
+    return write_text_atomic(path, text)
 
 
 def save_pretrained_atomic(model, path: str | os.PathLike) -> Path:
@@ -85,7 +89,10 @@ def save_pretrained_atomic(model, path: str | os.PathLike) -> Path:
 
 def forbidden_reason(path: Path) -> str | None:
     """Why `path` may never be a condiff output directory, or None."""
-    resolved = path.expanduser().resolve()
+    try:
+        resolved = path.expanduser().resolve()
+    except RuntimeError as err:   # ~USER of no such user, or a symlink loop
+        raise RunDirectoryError(f"{path}: cannot be resolved to a folder ({err})") from None
     cwd = Path.cwd().resolve()
     if str(path).strip() in ("", "."):
         return "the current directory"
@@ -163,12 +170,58 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines) and not text.endswith("\n"):
                 break
             raise RunDirectoryError(f"{path}:{number}: not a JSON object: {line[:80]!r}") from None
+        problem = metrics_record_problem(record)
+        if problem is not None:
+            raise RunDirectoryError(f"{path}:{number}: not a metrics record ({problem}): {line[:80]!r}")
+        records.append(record)
     return records
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def metrics_record_problem(record) -> str | None:
+    """What makes a metrics record unusable to its readers (a resume, the training curves), or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if not is_integer(record.get("step")):
+        return "no integer step"
+    if record.get("objective_loss") is not None and not is_number(record["objective_loss"]):
+        return "objective_loss is not a number"
+    for key in ("multipliers", "constraint_losses", "slacks"):   # per constraint: by name, or (older logs) a list
+        values = record.get(key)
+        values = list(values.values()) if isinstance(values, dict) else [] if values is None else values
+        if not isinstance(values, list) or any(value is not None and not is_number(value) for value in values):
+            return f"{key} are not numbers per constraint"
+    return None
+
+
+def summary_problem(summary) -> str | None:
+    """What makes summary.json unusable to its readers (sampling's provenance, evaluation, reports), or None."""
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    if not is_integer(summary.get("steps")):
+        return "no integer steps"
+    for key in ("data_class_shares", "predicted_class_shares"):
+        if not isinstance(summary.get(key), list) or not all(is_number(share) for share in summary[key]):
+            return f"{key} are not numbers"
+    if len(summary["data_class_shares"]) != len(summary["predicted_class_shares"]):
+        return "data_class_shares and predicted_class_shares differ in length"
+    constraints = summary.get("constraints")
+    if not isinstance(constraints, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                                    and is_number(c.get("multiplier")) for c in constraints):
+        return "constraints are not a list of names and multipliers"
+    return None
 
 
 def lock_holder(path: Path) -> str:
@@ -252,6 +305,15 @@ class RunDirectory:
             raise RunDirectoryError(f"{self.path}: no trained model (model/model_index.json missing); "
                                     "train it first or resume it with condiff train --resume")
         return self
+
+    def read_summary(self) -> dict:
+        """summary.json, refused naming the file unless it holds what its readers use (see `summary_problem`)."""
+        summary = self.read_json(self.summary_file)
+        problem = summary_problem(summary)
+        if problem is not None:
+            raise RunDirectoryError(f"{self.summary_file}: not a training summary ({problem}); train the run again, "
+                                    "or resume it with condiff train --resume")
+        return summary
 
     def read_json(self, path: Path):
         try:

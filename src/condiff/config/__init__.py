@@ -13,6 +13,7 @@ from condiff.config.schema import (
     DATASET_CLASSES,
     IDX_DATASETS,
     IMAGE_DATASETS,
+    INT_LIMIT,
     SEED_LIMIT,
     ConfigError,
     ConstraintsConfig,

@@ -35,9 +35,13 @@ def check_seed(seed: int, where: str) -> None:
         raise ConfigError(f"{where}: a seed must be an integer from 0 to {SEED_LIMIT - 1}, got {seed}")
 
 
+INT_LIMIT = 2**63    # TOML's integers are 64-bit: a config refuses any beyond (tomllib itself reads them whole)
+MAX_TIMESTEPS = 10**6   # validation builds the whole noise schedule, in memory: a bound far above any use (1000)
+
+
 # Checks declared beside the fields they check (dataclass field metadata), applied by `_check_ranges`.
-def positive(default=None):
-    return field(default=default, metadata={"check": "positive"})
+def positive(default=None, *, at_most=None):
+    return field(default=default, metadata={"check": "positive", "at_most": at_most})
 
 
 def non_negative(default):
@@ -86,7 +90,7 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = positive(1000)
+    num_train_timesteps: int = positive(1000, at_most=MAX_TIMESTEPS)
     beta_schedule: str = one_of("linear", "scaled_linear", "squaredcos_cap_v2")
     beta_start: float = positive(1e-4)
     beta_end: float = positive(0.02)

@@ -19,6 +19,7 @@ from condiff.config.schema import (
     IDX_DATASETS,
     IMAGE_DATASETS,
     INPUT_PATHS,
+    INT_LIMIT,
     REQUIRED_FIELDS,
     ConfigError,
     DataConfig,
@@ -48,6 +49,8 @@ def _check_type(value, tp, where: str):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
         _, value_type = typing.get_args(tp)
         return {str(k): _check_type(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    if tp in (int, float) and isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:
+        raise ConfigError(f"{where}: {value} is beyond TOML's 64-bit integers")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
@@ -107,6 +110,8 @@ def _check_ranges(config: ExperimentConfig) -> None:
                 raise ConfigError(f"{where}: {value!r} is not one of {options}")
             if check.get("check") == "positive" and value <= 0:
                 raise ConfigError(f"{where}: must be positive, got {value}")
+            if check.get("at_most") is not None and value > check["at_most"]:
+                raise ConfigError(f"{where}: must be at most {check['at_most']}, got {value}")
             if check.get("check") == "non-negative" and value < 0:
                 raise ConfigError(f"{where}: must be non-negative, got {value}")
 
@@ -167,7 +172,7 @@ def _check_consistency(config: ExperimentConfig) -> None:
             raise ConfigError(f"data.per_class: required for the gmm dataset (samples per component; "
                               f"data.class_counts leaves component {missing[0]} without a count)")
     for key, count in data.class_counts.items():
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit()):   # int() takes other digits than 0-9, or refuses them ("²")
             raise ConfigError(f"data.class_counts.{key}: not a class number")
         if count < 0:
             raise ConfigError(f"data.class_counts.{key}: must be non-negative, got {count}")
@@ -268,12 +273,23 @@ def check_classes(config: ExperimentConfig, num_classes: int) -> None:
                               f"(classes 0-{num_classes - 1})")
 
 
+def expand_user(path: str, where: str) -> Path:
+    """`path` with a leading ~ or ~USER expanded; refused naming `where` when it holds a NUL (no file system takes
+    one) or names a user without a home directory."""
+    if "\x00" in path:
+        raise ConfigError(f"{where}: {path!r}: a path cannot hold a NUL character")
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise ConfigError(f"{where}: {path!r}: no home directory to expand {path.split('/')[0]!r} to") from None
+
+
 def resolve_input_paths(table: dict, base: Path) -> None:
     """Make the table's relative input paths absolute against `base` (in place)."""
     for dotted in INPUT_PATHS:
         section, leaf = dotted.split(".")
         value = table.get(section, {}).get(leaf) if isinstance(table.get(section), dict) else None
-        if isinstance(value, str) and value.strip() and not Path(value).expanduser().is_absolute():
+        if isinstance(value, str) and value.strip() and not expand_user(value, dotted).is_absolute():
             table[section][leaf] = os.path.normpath(base / value)
 
 
@@ -287,13 +303,15 @@ def config_from_dict(table: dict, source: str = "config") -> ExperimentConfig:
         _check_consistency(config)
         _check_schedule(config)
         _check_samplers(config)
+        for dotted in INPUT_PATHS:
+            section, leaf = dotted.split(".")
+            value = getattr(getattr(config, section), leaf)
+            if value and value.strip():
+                setattr(getattr(config, section), leaf, os.path.abspath(expand_user(value, dotted)))
+        if config.output_dir:   # ~ expanded, but left relative to the working directory
+            config.output_dir = str(expand_user(config.output_dir, "output_dir"))
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
-    for dotted in INPUT_PATHS:
-        section, leaf = dotted.split(".")
-        value = getattr(getattr(config, section), leaf)
-        if value and value.strip():
-            setattr(getattr(config, section), leaf, os.path.abspath(Path(value).expanduser()))
     if not config.output_dir:
         config.output_dir = str(Path("runs") / config.name)
     return config
@@ -308,7 +326,10 @@ def read_config_table(path: str | Path, overrides: dict | None = None) -> dict:
         table = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    resolve_input_paths(table, path.resolve().parent)
+    try:
+        resolve_input_paths(table, path.resolve().parent)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     for dotted, value in (overrides or {}).items():
         *parents, leaf = dotted.split(".")
         node = table

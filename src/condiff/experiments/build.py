@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,6 +302,18 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     return config_from_dict(table, str(run.config_file))
 
 
+def check_samplers(scheduler: DDPMScheduler, sample_shape: tuple[int, ...]) -> None:
+    """Both samplers step, on a sample of `sample_shape`, at either end of the whole schedule: a damaged
+    scheduler_config.json (a value of the wrong type, betas of another length) fails only once one does."""
+    zero = torch.zeros(1, *sample_shape)
+    generator = torch.Generator().manual_seed(0)   # the global random stream stays untouched
+    for method in ("ddim", "ddpm"):
+        sampler = sampling_scheduler(scheduler, method)
+        sampler.set_timesteps(sampler.config.num_train_timesteps)
+        for t in (sampler.timesteps[0], sampler.timesteps[-1]):
+            sampler.step(zero, t, zero, generator=generator)
+
+
 def load_pipeline(run_dir: Path) -> DDPMPipeline:
     run = RunDirectory(run_dir).require_model()
     # An MLP denoiser in the pipeline's `unet` slot is intended; diffusers would warn about its type
@@ -309,8 +322,13 @@ def load_pipeline(run_dir: Path) -> DDPMPipeline:
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:
-        return DDPMPipeline.from_pretrained(run.model, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # and a damaged config gets deprecation notes besides its error
+            pipeline = DDPMPipeline.from_pretrained(run.model, use_safetensors=True)
+        check_samplers(pipeline.scheduler, tuple(sample_shape_of(pipeline.unet)))
+        return pipeline
+    # A damaged model_index.json or config.json: diffusers fails with whatever its values make of its code.
+    except (OSError, ValueError, RuntimeError, SafetensorError, TypeError, KeyError, AttributeError, IndexError) as err:
         message = " ".join(str(err).split())
         raise RunDirectoryError(f"{run.model}: cannot load the model ({message[:300]})") from None
     finally:

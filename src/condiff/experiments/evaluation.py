@@ -17,13 +17,20 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from condiff.config import ConfigError, ExperimentConfig
-from condiff.data.datasets import take_per_class
+from condiff.data.datasets import LabelledDataset, take_per_class
 from condiff.evaluation.classifier import features_and_labels, predict_labels
 from condiff.evaluation.inception import InceptionFIDUnavailable, check_inception_fid, inception_fid
 from condiff.evaluation.metrics import evaluate_samples, total_variation
-from condiff.experiments.build import ExperimentData, evaluation_classifier, load_run_config
+from condiff.experiments.build import (
+    ExperimentData,
+    evaluation_classifier,
+    load_latent_autoencoder,
+    load_pipeline,
+    load_run_config,
+)
 from condiff.experiments.sampling import sample_run, sampling_settings
 from condiff.experiments.training import load_evaluation_data
+from condiff.models import sample_shape_of
 from condiff.report import image_md, markdown_table, plot_class_frequencies, plot_training_curves, write_report
 from condiff.rundir import RunDirectory, RunDirectoryError, read_metrics, write_json_atomic
 from condiff.runtime import process_state, resolve_device
@@ -69,12 +76,16 @@ def evaluate_run(run_dir: Path, *, num_samples: int | None = None, device: str |
             check_inception_fid(evaluation.inception_weights)
         except InceptionFIDUnavailable as err:
             raise ConfigError(f"evaluate.inception_weights: {err}") from None
-    # A run that was never trained, then a damaged log, is refused before anything is drawn.
-    metrics = read_metrics(RunDirectory(run_dir).require_model().metrics_file)
+    # A run that was never trained, a damaged log or summary, data its model does not draw: refused before drawing.
+    run = RunDirectory(run_dir).require_model()
+    metrics = read_metrics(run.metrics_file)
+    summary = run.read_summary()
+    data = load_evaluation_data(config, run_dir)
+    check_evaluable(run_dir, config, summary, data)
     device = resolve_device(device)
     samples, provenance = evaluation_samples(run_dir, num_samples, device, progress)
     state = process_state()
-    result = [measure(run_dir, config, torch.from_numpy(samples), provenance, metrics, device)
+    result = [measure(run_dir, config, torch.from_numpy(samples), provenance, metrics, summary, data, device)
               if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(result)
@@ -116,27 +127,62 @@ class RunEvaluation:
         return cls(**{"samples": {}, **values})
 
 
+def drawn_sample_shape(run_dir: Path, config: ExperimentConfig) -> tuple[int, ...]:
+    """The shape of one sample the run draws: its model's, decoded to an image for a latent run."""
+    shape = tuple(sample_shape_of(load_pipeline(run_dir).unet))
+    autoencoder = load_latent_autoencoder(config, run_dir)
+    if autoencoder is None:
+        return shape
+    scale = 2 ** (len(autoencoder.config.block_out_channels) - 1)   # each encoder level after the first halves
+    return (autoencoder.config.out_channels, shape[1] * scale, shape[2] * scale)
+
+
+def reference_set(config: ExperimentConfig, data: ExperimentData) -> LabelledDataset:
+    """The class-balanced reference the samples are compared with, at most evaluate.reference_samples of it."""
+    reference, cap = data.reference, config.evaluate.reference_samples
+    if cap is not None and cap < len(reference):
+        per_class = max(1, cap // reference.num_classes)
+        reference = take_per_class(reference, [min(per_class, n) for n in reference.class_counts()], config.data.seed)
+    return reference
+
+
+def check_evaluable(run_dir: Path, config: ExperimentConfig, summary: dict, data: ExperimentData) -> None:
+    """Refuse, before anything is drawn, a run whose model draws samples of another shape than its data (a
+    config.toml not its own), whose summary.json has the class shares of another number of classes, or whose
+    reference set is not finite or too small for precision and recall."""
+    run, reference, where = RunDirectory(run_dir), reference_set(config, data), f"{config.data.dataset} data"
+    shape = drawn_sample_shape(run_dir, config)
+    if shape != tuple(reference.sample_shape):
+        raise RunDirectoryError(f"{run.model}: draws samples of shape {shape}, the {where} of {run.config_file} "
+                                f"have {tuple(reference.sample_shape)} (is it this run's config?)")
+    if len(summary["predicted_class_shares"]) != reference.num_classes:
+        raise RunDirectoryError(f"{run.summary_file}: class shares of {len(summary['predicted_class_shares'])} "
+                                f"classes, the {where} of {run.config_file} have {reference.num_classes}")
+    if not torch.isfinite(reference.data).all():
+        raise ConfigError(f"{run.config_file}: the {where} are not all finite numbers (data.means or data.std beyond "
+                          "float32?)")
+    if len(reference) <= config.evaluate.nearest_neighbours:
+        raise ConfigError(f"{run.config_file}: a reference set of {len(reference)} samples (data.per_class, "
+                          "evaluate.reference_samples), precision and recall need more than "
+                          f"evaluate.nearest_neighbours = {config.evaluate.nearest_neighbours}")
+
+
 def measure(run_dir: Path, config: ExperimentConfig, samples: torch.Tensor, provenance: dict, metrics: list[dict],
-            device) -> RunEvaluation:
-    """Evaluate the samples drawn as `provenance` says; write RUN/evaluation.json and RUN/report.md (its training
-    curves: the `metrics` records)."""
+            summary: dict, data: ExperimentData, device) -> RunEvaluation:
+    """Evaluate the samples drawn as `provenance` says against the run's `data`; write RUN/evaluation.json and
+    RUN/report.md (its training curves: the `metrics` records; its shares and multipliers: the `summary`'s)."""
     run = RunDirectory(run_dir)
     evaluation = config.evaluate
-    data = load_evaluation_data(config, run_dir)
-    reference = data.reference
+    reference = reference_set(config, data)
     expected = (provenance["num_samples"], *reference.sample_shape)
     if tuple(samples.shape) != expected:   # a file whose provenance matches, but not its array
         raise RunDirectoryError(f"{run.samples_file}: samples of shape {tuple(samples.shape)}, expected {expected} "
                                 "for this run")
-    if evaluation.reference_samples is not None and evaluation.reference_samples < len(reference):
-        per_class = max(1, evaluation.reference_samples // reference.num_classes)
-        reference = take_per_class(reference, [min(per_class, n) for n in reference.class_counts()], config.data.seed)
     classifier, accuracy = evaluation_classifier(config, data, device)
     reference_features, _ = features_and_labels(classifier, reference.data)
     num_classes = reference.num_classes
     measured = evaluate_samples(samples, classifier, accuracy, reference_features, np.full(num_classes, 1 / num_classes),
                                 num_classes, nearest_neighbours=evaluation.nearest_neighbours)
-    summary = run.read_json(run.summary_file)
     result = RunEvaluation(
         num_samples=measured.num_samples, samples=provenance, classifier_accuracy=accuracy,
         tv_to_uniform=measured.tv_to_target,

@@ -38,7 +38,7 @@ def model_provenance(run_dir: Path) -> dict:
     run = RunDirectory(run_dir).require_model()
     weights = sorted((run.model).glob("*/diffusion_pytorch_model.safetensors"))
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in weights)).hexdigest()[:16]
-    return {"model_step": run.read_json(run.summary_file)["steps"], "model_sha256": digest}
+    return {"model_step": run.read_summary()["steps"], "model_sha256": digest}
 
 
 def sampling_settings(run_dir: Path, *, num_samples: int | None = None, method: str | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,13 @@ from condiff.rundir import (
     RunDirectoryError,
     check_output_directory,
     create_output_directory,
+    read_metrics,
     save_pretrained_atomic,
     write_atomic,
     write_json_atomic,
     write_text_atomic,
 )
+from condiff.training.checkpoint import load_checkpoint
 from condiff.training.dual import predicted_shares
 from condiff.training.loop import make_accelerator, train
 from condiff.training.terms import DatasetTerm
@@ -85,6 +88,35 @@ def check_resumable(run: RunDirectory, config: ExperimentConfig) -> None:
                if not name.startswith(RESUMABLE_FIELDS)]
     if changed:
         raise ConfigError(f"{run.config_file}: cannot resume with a different config (changed: {', '.join(changed)})")
+
+
+def check_output(run: RunDirectory, config: ExperimentConfig, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a run that cannot be resumed, or an output that may not be (re)created, before the data are built."""
+    if resume:
+        check_resumable(run, config)
+    else:
+        check_output_directory(run.path, overwrite=overwrite, resumable=True)
+
+
+def check_resume_inputs(run: RunDirectory, model: torch.nn.Module, num_processes: int) -> None:
+    """Read, before anything is written, what `train` reads to resume: metrics.jsonl (refused when damaged) and
+    the newest checkpoint, refused when of another process count or when its weights are not of `model` (the
+    run's config.toml was edited)."""
+    if run.metrics_file.exists():
+        read_metrics(run.metrics_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # a damaged checkpoint skipped: `train` warns as it loads the same one
+        weights, state = load_checkpoint(run.checkpoints)
+    ranks = state.get("ranks") if isinstance(state, dict) else None
+    if not isinstance(ranks, dict):
+        raise RunDirectoryError(f"{run.checkpoints}: its trainer_state.json names no processes (damaged)")
+    if len(ranks) != num_processes:
+        raise RunDirectoryError(f"{run.checkpoints}: written by {len(ranks)} process(es), resumed with "
+                                f"{num_processes}; resume with the same number of processes")
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if {name: tuple(tensor.shape) for name, tensor in weights.items()} != expected:
+        raise RunDirectoryError(f"{run.checkpoints}: its model does not match the model of {run.config_file} "
+                                "(a checkpoint from another model, or an edited [model] section)")
 
 
 def save_evaluation_data(run: RunDirectory, data: ExperimentData) -> None:
@@ -136,6 +168,7 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     config = config.validated()     # a config built or changed in Python is checked like a file
     run = RunDirectory(run_directory(config))
     check_inputs(config)
+    check_output(run, config, resume=resume, overwrite=overwrite)
     accelerator = accelerator or make_accelerator(config.train, run.path)
     data = build_data(config)
     subset = training_subset(keep, coupled, len(data.train))
@@ -163,7 +196,7 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
     # Every process checks (so a refusal exits all of them instead of leaving some at a barrier);
     # then the main process alone writes.
     if resume:
-        check_resumable(run, config)
+        check_resume_inputs(run, model, accelerator.num_processes)
         recorded = run.read_json(run.train_subset) if run.train_subset.is_file() else None
         if recorded != subset:
             raise ConfigError(f"{run.train_subset}: cannot resume with a different training subset")

@@ -37,7 +37,14 @@ class SampleOutput:
         return int((self.timesteps - timestep).abs().argmin())
 
     def save_npz(self, path) -> Path:
-        """Write the arrays and the provenance (a JSON string: no pickle needed to read it) atomically."""
+        """Write the arrays and the provenance (a JSON string: no pickle needed to read it) atomically; arrays
+        that are not all finite are refused, the file left as it was."""
+        for name in ("samples", "x0_predictions", "latents"):
+            array = getattr(self, name)
+            if array is not None and not torch.isfinite(array).all():
+                guidance = (self.provenance or {}).get("guidance")
+                cause = f"is guidance {guidance:g} too strong?" if guidance else "did the model diverge?"
+                raise RunDirectoryError(f"{path}: not written: its {name} are not all finite numbers ({cause})")
         arrays = {"samples": self.samples.numpy(), "timesteps": self.timesteps.numpy(),
                   "provenance": np.array(json.dumps(self.provenance or {}))}
         for name in ("x0_predictions", "latents"):
