@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "condiff"
 # Lowest first: a module may import from its own layer and the layers before it, never from a later one.
 # sampling sits below training: a fine-tuning constraint samples the pretrained model's own paths.
 LAYERS = [
-    ["condiff.config", "condiff.rundir", "condiff.runtime", "condiff.fit"],
+    ["condiff.config", "condiff.rundir", "condiff.journal", "condiff.runtime", "condiff.fit"],
     ["condiff.data"],
     ["condiff.models", "condiff.gmm"],
     ["condiff.sampling"],

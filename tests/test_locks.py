@@ -58,11 +58,14 @@ def commands(run: Path, tmp_path: Path, tiny_toml) -> dict[str, list[str]]:
     return {"train --resume": ["train", str(run), "--resume"],
             "train --overwrite": ["train", tiny_toml(tmp_path / "again.toml", run, **TINY), "--overwrite"],
             "sample": ["sample", str(run)], "evaluate": ["evaluate", str(run)],
-            "attribute": ["attribute", str(run), "--samples", "2"], "noise-classifier": ["noise-classifier", str(run)]}
+            "attribute": ["attribute", str(run), "--samples", "2"], "noise-classifier": ["noise-classifier", str(run)],
+            "demo": ["demo", "--output", str(run), "--overwrite"],
+            "reproduce": ["reproduce", "digits-minority", "--output", str(run), "--resume"],
+            "guidance-lab": ["guidance-lab", "--output", str(run), "--overwrite", "--quick"]}
 
 
 @pytest.mark.parametrize("command", ["train --resume", "train --overwrite", "sample", "evaluate", "attribute",
-                                     "noise-classifier"])
+                                     "noise-classifier", "demo", "reproduce", "guidance-lab"])
 def test_a_second_writer_is_refused_at_once_naming_the_holder(command, run, tmp_path, tiny_toml, capsys, snapshot):
     argv = commands(run, tmp_path, tiny_toml)[command]
     with RunDirectory(run).lock():
@@ -143,7 +146,22 @@ def test_ctrl_c_of_a_checkpointed_training_says_how_to_resume(run, monkeypatch, 
     assert one_line(capsys) == f"condiff: interrupted; resume with condiff train {run} --resume"
 
 
-def test_ctrl_c_after_a_partial_write_says_so(run, monkeypatch, capsys):
+def test_ctrl_c_after_writes_puts_back_what_the_command_wrote(run, monkeypatch, capsys, snapshot):
+    """evaluate interrupted after it replaced samples.npz and wrote evaluation.json: both undone, byte for byte."""
+    from condiff.rundir import write_json_atomic, write_text_atomic
+
+    def write():
+        write_text_atomic(run / "samples.npz", "new samples")
+        write_json_atomic(run / "evaluation.json", {"tv_to_uniform": 0.5})
+    (run / "samples.npz").write_bytes(b"the user's samples")
+    before = snapshot(run)
+    assert interrupted_main(["evaluate", str(run)], "condiff.experiments.evaluation", "evaluate_run", monkeypatch,
+                            write=write) == 130
+    assert one_line(capsys) == f"condiff: interrupted; {run} is unchanged"
+    assert snapshot(run) == before
+
+
+def test_ctrl_c_after_a_write_past_condiff_says_the_run_is_partly_written(run, monkeypatch, capsys):
     assert interrupted_main(["evaluate", str(run)], "condiff.experiments.evaluation", "evaluate_run", monkeypatch,
                             write=lambda: (run / "evaluation.json").write_text("{")) == 130
     assert one_line(capsys) == f"condiff: interrupted; {run} is partly written"
@@ -199,3 +217,50 @@ def test_sigint_exits_130_with_one_line_and_the_run_unchanged(run, snapshot):
     assert child.returncode == 130 and "Traceback" not in err, err
     assert shown_lines(err) == [f"condiff: interrupted; {run} is unchanged"]
     assert snapshot(run) == before
+
+
+def test_a_lock_taken_on_the_file_its_holder_just_removed_is_taken_again_on_the_new_one(tmp_path, monkeypatch):
+    """The race of a lock file removed on release: B opened the file, A released and removed it, C made a new one
+    and holds it; B's flock on the removed file succeeds, but B must not think it holds the lock."""
+    import fcntl
+
+    import condiff.rundir as rundir
+
+    path = tmp_path / LOCK
+    path.write_text("A\n")
+    opened_by_b = os.open(path, os.O_RDWR)   # B, before A's release
+    path.unlink()                            # A releases
+    held_by_c = rundir.hold_flock(path)      # C locks the new file
+    assert held_by_c is not None
+    real_open, calls = os.open, []
+
+    def open_as_b(*args, **kwargs):          # B's first open is the one from before A's release
+        calls.append(args)
+        return opened_by_b if len(calls) == 1 else real_open(*args, **kwargs)
+    monkeypatch.setattr(rundir.os, "open", open_as_b)
+    assert rundir.hold_flock(path) is None and len(calls) == 2   # refused: C holds the file at the path
+    fcntl.flock(held_by_c, fcntl.LOCK_UN)
+    os.close(held_by_c)
+    monkeypatch.setattr(rundir.os, "open", real_open)
+    mine = rundir.hold_flock(path)
+    assert mine is not None
+    os.close(mine)
+
+
+def test_ctrl_c_of_an_overwriting_demo_puts_the_old_demo_back(tmp_path, monkeypatch, capsys, snapshot):
+    """--overwrite empties the old output first (create_output_directory); interrupted, the old one is back."""
+    from condiff.rundir import create_output_directory, write_text_atomic
+
+    demo = create_output_directory(tmp_path / "demo", "demo")
+    write_text_atomic(demo / "report.md", "last week's figures")
+    (demo / "constrained").mkdir()
+    (demo / "constrained" / "summary.json").write_text("{}")
+    before = snapshot(demo)
+
+    def replace_then_write():
+        create_output_directory(demo, "demo", overwrite=True)
+        write_text_atomic(demo / "report.md", "half of today's")
+    assert interrupted_main(["demo", "--output", str(demo), "--overwrite"], "condiff.experiments.demo", "run_demo",
+                            monkeypatch, write=replace_then_write) == 130
+    assert one_line(capsys) == f"condiff: interrupted; {demo} is unchanged"
+    assert snapshot(demo) == before

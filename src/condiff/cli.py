@@ -4,9 +4,9 @@ condiff.demo.
 Bad input (config, run directory, infeasible constraints) and what the system refuses (a file it cannot
 read or write, a full disk) print one line naming the field or file and exit with code 2, having written
 nothing; so does a training run that diverges (it keeps its last finite checkpoint), and a command on a run
-that another command is writing into (every command that writes into a run holds its lock). Ctrl-C prints
-one line saying what the run holds now and exits with code 130. `--debug` or CONDIFF_DEBUG=1 adds the
-traceback.
+that another command is writing into (every command that writes into a run holds its lock). A command but
+train that fails after it started puts back what it wrote (condiff.journal). Ctrl-C prints one line saying
+what the run holds now and exits with code 130. `--debug` or CONDIFF_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
@@ -46,19 +46,22 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def writing(run: Path, *, training: bool = False) -> Iterator[None]:
-    """Hold `run`'s lock for the whole command (see RunDirectory.lock); an interruption says what it left.
-    `training`: the command makes the run (its folder may not exist yet) and checkpoints it."""
-    before = RunDirectory(run).listing()
+def writing(folder: Path, *, create: bool = False, resume: str | None = None) -> Iterator[None]:
+    """Hold `folder`'s lock for the whole command (see RunDirectory.lock) and undo what the command changed if it
+    fails (RunDirectory.transaction); an interruption says what it left. `create`: the command may make the
+    folder. `resume`: the command that continues this one (train, reproduce), which keeps its checkpoints when
+    interrupted instead of undoing them."""
+    before = RunDirectory(folder).listing()
     try:
-        with RunDirectory(run).lock(create=training):
+        with RunDirectory(folder).lock(create=create or resume is not None), \
+                contextlib.nullcontext() if resume else RunDirectory(folder).transaction():
             yield
     except KeyboardInterrupt as err:
-        if RunDirectory(run).listing() == before:
-            raise Interrupted(f"interrupted; {run} is unchanged") from err
-        if training and any(RunDirectory(run).checkpoints.glob("step-*")):
-            raise Interrupted(f"interrupted; resume with condiff train {run} --resume") from err
-        raise Interrupted(f"interrupted; {run} is partly written") from err
+        if RunDirectory(folder).listing() == before:
+            raise Interrupted(f"interrupted; {folder} is unchanged") from err
+        if resume and any(folder.glob("**/checkpoints/step-*")):
+            raise Interrupted(f"interrupted; resume with {resume}") from err
+        raise Interrupted(f"interrupted; {folder} is partly written") from err
 
 
 def cmd_train(args) -> None:
@@ -74,7 +77,8 @@ def cmd_train(args) -> None:
         if not source.is_file():
             raise RunDirectoryError(f"{args.config}: not a condiff run directory (config.toml missing)")
     config = load_config(source, overrides)
-    with writing(run_directory(config), training=True):
+    run = run_directory(config)
+    with writing(run, resume=f"condiff train {run} --resume"):
         run_dir = train_run(config, resume=args.resume, overwrite=args.overwrite)
     print(f"trained: {run_dir}")
 
@@ -147,8 +151,9 @@ def cmd_attribute(args) -> None:
 def cmd_demo(args) -> None:
     from condiff.experiments.demo import run_demo
 
-    report = run_demo(Path(args.output), overwrite=args.overwrite, steps=args.steps, seed=args.seed,
-                      device=args.device)
+    with writing(Path(args.output), create=True):
+        report = run_demo(Path(args.output), overwrite=args.overwrite, steps=args.steps, seed=args.seed,
+                          device=args.device)
     print(f"report: {report}")
 
 
@@ -160,8 +165,9 @@ def cmd_guidance_lab(args) -> None:
     from condiff.labs.guidance.settings import FULL_SIZES, QUICK_SIZES
 
     learned = None if args.exact_only else partial(learned_sections, sizes=QUICK_LEARNED if args.quick else FULL_LEARNED)
-    report = run_guidance_lab(Path(args.output), overwrite=args.overwrite, extra_sections=learned,
-                              sizes=QUICK_SIZES if args.quick else FULL_SIZES)
+    with writing(Path(args.output), create=True):
+        report = run_guidance_lab(Path(args.output), overwrite=args.overwrite, extra_sections=learned,
+                                  sizes=QUICK_SIZES if args.quick else FULL_SIZES)
     print(f"report: {report}")
 
 
@@ -169,8 +175,10 @@ def cmd_reproduce(args) -> None:
     from condiff.experiments.reproduce import reproduce
 
     output = Path(args.output or f"runs/{args.experiment}-{args.scale}")
-    report = reproduce(args.experiment, output, scale=args.scale, overwrite=args.overwrite, resume=args.resume,
-                       device=args.device, seed=args.seed, coupled=args.coupled)
+    again = f"condiff reproduce {args.experiment} --scale {args.scale} --output {output} --seed {args.seed}"
+    with writing(output, resume=f"{again}{' --coupled' if args.coupled else ''} --resume"):
+        report = reproduce(args.experiment, output, scale=args.scale, overwrite=args.overwrite, resume=args.resume,
+                           device=args.device, seed=args.seed, coupled=args.coupled)
     print(f"report: {report}")
 
 

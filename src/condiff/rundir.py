@@ -6,18 +6,24 @@ replaces an empty directory or a marked one and refuses anything else, and the c
 ancestors, the home directory, `/` and condiff's own checkout are refused as outputs whatever is passed.
 Every file condiff writes goes through `write_atomic`: a unique temporary name in the same folder, then a
 rename, so a reader never sees half a file and two writers never collide. A command writing into a run
-holds its lock, `.condiff.lock` (`RunDirectory.lock`), so that a second one is refused instead of mixing files.
+holds its lock, `.condiff.lock` (`RunDirectory.lock`), so that a second one is refused instead of mixing files,
+and (but for training, which checkpoints to be resumed) a transaction (`RunDirectory.transaction`,
+condiff.journal) that puts back everything it changed when it fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
+
+from condiff.journal import UNDO, open_transaction, recover, transaction
 
 MARKER = ".condiff"
 LOCK = ".condiff.lock"   # held by the command writing into a directory; gone again when it ends
@@ -32,21 +38,24 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, di
     """Call `write(temporary)` on a unique temporary file (or folder) beside `path`, then rename it onto
     `path`; an existing folder at `path` is replaced only once the new one is complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent)
     prefix = f".{path.name}."
+    journal, old = open_transaction(path), None
+    beside = path.parent if journal is None else journal.scratch()   # the same file system either way
     if directory:
-        temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp"))
+        temporary = Path(tempfile.mkdtemp(dir=beside, prefix=prefix, suffix=".tmp"))
     else:
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+        handle, name = tempfile.mkstemp(dir=beside, prefix=prefix, suffix=".tmp")
         os.close(handle)
         temporary = Path(name)
-    old = None
     try:
         write(temporary)
         # mkstemp/mkdtemp make private (0600/0700) entries; give the result the modes a plain write would.
         os.chmod(temporary, (0o777 if directory else 0o666) & ~current_umask())
+        if journal is not None:   # keep the original for the undo (which moves a folder out of the way too)
+            journal.before_change(path)
         if directory and path.exists():   # os.replace cannot replace a non-empty folder: move it aside first
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".old"))
+            old = Path(tempfile.mkdtemp(dir=beside, prefix=prefix, suffix=".old"))
             os.replace(path, old / path.name)
         os.replace(temporary, path)
     except BaseException as err:
@@ -58,6 +67,27 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, di
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def make_directory(folder: Path) -> None:
+    """`mkdir -p folder`, each folder it makes journaled by an open transaction (so that an undo removes it)."""
+    missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
+    for parent in reversed(missing):
+        journal = open_transaction(parent)
+        if journal is not None:
+            journal.before_change(parent)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or folder, kept first by an open transaction that holds it."""
+    journal = open_transaction(path)
+    if journal is not None:
+        journal.before_change(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 def current_umask() -> int:
@@ -112,8 +142,8 @@ def is_condiff_directory(path: Path) -> bool:
 
 
 def contents(path: Path) -> list[Path]:
-    """The entries of a folder, less the lock of the command writing into it."""
-    return [entry for entry in path.iterdir() if entry.name != LOCK]
+    """The entries of a folder, less the lock and the undo folder of the command writing into it."""
+    return [entry for entry in path.iterdir() if entry.name not in (LOCK, UNDO)]
 
 
 def check_output_directory(path: str | os.PathLike, *, overwrite: bool, resumable: bool = False) -> Path:
@@ -145,9 +175,9 @@ def create_output_directory(path: str | os.PathLike, kind: str, *, overwrite: bo
     path = check_output_directory(path, overwrite=overwrite, resumable=resumable)
     state.wait_for_everyone()
     if state.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
+        make_directory(path)
         for entry in contents(path):   # the lock stays: the command replacing the run holds it
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            remove(entry)
         write_json_atomic(path / MARKER, {"kind": kind})
     state.wait_for_everyone()
     return path
@@ -224,6 +254,26 @@ def summary_problem(summary) -> str | None:
     return None
 
 
+def hold_flock(path: Path) -> int | None:
+    """An exclusive flock on the file at `path`, made if missing: its descriptor, or None while another process
+    holds it. An OS lock, not a lock file's mere existence: the kernel drops it when its holder dies, SIGKILL too.
+    A holder removes the file as it releases, so a lock just taken on a removed file is let go and taken again on
+    the file now at `path` (the check filelock does not make in every release condiff admits)."""
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            return None
+        held = os.fstat(descriptor)
+        with contextlib.suppress(FileNotFoundError):
+            current = os.stat(path)
+            if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+                return descriptor
+        os.close(descriptor)
+
+
 def lock_holder(path: Path) -> str:
     try:
         return path.read_text().strip() or "unknown"
@@ -261,8 +311,6 @@ class RunDirectory:
         """Hold the run's lock while a command writes into it: a second writer is refused at once, naming
         the holder. Only a folder condiff made is locked (the command itself refuses any other), or with
         `create` a missing or empty one, which is made to hold it and removed again if it stays empty."""
-        from filelock import FileLock, Timeout
-
         made = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]   # innermost first
         empty = bool(made) or self.path.is_dir() and not contents(self.path)
         # torchrun's other processes share rank 0's hold: torchrun stops them all if rank 0 is refused.
@@ -272,27 +320,37 @@ class RunDirectory:
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(remove_empty, made)
             self.path.mkdir(parents=True, exist_ok=True)
-            # FileLock, an OS lock (flock), not SoftFileLock, whose mere file would outlive a killed holder: the
-            # kernel drops the lock when its holder dies, SIGKILL too, so the file such a command leaves blocks nobody.
-            lock = FileLock(self.lock_file, timeout=0)
-            holder = lock_holder(self.lock_file)   # read before trying: filelock 3 empties the file as it tries
-            try:
-                lock.acquire()
-            except Timeout:
-                raise RunDirectoryError(f"{self.path}: in use by another condiff command (pid {holder}); "
-                                        "wait for it to end") from None
-            cleanup.callback(lock.release)
+            descriptor = hold_flock(self.lock_file)
+            if descriptor is None:
+                raise RunDirectoryError(f"{self.path}: in use by another condiff command (pid "
+                                        f"{lock_holder(self.lock_file)}); wait for it to end")
+            cleanup.callback(os.close, descriptor)
             cleanup.callback(self.lock_file.unlink, missing_ok=True)   # first, while still held
-            self.lock_file.write_text(f"{os.getpid()}\n")
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{os.getpid()}\n".encode())
+            if recover(self.path):
+                print(f"{self.path}: a command killed while writing into it was undone", file=sys.stderr)
             yield
 
-    def listing(self) -> dict[str, tuple[int, int]]:
-        """(size, modification time) of everything in the run but its lock: what a command changed."""
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """What the block changes in the run stays only if it ends normally (see condiff.journal); hold the
+        lock around it. Like the lock, on torchrun's rank 0 alone, and only in a folder condiff made."""
+        if os.environ.get("RANK", "0") != "0" or not is_condiff_directory(self.path):
+            yield
+            return
+        with transaction(self.path):
+            yield
+
+    def listing(self) -> dict[str, tuple[int, int] | None]:
+        """(size, modification time) of every file in the run and its folders' names: what a command changed.
+        Its lock and undo folder are left out, and folders' times: they change when a file is put back."""
         listing = {}
         for path in self.path.rglob("*"):
-            if path.name != LOCK:
+            relative = path.relative_to(self.path)
+            if relative.parts[0] not in (LOCK, UNDO):
                 status = path.lstat()
-                listing[str(path.relative_to(self.path))] = (status.st_size, status.st_mtime_ns)
+                listing[str(relative)] = None if path.is_dir() else (status.st_size, status.st_mtime_ns)
         return listing
 
     def require_run(self) -> "RunDirectory":
