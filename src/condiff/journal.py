@@ -6,8 +6,9 @@ attribute: a folder; noise-classifier: a model) opens a transaction on it. Befor
 RUN/.condiff-undo/ (a hard link for a file, so nothing is copied: a write makes a new file; a rename for a
 folder), and what is about to be created is listed in the journal there first. A command that ends normally
 drops the undo folder; one that raises (Ctrl-C included) puts every entry back, newest first, so the run is
-byte for byte as it was. A command killed outright (SIGKILL, power loss, torchrun stopping a process) leaves
-the undo folder behind, and the next command that locks the run rolls it back before it starts.
+byte for byte as it was. A command killed outright (SIGKILL, the OOM killer, torchrun stopping a process)
+leaves the undo folder behind, and the next command that locks the run rolls it back before it starts. (Not a
+power loss: nothing is fsynced, so the journal may not have reached the disk.)
 
 Why a journal and not a staging folder moved into place at the end: commands read back what they wrote
 (evaluate's report reads the samples it drew), and a journal keeps every path where its readers look.
