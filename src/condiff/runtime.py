@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -45,13 +46,18 @@ def progress_bar(iterable=None, *, desc: str, enabled: bool = True, **options) -
     """A tqdm bar that redraws freely on a terminal but writes a line at most every 30 s into a log
     file or pipe (a carriage-return redraw per step would flood it)."""
     interactive = sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=interactive,
-                mininterval=0.1 if interactive else 30.0, **options)
+    bar = tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=interactive,
+               mininterval=0.1 if interactive else 30.0, **options)
+    OPEN_BARS.add(bar)
+    return bar
+
+
+OPEN_BARS: "weakref.WeakSet[tqdm]" = weakref.WeakSet()   # every bar progress_bar made that is still referenced
 
 
 def close_progress_bars() -> None:
     """Close the bars an error or an interruption left open, so that a message printed next has its own line."""
-    for bar in list(getattr(tqdm, "_instances", ())):   # tqdm's registry of open bars, made with the first one
+    for bar in list(OPEN_BARS):
         bar.close()
 
 
