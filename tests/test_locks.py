@@ -264,3 +264,13 @@ def test_ctrl_c_of_an_overwriting_demo_puts_the_old_demo_back(tmp_path, monkeypa
                             monkeypatch, write=replace_then_write) == 130
     assert one_line(capsys) == f"condiff: interrupted; {demo} is unchanged"
     assert snapshot(demo) == before
+
+
+def test_ctrl_c_of_an_attribution_keeps_its_features_to_resume(run, monkeypatch, capsys):
+    def computed():
+        (run / "attribution").mkdir()
+        (run / "attribution" / "done-final.npy").write_bytes(b"finished batches")
+    assert interrupted_main(["attribute", str(run), "--samples", "2"], "condiff.experiments.attribution",
+                            "attribute_run", monkeypatch, write=computed) == 130
+    assert one_line(capsys) == "condiff: interrupted; resume with the same condiff attribute command with --resume"
+    assert (run / "attribution" / "done-final.npy").read_bytes() == b"finished batches"

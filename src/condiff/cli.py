@@ -4,9 +4,10 @@ condiff.demo.
 Bad input (config, run directory, infeasible constraints) and what the system refuses (a file it cannot
 read or write, a full disk) print one line naming the field or file and exit with code 2, having written
 nothing; so does a training run that diverges (it keeps its last finite checkpoint), and a command on a run
-that another command is writing into (every command that writes into a run holds its lock). A command but
-train that fails after it started puts back what it wrote (condiff.journal). Ctrl-C prints one line saying
-what the run holds now and exits with code 130. `--debug` or CONDIFF_DEBUG=1 adds the traceback.
+that another command is writing into (every command that writes into a run holds its lock). A command that
+fails after it started puts back what it wrote (condiff.journal), but for those that resume (train,
+attribute, reproduce). Ctrl-C prints one line saying what the run holds now and exits with code 130.
+`--debug` or CONDIFF_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
@@ -46,20 +47,21 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def writing(folder: Path, *, create: bool = False, resume: str | None = None) -> Iterator[None]:
+def writing(folder: Path, *, create: bool = False, resume: str | None = None,
+            progress: str = "**/checkpoints/step-*") -> Iterator[None]:
     """Hold `folder`'s lock for the whole command (see RunDirectory.lock) and undo what the command changed if it
     fails (RunDirectory.transaction); an interruption says what it left. `create`: the command may make the
-    folder. `resume`: the command that continues this one (train, reproduce), which keeps its checkpoints when
-    interrupted instead of undoing them."""
+    folder. `resume`: how to continue this command (train, reproduce, attribute), which keeps what it computed
+    (the files `progress` matches) when interrupted instead of undoing it."""
     before = RunDirectory(folder).listing()
     try:
-        with RunDirectory(folder).lock(create=create or resume is not None), \
+        with RunDirectory(folder).lock(create=create), \
                 contextlib.nullcontext() if resume else RunDirectory(folder).transaction():
             yield
     except KeyboardInterrupt as err:
         if RunDirectory(folder).listing() == before:
             raise Interrupted(f"interrupted; {folder} is unchanged") from err
-        if resume and any(folder.glob("**/checkpoints/step-*")):
+        if resume and any(folder.glob(progress)):
             raise Interrupted(f"interrupted; resume with {resume}") from err
         raise Interrupted(f"interrupted; {folder} is partly written") from err
 
@@ -78,7 +80,7 @@ def cmd_train(args) -> None:
             raise RunDirectoryError(f"{args.config}: not a condiff run directory (config.toml missing)")
     config = load_config(source, overrides)
     run = run_directory(config)
-    with writing(run, resume=f"condiff train {run} --resume"):
+    with writing(run, create=True, resume=f"condiff train {run} --resume"):
         run_dir = train_run(config, resume=args.resume, overwrite=args.overwrite)
     print(f"trained: {run_dir}")
 
@@ -141,7 +143,9 @@ def cmd_attribute(args) -> None:
                                    samples_file=args.samples_file, checkpoints=args.checkpoints,
                                    models=tuple(args.models), target_class=getattr(args, "class"),
                                    journey_every=args.journey_every)
-    with writing(Path(args.run)):
+    # Resumable, like training: a killed or interrupted attribution keeps the training features it computed.
+    with writing(Path(args.run), resume="the same condiff attribute command with --resume",
+                 progress="attribution/done-*"):
         result = attribute_run(Path(args.run), settings, resume=args.resume, overwrite=args.overwrite,
                                device=args.device)
     if result is not None:   # None: a torchrun process other than the main one
@@ -176,7 +180,7 @@ def cmd_reproduce(args) -> None:
 
     output = Path(args.output or f"runs/{args.experiment}-{args.scale}")
     again = f"condiff reproduce {args.experiment} --scale {args.scale} --output {output} --seed {args.seed}"
-    with writing(output, resume=f"{again}{' --coupled' if args.coupled else ''} --resume"):
+    with writing(output, create=True, resume=f"{again}{' --coupled' if args.coupled else ''} --resume"):
         report = reproduce(args.experiment, output, scale=args.scale, overwrite=args.overwrite, resume=args.resume,
                            device=args.device, seed=args.seed, coupled=args.coupled)
     print(f"report: {report}")

@@ -1,7 +1,8 @@
 """All or nothing: a command's writes into a run, undone when it fails.
 
 A command that writes several things into a run (sample: samples.npz and samples.png; evaluate: five files;
-attribute: a folder; noise-classifier: a model) opens a transaction on it. Before condiff's atomic writes
+noise-classifier: a model; demo replacing an old demo) opens a transaction on it. (Commands that resume,
+train, attribute and reproduce, keep what they computed instead.) Before condiff's atomic writes
 (`rundir.write_atomic`, `rundir.remove`) replace or remove anything inside the run, the original is kept in
 RUN/.condiff-undo/ (a hard link for a file, so nothing is copied: a write makes a new file; a rename for a
 folder), and what is about to be created is listed in the journal there first. A command that ends normally
