@@ -78,9 +78,10 @@ def main() -> None:
         paired = tv - np.array([r["unconstrained"]["tv"] for r in runs])
         seconds = [r[name]["seconds"] for r in runs if r[name]["seconds"]]
         mean_seconds = f"{np.mean(seconds):.0f}" if seconds else "-"
+        deviations = ", ".join(f"{r[name]['deviation']:.3f}" for r in runs)
         print(f"| {name} | {tv.mean():.3f} ({tv.min():.3f}-{tv.max():.3f}) | {paired.mean():+.3f} "
               f"({paired.min():+.3f} to {paired.max():+.3f}) | {fd.mean():.2f} ({fd.min():.2f}-{fd.max():.2f}) | "
-              f"{', '.join(f'{r[name]['deviation']:.3f}' for r in runs)} | {mean_seconds} |")
+              f"{deviations} | {mean_seconds} |")
 
 
 if __name__ == "__main__":

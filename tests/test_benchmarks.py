@@ -119,3 +119,10 @@ def test_throughput_benchmark_times_two_cpu_processes(tmp_path):
     assert "failed" not in done.stdout and "2 processes / 1 process, images/s: train" in done.stdout, done.stdout[-3000:]
     processes = json.loads((tmp_path / "raw.json").read_text())["processes"]
     assert sorted(processes) == ["1", "2"] and [r["rank"] for r in processes["2"]["ranks"]] == [0, 1]
+
+
+@pytest.mark.parametrize("script", sorted(BENCHMARK.parent.glob("*.py")), ids=lambda p: p.name)
+def test_every_benchmark_compiles_under_this_python(script):
+    """Benchmarks run only by hand: at least they must parse on the Python the project supports (an f-string
+    nesting quotes, valid only from 3.12, once slipped in)."""
+    compile(script.read_text(), str(script), "exec")
