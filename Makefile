@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test test-fast benchmark data clean-venv
+.PHONY: demo test test-fast docs benchmark data clean-venv
 
 $(BIN)/condiff: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(BIN)/condiff
 # The edit loop: everything but the tests marked slow (real trainings, subprocesses), in about a minute.
 test-fast: $(BIN)/condiff
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# The documentation site (mkdocs-material, API reference by mkdocstrings) into site/, offline; --strict: a
+# broken link or anchor, a page left out of the navigation or an API entry that does not resolve fails it.
+docs: $(BIN)/condiff
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 benchmark: $(BIN)/condiff
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/step_time.py

@@ -1,4 +1,4 @@
-"""The architecture the README draws holds in the code (issue 11): imports go one way through the layers,
+"""The architecture docs/architecture.md draws holds in the code (issue 11): imports go one way through the layers,
 every subpackage says what it is for, and no module outgrows a reader's head."""
 
 import ast
