@@ -1,4 +1,4 @@
-"""The documentation (issue 11): the site builds with --strict, offline, and the README stays a short, correct
+"""The documentation: the site builds with --strict, offline, and the README stays a short, correct
 front page whose links resolve and whose Python example is the docs' one."""
 
 import os
