@@ -3,6 +3,7 @@ the last finite checkpoint; a torn metrics line, a moved run directory and a dam
 resumed from; metrics.jsonl is strict JSON."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -73,9 +74,11 @@ def test_divergence_stops_with_one_line_and_resume_continues_with_a_smaller_rate
     assert all(torch.isfinite(t).all() for t in checkpoint.values())
     strict_records(run / "metrics.jsonl")
 
-    assert main(["train", str(run), "--resume", "--set", "train.lr=1e-3"]) == 0
+    assert main(["train", str(run), "--resume", "--set", "train.lr=5e-4"]) == 0   # half the rate it ran with
     records = strict_records(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 21))
+    cosine = 0.5 * (1 + math.cos(math.pi * (8 - 1) / (20 - 1)))   # the schedule's factor after 8 steps
+    assert records[8]["lr"] == pytest.approx(5e-4 * cosine)        # the resumed steps follow the new rate
     assert all(torch.isfinite(t).all() for t in weights(run).values())
 
 

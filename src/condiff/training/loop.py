@@ -53,7 +53,6 @@ def restore_learning_rate(optimizer, lr_schedule, lr: float) -> None:
     lr_schedule.base_lrs = [lr] * len(optimizer.param_groups)
     for group, value in zip(optimizer.param_groups, [lr * f(lr_schedule.last_epoch) for f in lr_schedule.lr_lambdas]):
         group["initial_lr"], group["lr"] = lr, value
-    lr_schedule._last_lr = [group["lr"] for group in optimizer.param_groups]   # what get_last_lr() reports
 
 
 @contextlib.contextmanager
@@ -162,7 +161,7 @@ def train(model: torch.nn.Module, noise_scheduler: DDPMScheduler, objective: Dat
     model.train()
     try:
         for step in progress:
-            lr = lr_schedule.get_last_lr()[0]  # the rate this step uses
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (set by the schedule or its restore)
             estimate = estimator.lagrangian(model, dual, generator, device)
             step_losses = torch.zeros(0, device=device)
             if constraints:   # sums and sample counts over all processes: the multipliers stay identical
