@@ -63,7 +63,7 @@ def trained_unet(dataset, scheduler, steps: int, batch_size: int) -> torch.nn.Mo
     model = build_model("unet8", dataset.sample_shape)
     with tempfile.TemporaryDirectory(prefix="condiff-bench-") as tmp, open(os.devnull, "w") as devnull, \
             contextlib.redirect_stderr(devnull):
-        return train(model, scheduler, DatasetTerm("data", dataset, scheduler), [],
+        return train(model, DatasetTerm("data", dataset, scheduler), [],
                      TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=10**9), DualConfig(),
                      Path(tmp)).model
 

@@ -215,7 +215,7 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
 
     if config.train.log_with:
         accelerator.init_trackers(TRACKERS, config=tracker_hyperparameters(config))
-    result = train(model, noise_scheduler, objective, constraints, config.train, config.dual, run.path,
+    result = train(model, objective, constraints, config.train, config.dual, run.path,
                    resume=resume, on_step=on_step, accelerator=accelerator, control=control)
     for tracker in accelerator.trackers:   # not end_training(): it also ends the process group sampling needs
         tracker.finish()
