@@ -32,8 +32,13 @@ def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
 # the shipped configs
 
 
-def test_configs_are_shipped():
-    assert SHIPPED, "configs/ holds no *.toml"
+def test_the_configs_users_read_are_the_ones_the_commands_run():
+    """configs/ (what a user reads and passes to `condiff train`) is the package's copy (what `condiff demo` and
+    `condiff reproduce` read from an installed wheel), file for file and byte for byte."""
+    package = REPO / "src" / "condiff" / "configs"
+    names = sorted(p.relative_to(REPO / "configs") for p in (REPO / "configs").rglob("*.toml"))
+    assert len(SHIPPED) >= 8 and names == sorted(p.relative_to(package) for p in package.rglob("*.toml"))
+    assert all((REPO / "configs" / n).read_bytes() == (package / n).read_bytes() for n in names)
 
 
 def load_shipped(path: Path, tmp_path: Path):
@@ -87,10 +92,18 @@ def test_shipped_config_builds_its_data_model_and_constraints(path, tmp_path):
     assert all(c.relaxation_cost > 0 or (c.fixed_multiplier or 0) > 0 for c in constraints)
 
 
-def test_the_constrained_demo_config_constrains_the_minority_digits():
-    config = load_config(REPO / "configs" / "digits-minority.toml")
-    minority = sorted(int(k) for k in config.data.class_counts)
-    assert config.constraints.classes == minority == [4, 5, 7]
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_a_share_request_constrains_exactly_the_reduced_classes(path, tmp_path):
+    """A config that asks for shares constrains the classes it keeps below the others, each to at least its
+    data share: a request that lowered a class or left a reduced one out would not be the paper's experiment."""
+    config = load_shipped(path, tmp_path)
+    if config.constraints.target_shares is None:
+        pytest.skip("no share request")
+    reduced = sorted(int(k) for k, n in config.data.class_counts.items() if n < config.data.per_class)
+    assert config.constraints.classes == reduced
+    data_share = [config.data.class_counts[str(c)] / (config.data.per_class * 10 - sum(
+        config.data.per_class - n for n in config.data.class_counts.values())) for c in reduced]
+    assert all(target > share for target, share in zip(config.constraints.target_shares, data_share))
 
 
 def test_every_config_the_commands_read_is_package_data():

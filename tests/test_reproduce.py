@@ -75,9 +75,18 @@ def test_minority_experiment_trains_evaluates_and_reports(tiny_configs, tmp_path
     out = tmp_path / "out"
     report = reproduce("mnist-minority", out, progress=False)
     text = report.read_text()
-    assert "15.9" in text and "13.4" in text and "not Inception FID" in text
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) >= {"unconstrained", "constrained", "tv_ratio", "fd_ratio"}
+    # every figure of the summary is its run's, and the ratios are computed from them
+    for name in ("unconstrained", "constrained"):
+        evaluation = json.loads((out / name / "evaluation.json").read_text())
+        for key in ("tv_to_uniform", "frechet_distance", "precision", "recall"):
+            assert summary[name][key] == pytest.approx(evaluation[key])
+        assert summary[name]["multipliers"] == json.loads((out / name / "summary.json").read_text())["multipliers"]
+    assert summary["tv_ratio"] == pytest.approx(summary["constrained"]["tv_to_uniform"]
+                                                / summary["unconstrained"]["tv_to_uniform"])
+    assert summary["fd_ratio"] == pytest.approx(summary["constrained"]["frechet_distance"]
+                                                / summary["unconstrained"]["frechet_distance"])
+    assert f"{summary['tv_ratio']:.3f}" in text and "not Inception FID" in text
     assert summary["unconstrained"]["multipliers"] == {} and len(summary["constrained"]["multipliers"]) == 1
     for png in ("class_frequencies.png", "training_curves.png", "constrained/samples.png"):
         assert (out / png).stat().st_size > 0
@@ -96,6 +105,9 @@ def test_a_share_request_reproduces_four_models_the_papers_calibrated_on_the_hel
     models = ["unconstrained", "resilient", "held", "measured"]
     assert [n for n in summary if n in models] == models and summary["paper_model"] == "resilient"
     assert all(summary[n]["train_seconds"] > 0 for n in models)
+    for name in models[1:]:   # each model's ratios against the unconstrained model's own figures
+        assert summary[name]["tv_ratio"] == pytest.approx(summary[name]["tv_to_uniform"]
+                                                          / summary["unconstrained"]["tv_to_uniform"])
     assert summary["tv_ratio"] == summary["resilient"]["tv_ratio"]
     assert "share of class 4 [95%]" in text and "training (s)" in text
     held = json.loads((out / "held" / "summary.json").read_text())

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from condiff.config import ConfigError
 from condiff.experiments.training import train_run
 from condiff.rundir import RunDirectoryError
 from condiff.training.loop import StopTraining
@@ -46,8 +47,10 @@ def test_resume_refuses_a_changed_config(tmp_path, tiny_config):
     with pytest.raises(StopTraining):
         train_run(config, on_step=crash_at(12))
     config.train.batch_size = 32
-    with pytest.raises(Exception, match="train.batch_size"):
+    files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"cannot resume with a different config \(changed: train.batch_size\)"):
         train_run(config, resume=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
 
 
 def test_existing_run_directory_is_never_overwritten_silently(tmp_path, tiny_config):
