@@ -23,11 +23,13 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from condiff.config import INT_LIMIT, ConfigError, InfeasibleConstraints, check_seed
+from condiff.config import INT_LIMIT, ArgumentError, ConfigError, InfeasibleConstraints, check_seed
 from condiff.rundir import RunDirectory, RunDirectoryError
 from condiff.runtime import close_progress_bars, end_processes, resolve_device
 from condiff.training.metrics_log import TrainingDiverged
 
+# The flag of each library argument whose flag is not its name with dashes (ArgumentError names arguments).
+FLAGS = {"class_label": "--class", "target_class": "--class", "num_targets": "--samples"}
 DEVICE_HELP = "where models run, e.g. cuda, cuda:1, cpu (default: the accelerator's device, CUDA when present)"
 
 
@@ -378,6 +380,11 @@ def check_flags(args) -> None:
         check_device(args.device)
 
 
+def flag(argument: str) -> str:
+    """The command line's flag for a library function's argument."""
+    return FLAGS.get(argument, "--" + argument.replace("_", "-"))
+
+
 def one_line(err: BaseException) -> str:
     """What main prints of an error it catches: an OSError names its file(s), an interruption what it left."""
     if isinstance(err, KeyboardInterrupt):
@@ -385,6 +392,8 @@ def one_line(err: BaseException) -> str:
     elif isinstance(err, OSError) and err.filename is not None:
         files = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
         text = f"error: {files}: {err.strerror or err}"
+    elif isinstance(err, ArgumentError):
+        text = "error: " + err.spelled(flag)
     else:
         text = f"error: {err}"
     return "condiff: " + " ".join(text.split())   # one line, whatever the message

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from condiff.config import ConfigError
+from condiff.config import ArgumentError, ConfigError
 
 
 def process_state():
@@ -36,9 +36,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device {device!r}: not a device name (e.g. cpu, cuda, cuda:1)") from None
+        raise ArgumentError("device", f"{device!r} is not a device name (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        raise ArgumentError("device", f"{device}: CUDA is not available on this machine")
     return device
 
 

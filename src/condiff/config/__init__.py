@@ -15,6 +15,7 @@ from condiff.config.schema import (
     IMAGE_DATASETS,
     INT_LIMIT,
     SEED_LIMIT,
+    ArgumentError,
     ConfigError,
     ConstraintsConfig,
     DataConfig,

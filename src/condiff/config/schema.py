@@ -5,10 +5,25 @@ tables into these."""
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+class ArgumentError(ConfigError):
+    """An argument of a condiff function is refused: `argument` names it, and `{other}` in the message names
+    another argument. str() says Python's names; the command line says its flags instead (`spelled`)."""
+
+    def __init__(self, argument: str, message: str):
+        self.argument, self.message = argument, message
+        super().__init__(self.spelled(str))
+
+    def spelled(self, spell: Callable[[str], str]) -> str:
+        """The message with every argument's name written by `spell`."""
+        return f"{spell(self.argument)}: " + re.sub(r"\{([a-z_]+)\}", lambda m: spell(m.group(1)), self.message)
 
 
 class InfeasibleConstraints(ValueError):
