@@ -142,14 +142,3 @@ def sample_shape_of(model: ModelMixin) -> tuple[int, ...]:
     size = (size, size) if isinstance(size, int) else tuple(size)
     return (model.config.in_channels, *size)
 
-
-def load_model(path) -> ModelMixin:
-    """Load a model saved by `save_pretrained` (safetensors), whichever class it is."""
-    import json
-    from pathlib import Path
-
-    class_name = json.loads((Path(path) / "config.json").read_text())["_class_name"]
-    model_class = {"MLPDenoiser": MLPDenoiser, "UNet2DModel": UNet2DModel}.get(class_name)
-    if model_class is None:
-        raise ValueError(f"{path}/config.json: unsupported model class {class_name!r}")
-    return model_class.from_pretrained(path, use_safetensors=True)

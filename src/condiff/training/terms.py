@@ -202,9 +202,6 @@ class Constraint:
     def name(self) -> str:
         return self.term.name
 
-    def loss(self, model: torch.nn.Module, batch: DenoisingBatch) -> torch.Tensor:
-        return per_sample_loss(model, batch).mean()
-
     def slack(self, loss: float, multiplier: float) -> float | None:
         """threshold + relaxation - loss: non-negative when the (relaxed) constraint holds; None for a
         fixed multiplier, which has no threshold."""
