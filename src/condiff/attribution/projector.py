@@ -8,8 +8,17 @@ by block for every batch, so random number generation, not the product, dominate
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
+
+
+@runtime_checkable
+class Projector(Protocol):
+    """A fixed random linear map of flattened per-example gradients (n, p) to (n, k), the same for every call
+    (train and target features must meet in one space)."""
+
+    def project(self, gradients: torch.Tensor) -> torch.Tensor: ...
 
 
 class GaussianProjector:

@@ -18,6 +18,8 @@ so that eta = 0 samples the class-conditional distribution and eta > 0 sharpens 
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -30,6 +32,15 @@ from condiff.fit import fit, seeded_model
 from condiff.models import null_class_label, timestep_embedding
 
 GUIDANCE_KINDS = ("cfg", "classifier")
+
+
+@runtime_checkable
+class Guidance(Protocol):
+    """What `generate(guidance=...)` calls in place of the model: the guided noise prediction at (x_t, t) for
+    the samples' classes `labels`, which the scheduler then steps with."""
+
+    def noise(self, model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None
+              ) -> torch.Tensor: ...
 
 
 class ClassifierFreeGuidance:

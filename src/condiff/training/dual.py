@@ -9,6 +9,7 @@ multipliers keyed by constraint name and the losses accumulated since the last d
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -33,6 +34,15 @@ def resilient_ascent(multipliers: torch.Tensor, losses: torch.Tensor, thresholds
         multipliers + step_size * (losses - thresholds - 2.0 * relaxation_cost * multipliers), min=0.0)
 
 
+@runtime_checkable
+class DualRule(Protocol):
+    """One dual step: the new multipliers from the old ones, the constraint losses measured since the last step,
+    the thresholds and the step size (all float64 tensors of one entry per constraint but the step size)."""
+
+    def update(self, multipliers: torch.Tensor, losses: torch.Tensor, thresholds: torch.Tensor,
+               step_size: float) -> torch.Tensor: ...
+
+
 class ProjectedAscent:
     """Hard constraints: lambda <- max(0, lambda + eta (l - b))."""
 
@@ -53,7 +63,7 @@ class ResilientAscent:
         return resilient_ascent(multipliers, losses, thresholds, step_size, self.relaxation_costs)
 
 
-def dual_rule(relaxation_costs: list[float]) -> ProjectedAscent | ResilientAscent:
+def dual_rule(relaxation_costs: list[float]) -> DualRule:
     """The rule for constraints with these relaxation costs."""
     if not any(relaxation_costs):
         return ProjectedAscent()
@@ -63,10 +73,11 @@ def dual_rule(relaxation_costs: list[float]) -> ProjectedAscent | ResilientAscen
 class DualState:
     """The multipliers (keyed by constraint name in what is saved and logged), the rule that updates them,
     and the constraint losses accumulated since the last dual step. A multiplier given in
-    `fixed_multipliers` (None elsewhere) starts and stays at its value."""
+    `fixed_multipliers` (None elsewhere) starts and stays at its value. `rule` replaces the paper's rule for
+    these relaxation costs (`dual_rule`) by another `DualRule`."""
 
     def __init__(self, names: list[str], thresholds: list[float], relaxation_costs: list[float],
-                 fixed_multipliers: list[float | None] | None = None):
+                 fixed_multipliers: list[float | None] | None = None, rule: DualRule | None = None):
         if len(set(names)) != len(names):
             raise ValueError(f"constraint names must be distinct, got {names}")
         self.names = list(names)
@@ -77,7 +88,7 @@ class DualState:
         self.loss_sum = torch.zeros(m)
         self.loss_count = torch.zeros(m)   # samples behind each sum
         self.thresholds = torch.tensor(thresholds, dtype=torch.float64)
-        self.rule = dual_rule(relaxation_costs)
+        self.rule = rule if rule is not None else dual_rule(relaxation_costs)
 
     def named(self, values) -> dict[str, float]:
         return {name: float(value) for name, value in zip(self.names, values)}

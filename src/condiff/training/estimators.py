@@ -8,7 +8,7 @@ one (sums and sample counts per constraint), so no estimator spends a forward pa
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -21,6 +21,15 @@ class LagrangianEstimate(NamedTuple):
     objective_loss: torch.Tensor     # detached: the mean loss of the step's data samples
     constraint_sums: torch.Tensor    # detached, per constraint: the sum of its samples' losses ...
     constraint_counts: torch.Tensor  # ... over this many samples (float, so both reduce across processes)
+
+
+@runtime_checkable
+class LagrangianEstimator(Protocol):
+    """What a training step calls: an estimate of the Lagrangian at the current multipliers, with the constraint
+    losses' sums and sample counts that the next dual step averages."""
+
+    def lagrangian(self, model: torch.nn.Module, dual: DualState, generator: torch.Generator,
+                   device: torch.device) -> LagrangianEstimate: ...
 
 
 def losses_by_source(losses: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ terms (e.g. distance to a frozen pretrained model) slot in without touching the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from diffusers import DDPMScheduler
@@ -56,6 +57,20 @@ def per_sample_loss(model: torch.nn.Module, batch: DenoisingBatch) -> torch.Tens
     output = model(batch.noisy, batch.timesteps, class_labels=batch.class_labels if conditional else None).sample
     losses = (output.float() - batch.target.float()).pow(2).flatten(1).mean(dim=1)
     return losses if batch.weights is None else losses * batch.weights
+
+
+@runtime_checkable
+class LossTerm(Protocol):
+    """A term of the Lagrangian: `draw` gives denoising regressions whose mean squared error is its loss
+    (the trainer concatenates the batches of several terms into one forward pass); its state (sampler position,
+    pools) goes into checkpoints, so a resumed run draws what an uninterrupted one would."""
+    name: str
+
+    def draw(self, n: int, generator: torch.Generator) -> DenoisingBatch: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class DatasetTerm:
@@ -193,7 +208,7 @@ class Constraint:
     requested shares or KL bounds): no dual ascent, and no threshold to meet.
     """
 
-    term: DatasetTerm | PretrainedModelTerm
+    term: LossTerm
     threshold: float = 0.0
     relaxation_cost: float = 0.0   # gamma; 0 means a fixed (hard) threshold
     fixed_multiplier: float | None = None
