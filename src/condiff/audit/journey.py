@@ -1,4 +1,4 @@
-"""A target's journey over every sampling step (`condiff attribute`, condiff.experiments.attribution): when
+"""A target's journey over every sampling step (`condiff attribute`, condiff.audit.attribute): when
 does its class appear, and which training examples drive it then?
 
 Per target and visited DDIM step t: the posterior over classes of x0_hat(t) (condiff's evaluation
