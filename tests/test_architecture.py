@@ -36,7 +36,7 @@ MODULE_ORDER = {
     "condiff.evaluation": ["classifier", "metrics", "inception", "evaluation_data"],
     "condiff.attribution": ["per_example", "features", "store", "projector", "trak", "baselines", "validation"],
     "condiff.runs": ["build", "training", "sampling", "evaluation"],
-    "condiff.audit": ["journey", "results", "inputs", "report", "attribute"],
+    "condiff.audit": ["results", "journey", "inputs", "report", "attribute"],
     "condiff.validation": ["counterfactual", "methods", "lds", "removal", "report", "reproduce"],
     "condiff.papers": ["demo", "reproduce"],
     "condiff.labs": [],

@@ -41,9 +41,16 @@ from condiff.audit.inputs import (
     target_class,
     training_set,
 )
-from condiff.audit.journey import TargetJourney, class_posteriors, journey_indices, plot_journey_steps, target_journeys
+from condiff.audit.journey import class_posteriors, journey_indices, plot_journey_steps, target_journeys
 from condiff.audit.report import plot_class_shares, plot_journey, write_attribution_report
-from condiff.audit.results import AttributionResult, AttributionSettings, StepAttribution, features_file, flag
+from condiff.audit.results import (
+    AttributionResult,
+    AttributionSettings,
+    StepAttribution,
+    TargetJourney,
+    features_file,
+    flag,
+)
 from condiff.config import ConfigError, ExperimentConfig
 from condiff.data.latent import decode_latents
 from condiff.models import null_class_label, sample_shape_of

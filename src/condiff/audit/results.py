@@ -1,7 +1,7 @@
 """What `condiff attribute` is asked and what it answers: its settings (`AttributionSettings`, whose fields are
 the command line's options, and the defaults a counterfactual validation chose), its result per step and
-target (`AttributionResult`, RUN/attribution/attribution.json), and the names of the training features files
-it keeps, which a validation's features share so that each finds the other's."""
+target and each target's journey (`AttributionResult`, RUN/attribution/attribution.json), and the names of
+the training features files it keeps, which a validation's features share so that each finds the other's."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 
 from condiff.attribution.features import OUTPUT_FUNCTIONS
 from condiff.attribution.projector import PROJECTORS
-from condiff.audit.journey import TargetJourney
 from condiff.config import SEED_LIMIT, ConfigError
 
 FLAGS = {"num_targets": "samples", "target_class": "class"}   # the command line's name where it differs
@@ -86,6 +85,15 @@ class StepAttribution:
                                                                   # share of the target's positive scores
     constraint_set: list[dict[str, float]] | None = None          # per target (constrained runs): sum,
                                                                   # rest_sum, positive_share of the set
+
+
+@dataclass
+class TargetJourney:
+    timesteps: list[int]            # every step followed, from noisy to clean
+    posteriors: list[list[float]]   # per step: p(class | x0_hat(t)) (evaluation classifier; exact for mixtures)
+    examples: list[int]             # the training examples followed: the top helpful ones at each attributed step
+    scores: list[list[float]]       # per example, per step: its TRAK score
+    spread: list[float]             # per step: the standard deviation of the target's scores over the training set
 
 
 @dataclass
