@@ -38,7 +38,7 @@ from condiff.attribution.features import GradientFeaturizer, timestep_grid
 from condiff.attribution.projector import SparseProjector
 from condiff.attribution.store import stored_train_features
 from condiff.config import TrainConfig, config_from_dict
-from condiff.experiments.build import build_noise_scheduler
+from condiff.runs.build import build_noise_scheduler
 from condiff.models import build_model
 from condiff.runtime import end_processes, process_state, resolve_device
 
@@ -139,8 +139,9 @@ def in_processes(args) -> None:
 
 
 def end_to_end(args) -> None:
-    from condiff.experiments.attribution import AttributionSettings, attribute_run
-    from condiff.experiments.training import train_run
+    from condiff.audit.attribute import attribute_run
+    from condiff.audit.results import AttributionSettings
+    from condiff.runs.training import train_run
 
     config = config_from_dict({
         "name": "digits-all", "output_dir": str(Path(args.output) / "run"),

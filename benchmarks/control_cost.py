@@ -28,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from condiff.config import load_config
-from condiff.experiments.build import MissingData, build_data, evaluation_classifier
-from condiff.experiments.training import CONFIG_DIR, train_run
+from condiff.config import CONFIG_DIR, load_config
+from condiff.runs.build import MissingData, build_data, evaluation_classifier
+from condiff.runs.training import train_run
 
 CONFIGS = ["digits-minority", "mnist-minority", "fashion-minority"]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from condiff.config import load_config
-from condiff.experiments.demo import run_demo
-from condiff.experiments.reproduce import reproduce
+from condiff.papers.demo import run_demo
+from condiff.papers.reproduce import reproduce
 from condiff.rundir import is_condiff_directory
 
 EXPERIMENTS = ["demo", "digits-minority", "mnist-minority", "fashion-minority"]

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from condiff.config import config_from_dict
-from condiff.experiments.attribution_reproduce import reproduce_attribution
-from condiff.experiments.counterfactual import ValidationSettings
+from condiff.validation.reproduce import reproduce_attribution
+from condiff.validation.counterfactual import ValidationSettings
 
 torch.set_num_threads(1)
 output = Path(sys.argv[1])

@@ -1,5 +1,5 @@
-"""The architecture docs/architecture.md draws holds in the code (issue 11): imports go one way through the layers,
-every subpackage says what it is for, and no module outgrows a reader's head."""
+"""The architecture docs/architecture.md draws holds in the code (issue 11): imports go one way through the layers
+and inside every subpackage, every subpackage says what it is for, and no module outgrows a reader's head."""
 
 import ast
 from pathlib import Path
@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "condiff"
 
 # Lowest first: a module may import from its own layer and the layers before it, never from a later one.
 # sampling sits below training: a fine-tuning constraint samples the pretrained model's own paths.
+# audit attributes a run the runs layer trained; run.py's Run attributes too, so it sits above audit.
 LAYERS = [
     ["condiff.config", "condiff.rundir", "condiff.journal", "condiff.runtime", "condiff.fit"],
     ["condiff.data"],
@@ -17,10 +18,31 @@ LAYERS = [
     ["condiff.sampling"],
     ["condiff.training"],
     ["condiff.evaluation", "condiff.report", "condiff.attribution"],
-    ["condiff.experiments"],
+    ["condiff.runs"],
+    ["condiff.audit"],
+    ["condiff.run"],
+    ["condiff.validation"],
+    ["condiff.papers"],
     ["condiff.labs"],
     ["condiff.cli", "condiff.__main__", "condiff"],
 ]
+# Inside each subpackage, lowest first: a module may import its package's earlier modules, never a later one.
+MODULE_ORDER = {
+    "condiff.config": ["schema", "validation"],
+    "condiff.data": ["datasets", "latent"],
+    "condiff.gmm": ["mixture", "guidance"],
+    "condiff.sampling": ["generate", "noise_classifier", "guidance"],
+    "condiff.training": ["checkpoint", "metrics_log", "terms", "dual", "control", "estimators", "loop"],
+    "condiff.evaluation": ["classifier", "metrics", "inception", "evaluation_data"],
+    "condiff.attribution": ["per_example", "features", "store", "projector", "trak", "baselines", "validation"],
+    "condiff.runs": ["build", "training", "sampling", "evaluation"],
+    "condiff.audit": ["results", "journey", "inputs", "report", "attribute"],
+    "condiff.validation": ["counterfactual", "methods", "lds", "removal", "report", "reproduce"],
+    "condiff.papers": ["demo", "reproduce"],
+    "condiff.labs": [],
+    "condiff.labs.guidance": ["settings", "measures", "reference", "sweep", "geometry", "phase_shift", "learned",
+                              "lab"],
+}
 MAX_LINES = 460
 
 
@@ -37,12 +59,20 @@ def layer_of(module: str) -> int:
     return max(matches)[1]
 
 
+def is_module(name: str) -> bool:
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or path.is_dir()
+
+
 def condiff_imports(path: Path) -> set[str]:
-    """Every condiff module `path` imports, at the top or inside a function."""
+    """Every condiff module `path` imports, at the top or inside a function (`from condiff.runs import
+    training` imports condiff.runs and condiff.runs.training)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("condiff"):
             found.add(node.module)
+            named = (f"{node.module}.{alias.name}" for alias in node.names)
+            found.update(name for name in named if is_module(name))
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("condiff"))
     return found
@@ -77,3 +107,43 @@ def test_the_layer_check_would_catch_an_upward_import(tmp_path):
     bad.write_text("from condiff.training.loop import train\n")
     upward = [m for m in condiff_imports(bad) if layer_of(m) > layer_of("condiff.data.datasets")]
     assert upward == ["condiff.training.loop"]
+
+
+def position(module: str) -> tuple[str, int] | None:
+    """(package, rank in its MODULE_ORDER) of a module of a subpackage; None for a package or a top-level module."""
+    package, _, name = module.rpartition(".")
+    order = MODULE_ORDER.get(package)
+    return None if order is None or name not in order else (package, order.index(name))
+
+
+def later_siblings(module: str, imports: set[str]) -> list[str]:
+    """The modules of `module`'s own package that it imports but that come after it in MODULE_ORDER."""
+    here = position(module)
+    if here is None:
+        return []
+    return sorted(imported for imported in imports
+                  if (there := position(imported)) is not None and there[0] == here[0] and there[1] > here[1])
+
+
+def test_every_subpackage_declares_the_order_of_its_modules():
+    for init in PACKAGE.rglob("__init__.py"):
+        package = module_name(init)
+        if package == "condiff":
+            continue   # its top-level modules are ordered by LAYERS
+        modules = sorted(p.stem for p in init.parent.glob("*.py") if p.name != "__init__.py")
+        assert sorted(MODULE_ORDER.get(package, ["(undeclared)"])) == modules, package
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
+def test_imports_inside_a_subpackage_go_one_way(path):
+    module = module_name(path)
+    assert not later_siblings(module, condiff_imports(path)), \
+        f"{module} imports modules of its package that come after it in MODULE_ORDER"
+
+
+def test_the_package_check_would_catch_an_import_back(tmp_path):
+    """The check itself can fail: the run builder importing the evaluation that builds on it is flagged."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from condiff.runs.evaluation import evaluate_run\nfrom condiff.runs import sampling\n")
+    assert later_siblings("condiff.runs.build", condiff_imports(bad)) == ["condiff.runs.evaluation",
+                                                                          "condiff.runs.sampling"]

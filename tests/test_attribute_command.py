@@ -13,7 +13,8 @@ import torch
 from condiff.attribution.features import GradientFeaturizer
 from condiff.attribution.trak import trak_scores
 from condiff.cli import main
-from condiff.experiments.attribution import AttributionSettings, attribute_run, class_sums
+from condiff.audit.attribute import attribute_run, class_sums
+from condiff.audit.results import AttributionSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,7 +26,7 @@ FEATURES = f"features-{AttributionSettings().output}-K4-k128-sparse"   # under t
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_config):
     """The constrained tiny run (class 2 the constraint set), EMA on: checkpoints at steps 10 and 20."""
-    from condiff.experiments.training import train_run
+    from condiff.runs.training import train_run
 
     return train_run(tiny_config(tmp_path_factory.mktemp("attribute") / "run", train={"steps": 20}))
 
@@ -33,7 +34,7 @@ def tiny_run(tmp_path_factory, tiny_config):
 @pytest.fixture(scope="module")
 def run_without_ema(tmp_path_factory, tiny_config):
     """EMA off: its last checkpoint (step 20) holds the final model's very weights."""
-    from condiff.experiments.training import train_run
+    from condiff.runs.training import train_run
 
     return train_run(tiny_config(tmp_path_factory.mktemp("attribute-plain") / "run",
                                  train={"steps": 20, "ema_decay": 0.0}))
@@ -48,7 +49,7 @@ def run_copy(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def recorded_samples(tiny_run):
     """RUN/samples.npz of 3 DDIM-50 samples (seed 0) with their x0 predictions at every step."""
-    from condiff.experiments.sampling import sample_run
+    from condiff.runs.sampling import sample_run
 
     return sample_run(tiny_run, num_samples=3, method="ddim", steps=50, seed=0, record_x0=True, progress=False)
 
@@ -122,7 +123,7 @@ def test_attribution_json_and_the_report_sum_the_scores_per_class_and_constraint
     result = attribute_run(tiny_run, AttributionSettings(**SMALL), overwrite=True, progress=False)
     folder = result.directory
     scores = np.load(folder / "scores.npy")
-    from condiff.experiments.build import build_data, load_run_config
+    from condiff.runs.build import build_data, load_run_config
 
     labels = build_data(load_run_config(tiny_run)).train.labels.numpy()
     saved = json.loads((folder / "attribution.json").read_text())
@@ -145,7 +146,7 @@ def test_attribution_json_and_the_report_sum_the_scores_per_class_and_constraint
 
 
 def test_an_unconstrained_run_has_class_sums_but_no_constraint_set(tmp_path, tiny_config):
-    from condiff.experiments.training import train_run
+    from condiff.runs.training import train_run
 
     run = train_run(tiny_config(tmp_path / "run", constraints=None, train={"steps": 10}))
     result = attribute_run(run, AttributionSettings(**SMALL), progress=False)
@@ -158,10 +159,10 @@ def test_checkpoint_ensemble_averages_each_models_own_trak_scores(tiny_run, monk
     """Three models (final, steps 20 and 10), each featurized into its own file; the scores are the plain
     mean of the three models' TRAK scores on their own features (one kernel solve per model for every
     visited step and target, columns step-major)."""
-    from condiff.experiments import attribution
+    from condiff.audit import attribute
 
-    ensembles, ensemble = [], attribution.ensemble_scores
-    monkeypatch.setattr(attribution, "ensemble_scores",
+    ensembles, ensemble = [], attribute.ensemble_scores
+    monkeypatch.setattr(attribute, "ensemble_scores",
                         lambda models, coefficient: ensembles.append(models) or ensemble(models, coefficient))
     result = attribute_run(tiny_run, AttributionSettings(**SMALL, checkpoints=3), overwrite=True, progress=False)
     folder = result.directory
@@ -231,8 +232,8 @@ def test_the_command_line_takes_a_samples_file_and_checkpoints(tiny_run, recorde
 @pytest.mark.parametrize("noisy", [True, False])
 def test_image_journeys_show_x_t_only_when_the_targets_were_generated(noisy, drawn, tmp_path):
     """Generated targets keep every step's x_t; a samples file does not, so its journeys start at x0_hat."""
-    from condiff.experiments.attribution import AttributionResult, StepAttribution
-    from condiff.experiments.attribution_report import plot_journey
+    from condiff.audit.results import AttributionResult, StepAttribution
+    from condiff.audit.report import plot_journey
     from condiff.sampling.generate import SampleOutput
 
     top, train = 2, torch.zeros(6, 1, 8, 8)
@@ -250,7 +251,7 @@ def test_image_journeys_show_x_t_only_when_the_targets_were_generated(noisy, dra
 def test_journeys_follow_every_step_with_the_exact_posterior_and_the_top_examples(tiny_run):
     """Per target: all 50 DDIM steps, the mixture's exact posterior of x0_hat(t) at each, and the scores of the
     union of the top 3 helpful examples at the attributed steps, equal to scores.npy there."""
-    from condiff.experiments.build import build_data, load_pipeline, load_run_config
+    from condiff.runs.build import build_data, load_pipeline, load_run_config
     from condiff.sampling.generate import generate, sampling_scheduler
 
     result = attribute_run(tiny_run, AttributionSettings(**SMALL), overwrite=True, progress=False)
@@ -286,7 +287,7 @@ def test_journeys_thin_to_every_nth_step_or_none(tiny_run):
 
 
 def test_the_report_says_which_validation_chose_the_defaults_and_what_was_overridden(tiny_run):
-    from condiff.experiments.attribution import VALIDATED, VALIDATION
+    from condiff.audit.results import VALIDATED, VALIDATION
 
     defaults = AttributionSettings()
     settable = {name: value for name, value in VALIDATED.items() if name != "ensemble"}   # other runs: the user's

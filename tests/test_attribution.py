@@ -151,8 +151,8 @@ def test_per_example_gradients_equal_one_at_a_time_autograd(output, kind, shape,
 def mixture_attribution(tmp_path_factory, tiny_config):
     """A model of four equal Gaussian components, 40 samples with their x0 predictions at every DDIM step,
     and the D-TRAK features of its 400 training points (K = 10 timesteps)."""
-    from condiff.experiments.build import build_data, load_pipeline
-    from condiff.experiments.training import train_run
+    from condiff.runs.build import build_data, load_pipeline
+    from condiff.runs.training import train_run
     from condiff.sampling.generate import generate, sampling_scheduler
 
     config = tiny_config(tmp_path_factory.mktemp("attribution") / "run", constraints=None,
@@ -192,13 +192,14 @@ SMALL = dict(num_targets=3, steps=(900, 100), top=4, train_timesteps=4, resampli
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_config):
-    from condiff.experiments.training import train_run
+    from condiff.runs.training import train_run
 
     return train_run(tiny_config(tmp_path_factory.mktemp("attribute") / "run", train={"steps": 20}))
 
 
 def test_attribute_writes_scores_tops_journeys_and_a_report(tiny_run):
-    from condiff.experiments.attribution import AttributionSettings, attribute_run
+    from condiff.audit.attribute import attribute_run
+    from condiff.audit.results import AttributionSettings
 
     result = attribute_run(tiny_run, AttributionSettings(**SMALL), overwrite=True, progress=False)
     folder = tiny_run / "attribution"
@@ -216,7 +217,8 @@ def test_attribute_writes_scores_tops_journeys_and_a_report(tiny_run):
 
 def test_featurization_resumes_after_a_kill(tiny_run, tmp_path, monkeypatch):
     """A run killed while featurizing keeps its finished batches; the resumed features equal a fresh run's."""
-    from condiff.experiments.attribution import AttributionSettings, attribute_run
+    from condiff.audit.attribute import attribute_run
+    from condiff.audit.results import AttributionSettings
 
     settings = AttributionSettings(**SMALL)
     fresh = attribute_run(tiny_run, settings, overwrite=True, progress=False).directory

@@ -79,10 +79,10 @@ class Row:
         """A demo that is not refused would train for minutes: make it fail at once instead."""
         def refuse(*args, **kwargs):
             raise AssertionError("the demo started training instead of refusing its output")
-        import condiff.experiments.demo
-        import condiff.experiments.training
-        self.monkeypatch.setattr(condiff.experiments.demo, "train_run", refuse, raising=False)
-        self.monkeypatch.setattr(condiff.experiments.training, "train_run", refuse)
+        import condiff.papers.demo
+        import condiff.runs.training
+        self.monkeypatch.setattr(condiff.papers.demo, "train_run", refuse, raising=False)
+        self.monkeypatch.setattr(condiff.runs.training, "train_run", refuse)
 
 
 # Each row: id -> setup. setup(row) writes what the row needs and returns (argv, names): the line
@@ -532,9 +532,9 @@ def test_bad_input_exits_2_with_one_line_naming_it_and_changes_nothing(setup, tm
 def library_calls():
     """Bad arguments of the library's own calls, behind the command line's checks: (call on a run, what the
     ConfigError must name)."""
-    from condiff.experiments.attribution import AttributionSettings
-    from condiff.experiments.evaluation import evaluate_run
-    from condiff.experiments.sampling import sample_run
+    from condiff.audit.results import AttributionSettings
+    from condiff.runs.evaluation import evaluate_run
+    from condiff.runs.sampling import sample_run
     return {
         "sample_run steps=5000": (lambda run: sample_run(run, steps=5000, progress=False), "steps 5000"),
         "sample_run steps=0": (lambda run: sample_run(run, steps=0, progress=False), "steps 0"),

@@ -14,10 +14,10 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-import condiff.experiments.sampling as sampling
+import condiff.runs.sampling as sampling
 from condiff.config import TrainConfig, config_from_dict
-from condiff.experiments.build import load_pipeline
-from condiff.experiments.training import train_run
+from condiff.runs.build import load_pipeline
+from condiff.runs.training import train_run
 from condiff.sampling.generate import generate, load_samples, network_precision, sampling_scheduler
 from condiff.training.loop import make_accelerator
 

@@ -69,7 +69,7 @@ def test_shipped_config_loads_and_validates(path, tmp_path):
 def test_shipped_config_builds_its_data_model_and_constraints(path, tmp_path):
     """Validation is not the last word: what train_run builds from the config must also succeed."""
     from condiff.data.latent import latent_shape
-    from condiff.experiments.build import (
+    from condiff.runs.build import (
         MissingData,
         build_constraints,
         build_data,
@@ -111,9 +111,9 @@ def test_every_config_the_commands_read_is_package_data():
     carries only what pyproject's package-data names, so each of them must exist there and be named."""
     from fnmatch import fnmatch
 
-    from condiff.experiments.demo import DEMO_CONFIGS
-    from condiff.experiments.reproduce import EXPERIMENTS, SCALES
-    from condiff.experiments.training import CONFIG_DIR
+    from condiff.config import CONFIG_DIR
+    from condiff.papers.demo import DEMO_CONFIGS
+    from condiff.papers.reproduce import EXPERIMENTS, SCALES
 
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["condiff"]
     read = [CONFIG_DIR / name for name in DEMO_CONFIGS.values()] + [

@@ -81,7 +81,7 @@ def test_baselines_score_like_trak():
 
 def test_train_run_on_a_subset_records_it_and_refuses_a_bad_mask(tiny_config, tmp_path):
     from condiff.config import ConfigError
-    from condiff.experiments.training import train_run
+    from condiff.runs.training import train_run
 
     config = tiny_config(tmp_path / "run", train={"steps": 5})
     keep = np.zeros(90, dtype=bool)
@@ -97,7 +97,7 @@ def test_train_run_on_a_subset_records_it_and_refuses_a_bad_mask(tiny_config, tm
 def test_validation_measures_with_noise_independent_of_the_features():
     """The protocol's measured loss is not the loss under the targets' feature noise (else the `loss` output
     would partly predict one noise realisation): same model, same inputs, different values."""
-    from condiff.experiments.counterfactual import measurement_seed
+    from condiff.validation.counterfactual import measurement_seed
 
     torch.manual_seed(0)
     model = build_model("mlp", (2,), hidden=16, layers=1)
@@ -112,7 +112,7 @@ def test_validation_measures_with_noise_independent_of_the_features():
 def test_scoring_and_measured_models_have_disjoint_seeds(tiny_config, tmp_path, monkeypatch):
     """Every subset model trains fresh (uncoupled) with a seed offset no TRAK model uses; the full models keep
     checkpoints along training; the workers share out all the jobs exactly once."""
-    import condiff.experiments.counterfactual as counterfactual
+    import condiff.validation.counterfactual as counterfactual
     from condiff.runtime import IndependentWorkers
 
     calls = []
@@ -133,7 +133,7 @@ def test_scoring_and_measured_models_have_disjoint_seeds(tiny_config, tmp_path, 
 
 def test_settings_the_protocol_cannot_honour_are_refused_naming_them():
     from condiff.config import ConfigError
-    from condiff.experiments.counterfactual import ValidationSettings
+    from condiff.validation.counterfactual import ValidationSettings
 
     for bad, name in ((dict(fraction=1.0), "fraction"), (dict(ensemble=1000), "ensemble"),
                       (dict(removal_share=0.0), "removal_share"), (dict(train_timesteps=()), "train_timesteps"),
@@ -159,11 +159,11 @@ def test_independent_protocol_on_a_mixture_ranks_trak_above_random_and_no_choice
     removal table has every kind; and re-scoring with the reported targets' outcomes replaced by noise
     chooses exactly the same configurations and ridges (and replacing the held-out ones does not)."""
     from condiff.attribution.validation import paired_difference
-    from condiff.experiments.attribution_reproduce import reproduce_attribution
-    from condiff.experiments.build import build_data
-    from condiff.experiments.counterfactual import ValidationSettings
-    from condiff.experiments.lds_methods import RANDOM, FeatureBank
-    from condiff.experiments.lds_validation import score_quantities
+    from condiff.validation.reproduce import reproduce_attribution
+    from condiff.runs.build import build_data
+    from condiff.validation.counterfactual import ValidationSettings
+    from condiff.validation.methods import RANDOM, FeatureBank
+    from condiff.validation.lds import score_quantities
 
     settings = ValidationSettings(num_subsets=12, seeds=2, ensemble=2, num_targets=24, held_out_targets=12,
                                   steps=(700, 300), train_timesteps=(10,), dimensions=(512,), checkpoints=2,
@@ -179,7 +179,7 @@ def test_independent_protocol_on_a_mixture_ranks_trak_above_random_and_no_choice
     text = report.read_text()
     assert "## Headline" in text and "lds-curves.png" in text and "journey-0.png" in text
 
-    from condiff.experiments.lds_validation import linear_datamodeling_scores
+    from condiff.validation.lds import linear_datamodeling_scores
     from condiff.runtime import independent_workers
 
     data = build_data(config)

@@ -18,18 +18,14 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from condiff.cli import main
 from condiff.config import ConfigError, config_from_dict
 from condiff.data.datasets import class_shares, gaussian_mixture_dataset
-from condiff.experiments.build import build_data
-from condiff.experiments.build import evaluation_classifier
-from condiff.experiments.training import train_run
+from condiff.runs.build import build_data
+from condiff.runs.build import evaluation_classifier
+from condiff.runs.training import train_run
 from condiff.gmm.guidance import guided_score
 from condiff.gmm.mixture import ExactNoisePredictor, GaussianMixture
 from condiff.sampling.generate import generate, sampling_scheduler
-from condiff.sampling.guidance import (
-    ClassifierFreeGuidance,
-    ClassifierGuidance,
-    noisy_accuracy,
-    train_noise_aware_classifier,
-)
+from condiff.sampling.guidance import ClassifierFreeGuidance, ClassifierGuidance
+from condiff.sampling.noise_classifier import noisy_accuracy, train_noise_aware_classifier
 
 pytestmark = pytest.mark.slow   # trains class-conditional models
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from condiff.gmm.guidance import PHASE_SHIFT_EXAMPLE, REFERENCE_TABLE, reference_samples
 from condiff.labs.guidance.geometry import (
     GEOMETRIES,
     centre_confidence_ceiling,
@@ -25,7 +24,8 @@ from condiff.labs.guidance.geometry import (
 )
 from condiff.labs.guidance.lab import run_guidance_lab
 from condiff.labs.guidance.measures import largest_pathwise_drop, pathwise_monotone_fraction
-from condiff.labs.guidance.phase_shift import measure_phase_shift, sample_phase_shift
+from condiff.labs.guidance.phase_shift import PHASE_SHIFT_EXAMPLE, measure_phase_shift, sample_phase_shift
+from condiff.labs.guidance.reference import REFERENCE_TABLE, reference_samples
 from condiff.labs.guidance.settings import ETAS, QUICK_SIZES
 from condiff.labs.guidance.sweep import compare_with_reference, measure_eta_sweep
 from condiff.rundir import RunDirectoryError

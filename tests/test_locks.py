@@ -135,13 +135,13 @@ def interrupted_main(argv: list[str], module: str, name: str, monkeypatch, write
 
 def test_ctrl_c_before_anything_is_written_says_the_run_is_unchanged(run, monkeypatch, capsys, snapshot):
     before = snapshot(run)
-    assert interrupted_main(["sample", str(run)], "condiff.experiments.sampling", "sample_run", monkeypatch) == 130
+    assert interrupted_main(["sample", str(run)], "condiff.runs.sampling", "sample_run", monkeypatch) == 130
     assert one_line(capsys) == f"condiff: interrupted; {run} is unchanged"
     assert snapshot(run) == before
 
 
 def test_ctrl_c_of_a_checkpointed_training_says_how_to_resume(run, monkeypatch, capsys):
-    assert interrupted_main(["train", str(run), "--resume"], "condiff.experiments.training", "train_run", monkeypatch,
+    assert interrupted_main(["train", str(run), "--resume"], "condiff.runs.training", "train_run", monkeypatch,
                             write=lambda: (run / "metrics.jsonl").write_text("")) == 130
     assert one_line(capsys) == f"condiff: interrupted; resume with condiff train {run} --resume"
 
@@ -155,14 +155,14 @@ def test_ctrl_c_after_writes_puts_back_what_the_command_wrote(run, monkeypatch, 
         write_json_atomic(run / "evaluation.json", {"tv_to_uniform": 0.5})
     (run / "samples.npz").write_bytes(b"the user's samples")
     before = snapshot(run)
-    assert interrupted_main(["evaluate", str(run)], "condiff.experiments.evaluation", "evaluate_run", monkeypatch,
+    assert interrupted_main(["evaluate", str(run)], "condiff.runs.evaluation", "evaluate_run", monkeypatch,
                             write=write) == 130
     assert one_line(capsys) == f"condiff: interrupted; {run} is unchanged"
     assert snapshot(run) == before
 
 
 def test_ctrl_c_after_a_write_past_condiff_says_the_run_is_partly_written(run, monkeypatch, capsys):
-    assert interrupted_main(["evaluate", str(run)], "condiff.experiments.evaluation", "evaluate_run", monkeypatch,
+    assert interrupted_main(["evaluate", str(run)], "condiff.runs.evaluation", "evaluate_run", monkeypatch,
                             write=lambda: (run / "evaluation.json").write_text("{")) == 130
     assert one_line(capsys) == f"condiff: interrupted; {run} is partly written"
 
@@ -171,7 +171,7 @@ def test_an_os_error_is_one_line_naming_the_file_and_debug_adds_the_traceback(ru
     """A full disk while sampling: the file it was writing is named; the traceback only when asked for."""
     def disk_full(run, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run / "samples.npz"))
-    monkeypatch.setattr("condiff.experiments.sampling.sample_run", disk_full)
+    monkeypatch.setattr("condiff.runs.sampling.sample_run", disk_full)
     monkeypatch.delenv("CONDIFF_DEBUG", raising=False)
     assert main(["sample", str(run)]) == 2
     assert one_line(capsys) == f"condiff: error: {run / 'samples.npz'}: No space left on device"
@@ -260,7 +260,7 @@ def test_ctrl_c_of_an_overwriting_demo_puts_the_old_demo_back(tmp_path, monkeypa
     def replace_then_write():
         create_output_directory(demo, "demo", overwrite=True)
         write_text_atomic(demo / "report.md", "half of today's")
-    assert interrupted_main(["demo", "--output", str(demo), "--overwrite"], "condiff.experiments.demo", "run_demo",
+    assert interrupted_main(["demo", "--output", str(demo), "--overwrite"], "condiff.papers.demo", "run_demo",
                             monkeypatch, write=replace_then_write) == 130
     assert one_line(capsys) == f"condiff: interrupted; {demo} is unchanged"
     assert snapshot(demo) == before
@@ -270,7 +270,7 @@ def test_ctrl_c_of_an_attribution_keeps_its_features_to_resume(run, monkeypatch,
     def computed():
         (run / "attribution").mkdir()
         (run / "attribution" / "done-final.npy").write_bytes(b"finished batches")
-    assert interrupted_main(["attribute", str(run), "--samples", "2"], "condiff.experiments.attribution",
+    assert interrupted_main(["attribute", str(run), "--samples", "2"], "condiff.audit.attribute",
                             "attribute_run", monkeypatch, write=computed) == 130
     assert one_line(capsys) == "condiff: interrupted; resume with the same condiff attribute command with --resume"
     assert (run / "attribution" / "done-final.npy").read_bytes() == b"finished batches"

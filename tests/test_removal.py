@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from condiff.experiments.counterfactual import Targets, ValidationSettings
-from condiff.experiments.lds_methods import Candidate, QuantityChoice
-from condiff.experiments.removal import RemovalEffect, compare_removals, removal_plan
+from condiff.validation.counterfactual import Targets, ValidationSettings
+from condiff.validation.methods import Candidate, QuantityChoice
+from condiff.validation.removal import RemovalEffect, compare_removals, removal_plan
 from condiff.sampling.generate import SampleOutput
 
 

@@ -9,9 +9,9 @@ import pytest
 
 from condiff.cli import main
 from condiff.config import ExperimentConfig, load_config
-from condiff.experiments import reproduce as reproduce_module
-from condiff.experiments.reproduce import EXPERIMENTS, SCALES, old_class_coverage, reproduce
+from condiff.papers.reproduce import EXPERIMENTS, SCALES, old_class_coverage, reproduce
 from condiff.rundir import RunDirectoryError, read_metrics
+from condiff.runs import training
 
 TINY = """
 name = "{name}"
@@ -128,17 +128,17 @@ def test_a_share_request_reproduces_four_models_the_papers_calibrated_on_the_hel
 
 def test_resume_continues_an_interrupted_run(tiny_configs, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_train_run = reproduce_module.train_run
+    real_train_run = training.train_run
 
     def crash_in_constrained(config, **kwargs):
         if config.name == "m" and not config.constraints.classes:
             return real_train_run(config, **kwargs)
         from condiff.training.loop import StopTraining
         raise StopTraining("killed")
-    monkeypatch.setattr(reproduce_module, "train_run", crash_in_constrained)
+    monkeypatch.setattr(training, "train_run", crash_in_constrained)   # what reproduce's finish_run calls
     with pytest.raises(Exception, match="killed"):
         reproduce("mnist-minority", out, progress=False)
-    monkeypatch.setattr(reproduce_module, "train_run", real_train_run)
+    monkeypatch.setattr(training, "train_run", real_train_run)
     reproduce("mnist-minority", out, resume=True, progress=False)
     assert (out / "constrained" / "evaluation.json").is_file() and (out / "report.md").is_file()
 

@@ -9,7 +9,7 @@ import pytest
 
 from condiff.cli import main
 from condiff.config import ExperimentConfig
-from condiff.experiments.training import train_run
+from condiff.runs.training import train_run
 from condiff.rundir import (
     MARKER,
     PROJECT_ROOT,
@@ -162,8 +162,9 @@ def test_atomic_writes_get_the_modes_a_plain_write_would(tmp_path):
 
 def test_demo_seed_offsets_both_models_training_and_sampling_seeds(tmp_path, monkeypatch):
     """`condiff demo --seed 2`: both runs train and sample with their configs' seeds + 2, on the same data."""
-    import condiff.experiments.demo as demo
+    import condiff.papers.demo as demo
     from condiff.cli import main
+    from condiff.config import CONFIG_DIR, load_config
 
     seen = []
 
@@ -177,5 +178,5 @@ def test_demo_seed_offsets_both_models_training_and_sampling_seeds(tmp_path, mon
     monkeypatch.setattr(demo, "train_run", record)
     with pytest.raises(Stop):
         main(["demo", "--output", str(tmp_path / "demo"), "--seed", "2"])
-    defaults = demo.load_config(demo.CONFIG_DIR / demo.DEMO_CONFIGS["unconstrained"])
+    defaults = load_config(CONFIG_DIR / demo.DEMO_CONFIGS["unconstrained"])
     assert seen == [(defaults.train.seed + 2, defaults.sample.seed + 2, defaults.data.seed)]

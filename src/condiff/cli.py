@@ -1,5 +1,5 @@
-"""Command line: a thin layer over condiff.experiments.build, condiff.experiments.sampling, condiff.experiments.evaluation and
-condiff.demo.
+"""Command line: a thin layer over condiff.runs (train, sample, evaluate), condiff.audit (attribute),
+condiff.papers (demo, reproduce) and condiff.labs (guidance-lab).
 
 Bad input (config, run directory, infeasible constraints) and what the system refuses (a file it cannot
 read or write, a full disk) print one line naming the field or file and exit with code 2, having written
@@ -70,7 +70,7 @@ def writing(folder: Path, *, create: bool = False, resume: str | None = None,
 
 def cmd_train(args) -> None:
     from condiff.config import load_config
-    from condiff.experiments.training import run_directory, train_run
+    from condiff.runs.training import run_directory, train_run
 
     overrides = dict(parse_override(s) for s in args.set)
     source = Path(args.config)
@@ -89,7 +89,7 @@ def cmd_train(args) -> None:
 
 def cmd_autoencoder(args) -> None:
     from condiff.config import config_from_dict, read_config_table
-    from condiff.experiments.training import train_autoencoder_for
+    from condiff.runs.training import train_autoencoder_for
 
     # The autoencoder is what this command makes: the config's [latent] section, which names it,
     # is set aside rather than checked for a folder that does not exist yet.
@@ -104,7 +104,7 @@ def cmd_autoencoder(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from condiff.experiments.sampling import sample_run
+    from condiff.runs.sampling import sample_run
 
     with writing(Path(args.run)):
         path = sample_run(Path(args.run), num_samples=args.num_samples, method=args.method, steps=args.steps,
@@ -115,7 +115,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_noise_classifier(args) -> None:
-    from condiff.experiments.sampling import train_noise_classifier_run
+    from condiff.runs.sampling import train_noise_classifier_run
 
     with writing(Path(args.run)):
         accuracy = train_noise_classifier_run(Path(args.run), steps=args.steps, overwrite=args.overwrite,
@@ -124,7 +124,7 @@ def cmd_noise_classifier(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from condiff.experiments.evaluation import evaluate_run
+    from condiff.runs.evaluation import evaluate_run
 
     with writing(Path(args.run)):
         result = evaluate_run(Path(args.run), num_samples=args.num_samples, device=args.device)
@@ -133,7 +133,8 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_attribute(args) -> None:
-    from condiff.experiments.attribution import AttributionSettings, attribute_run
+    from condiff.audit.attribute import attribute_run
+    from condiff.audit.results import AttributionSettings
 
     try:
         steps = tuple(int(t) for t in args.timesteps.split(","))
@@ -155,7 +156,7 @@ def cmd_attribute(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from condiff.experiments.demo import run_demo
+    from condiff.papers.demo import run_demo
 
     with writing(Path(args.output), create=True):
         report = run_demo(Path(args.output), overwrite=args.overwrite, steps=args.steps, seed=args.seed,
@@ -178,7 +179,7 @@ def cmd_guidance_lab(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
-    from condiff.experiments.reproduce import reproduce
+    from condiff.papers.reproduce import reproduce
 
     output = Path(args.output or f"runs/{args.experiment}-{args.scale}")
     again = f"condiff reproduce {args.experiment} --scale {args.scale} --output {output} --seed {args.seed}"
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
-    from condiff.experiments.attribution import VALIDATION, AttributionSettings
+    from condiff.audit.results import VALIDATION, AttributionSettings
     defaults = AttributionSettings()   # the validated defaults live there, and only there
     p = sub.add_parser("attribute", help="which training examples guided each step of a run's generations (TRAK)",
                        description=f"Defaults of --output, --train-timesteps, --ridge, --checkpoints and the "
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="reduced sample counts and training (a smoke test)")
     p.set_defaults(func=cmd_guidance_lab)
 
-    from condiff.experiments.reproduce import ATTRIBUTION_EXPERIMENTS, EXPERIMENTS, SCALES
+    from condiff.papers.reproduce import ATTRIBUTION_EXPERIMENTS, EXPERIMENTS, SCALES
     p = sub.add_parser("reproduce", help="one of the papers' experiments, with a report")
     p.add_argument("experiment", choices=sorted([*EXPERIMENTS, *ATTRIBUTION_EXPERIMENTS]))
     p.add_argument("--scale", choices=sorted({*SCALES, "smoke"}), default="cpu",

@@ -183,6 +183,19 @@ def create_output_directory(path: str | os.PathLike, kind: str, *, overwrite: bo
     return path
 
 
+def create_or_resume_directory(path: str | os.PathLike, kind: str, *, resume: bool, overwrite: bool = False,
+                               create: bool = True) -> Path:
+    """The output of a job that resumes: (re)created as `create_output_directory` does (unless not `create`:
+    independent workers leave that to the main one), or with `resume` one condiff made, refused otherwise."""
+    path = Path(path)
+    if resume:
+        if not is_condiff_directory(path):
+            raise RunDirectoryError(f"{path}: nothing to resume (not a directory condiff created)")
+    elif create:
+        create_output_directory(path, kind, overwrite=overwrite, resumable=True)
+    return path
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Records of a metrics.jsonl file, one dict per non-blank line, in file order.
 

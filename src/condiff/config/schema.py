@@ -1,13 +1,13 @@
 """The configuration's schema: condiff's config errors, the sections as dataclasses with their checks
-declared beside the fields, and the constants the validation uses. `condiff.config.validation` turns TOML
-tables into these."""
+declared beside the fields, and the constants the validation uses. `condiff.config.validation` puts the
+sections together (`ExperimentConfig`) and turns TOML tables into them."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
@@ -220,34 +220,6 @@ class EvaluateConfig:
     nearest_neighbours: int = positive(3)       # k of the k-NN manifolds of precision and recall
     inception_weights: str | None = None        # pt_inception-2015-12-05-6726825d.pth: also report Inception
                                                 # FID (needs pip install 'condiff[fid]'); unset: skipped
-
-
-@dataclass
-class ExperimentConfig:
-    name: str = "experiment"
-    output_dir: str = ""                        # default: runs/<name> (relative to the working directory)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    latent: LatentConfig = field(default_factory=LatentConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    dual: DualConfig = field(default_factory=DualConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-
-    def validated(self, source: str = "config") -> "ExperimentConfig":
-        """A checked copy (as if loaded from TOML): one-line ConfigError naming the field otherwise."""
-        from condiff.config.validation import config_from_dict   # validation builds on this schema
-
-        return config_from_dict(self.to_dict(), source)
-
-    def to_dict(self) -> dict:
-        """A TOML-serialisable dict (None values dropped, as TOML has no null)."""
-        def drop_none(d):
-            return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
-        return drop_none(asdict(self))
 
 
 DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "image-csv": 2}

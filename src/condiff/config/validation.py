@@ -1,5 +1,6 @@
-"""Validation of TOML tables into the schema's dataclasses: types, ranges, choices and the consistency
-of fields with each other, every error naming its field."""
+"""The experiment config (`ExperimentConfig`: the schema's sections together) and the validation of TOML
+tables into it: types, ranges, choices and the consistency of fields with each other, every error naming its
+field. Also a config's constraints in words (`describe_constraints`) and the shipped configs (`CONFIG_DIR`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import types
 import typing
 import unicodedata
 import warnings
-from dataclasses import fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from condiff.config.schema import (
@@ -22,12 +23,66 @@ from condiff.config.schema import (
     INT_LIMIT,
     REQUIRED_FIELDS,
     ConfigError,
+    ConstraintsConfig,
     DataConfig,
-    ExperimentConfig,
+    DiffusionConfig,
+    DualConfig,
+    EvaluateConfig,
+    FinetuneConfig,
     InfeasibleConstraints,
+    LatentConfig,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
     check_kl_feasibility,
     check_seed,
 )
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"    # the shipped configs (package data)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    output_dir: str = ""                        # default: runs/<name> (relative to the working directory)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    dual: DualConfig = field(default_factory=DualConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def validated(self, source: str = "config") -> "ExperimentConfig":
+        """A checked copy (as if loaded from TOML): one-line ConfigError naming the field otherwise."""
+        return config_from_dict(self.to_dict(), source)
+
+    def to_dict(self) -> dict:
+        """A TOML-serialisable dict (None values dropped, as TOML has no null)."""
+        def drop_none(d):
+            return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+        return drop_none(asdict(self))
+
+
+def describe_constraints(config: ExperimentConfig) -> str:
+    """A config's constraints in words, for reports: per class, what sets its multipliers (ConstraintsConfig's
+    `mode`); for fine-tuning, the start and the distance to the pretrained model."""
+    parts = []
+    cons = config.constraints
+    if cons.classes:
+        mode = next(f"{key.replace('_', ' ')} {getattr(cons, key)}" for key in ("gamma", "thresholds", "target_shares",
+                                                                             "kl_bounds") if getattr(cons, key) is not None)
+        parts.append(f"one constraint per class {cons.classes}, {mode}: {cons.mode} ({config.dual.estimator} estimator)")
+    if config.finetune.pretrained:
+        parts.append("starts from the pretrained model")
+    if config.finetune.threshold is not None:
+        parts.append(f"distance to the pretrained model <= {config.finetune.threshold:g} "
+                     f"(x_t: {config.finetune.inputs})")
+    return ", ".join(parts) or "unconstrained"
+
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -343,5 +398,5 @@ def read_config_table(path: str | Path, overrides: dict | None = None) -> dict:
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
     """Read and validate a TOML experiment config (optionally with nested overrides applied). The files
-    it names are checked where they are used (`condiff.experiments.build.check_inputs`)."""
+    it names are checked where they are used (`condiff.runs.build.check_inputs`)."""
     return config_from_dict(read_config_table(path, overrides), str(path))

@@ -6,7 +6,8 @@ the guided score and its divergence. With them the reverse ODE (DDIM-like) and S
 run with exact scores, so the only errors left are the sampler's discretisation and Monte Carlo
 error. That is what makes the paper's claims checkable here: guidance (i) raises the classification
 confidence and (ii) lowers the differential entropy of the output, and (iii) a coarse discretisation
-with strong guidance can split the centre component of three collinear ones into two clusters.
+with strong guidance can split the centre component of three collinear ones into two clusters. The guidance
+lab (condiff.labs.guidance) measures them: the literature's reference table, the phase-shift example.
 
 Time is Ornstein-Uhlenbeck time t in [0, T]: dX = -X dt + sqrt(2) dB, a_t = exp(-t). This is the
 variance-preserving process of `condiff.gmm.GaussianMixture` with alpha_bar = a_t^2, so every
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -326,125 +327,3 @@ def knn_entropy(samples: torch.Tensor, k: int = 3) -> float:
 def mean_confidence(mixture: GaussianMixture, samples: torch.Tensor, y: int) -> float:
     """E[p_0(y | Y)]: the clean mixture's posterior of the target class, averaged over the samples."""
     return mixture.log_posterior(samples).exp()[:, y].mean().item()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Phase shift: three collinear components, the centre one as target
-# ----------------------------------------------------------------------------------------------------
-
-def collinear_mixture(m: float, dim: int = 2, std: float = 1.0) -> GaussianMixture:
-    """Three equally weighted components at -m e_1, 0, +m e_1; component 1 (the centre) is the target."""
-    means = torch.zeros(3, dim, dtype=torch.float64)
-    means[0, 0], means[2, 0] = -m, m
-    return GaussianMixture.from_lists(means, std=std)
-
-
-def centre_dip_ratio(samples: torch.Tensor, centre: float = 0.0, axis: int = 0, grid_points: int = 401) -> float:
-    """Density of coordinate `axis` at `centre` divided by its highest density (Gaussian kernel density
-    estimate with Silverman's bandwidth): 1 when the mode is at the centre, well below 1 when the mass
-    sits in clusters on either side of it.
-
-    Why this statistic: it needs no guess of where the clusters are, a unimodal distribution gives
-    ~1 whatever its width, and Silverman's bandwidth (tuned for a Gaussian) oversmooths two clusters,
-    so it errs towards "not split"."""
-    z = samples[:, axis].to(torch.float64)
-    n = len(z)
-    iqr = (torch.quantile(z, 0.75) - torch.quantile(z, 0.25)).item()
-    spread = min(z.std().item(), iqr / 1.349) if iqr > 0 else z.std().item()
-    bandwidth = 0.9 * spread * n ** -0.2
-    lo, hi = torch.quantile(z, 0.001).item(), torch.quantile(z, 0.999).item()
-    grid = torch.linspace(min(lo, centre), max(hi, centre), grid_points, dtype=torch.float64)
-    grid = torch.cat([grid, torch.tensor([centre], dtype=torch.float64)])
-    # Unnormalised: the ratio does not need the constant. Chunked over the grid to bound memory.
-    density = torch.cat([torch.exp(-0.5 * ((g.unsqueeze(1) - z.unsqueeze(0)) / bandwidth) ** 2).sum(1)
-                         for g in grid.split(64)])
-    return (density[-1] / density.max()).item()
-
-
-SPLIT_THRESHOLD = 0.5
-
-
-def is_split(samples: torch.Tensor, centre: float = 0.0, axis: int = 0, threshold: float = SPLIT_THRESHOLD) -> bool:
-    """Whether the samples form two clusters around `centre`: the centre density is below `threshold`
-    times the peak density (`centre_dip_ratio`)."""
-    return centre_dip_ratio(samples, centre, axis) < threshold
-
-
-@dataclass(frozen=True)
-class PhaseShiftExample:
-    """A configuration where the discretised, strongly guided sampler splits the centre component."""
-    m: float             # the components sit at -m e_1, 0, +m e_1 (s = 1); the target is the centre
-    eta: float
-    T: float
-    method: str
-    few_steps: int       # split: centre_dip_ratio well below SPLIT_THRESHOLD
-    many_steps: int      # not split: centre_dip_ratio near 1
-    start: str = "exact"
-
-
-# Found by a scan (2,000-3,000 samples, seeds 0-3, T = 8, exact start, s = 1) of m in {1, 1.5, 2, 2.5, 3,
-# 4}, eta in {1, 2, 4, 8, 16}, steps in {2, 5, 10, 20, 30, 40, 50, 80, 100, 200, 320, 400} and all six
-# methods. The ODE methods (Euler, exponential, DDIM) never split reliably (a dip ratio below 0.5 only
-# in isolated cells, e.g. DDIM m = 4, eta = 16 at 10-20 steps; their outputs mostly stay concentrated
-# at the centre). The stochastic ones (Euler-Maruyama, DDPM) split in a band of step counts once
-# eta m^2 is large. For DDPM with m = 3, eta = 8 the dip ratio was 0.33, 0.07, 0.10, 0.60,
-# 0.97, 0.99, 1.00 at 10, 20, 30, 50, 100, 200, 400 steps (within +-0.01 across seeds); at 20 steps the
-# first coordinate sits in two clusters near +-9 (beyond the side components; p_0(centre|Y) averages
-# 0.02), at 40 near +-4.7, and from 100 steps on it is one cluster at 0 (p_0(centre|Y) 0.97). With
-# m = 1 it never split, with m = 2 the dip only reached 0.34; eta = 0 at 20 steps gives 1.00.
-# Why: a guided step moves the first coordinate z by -c h eta a_t m (p_t(+|z) - p_t(-|z)) (c = 1 for the
-# ODE drift, 2 for the SDE's), an odd kick that overshoots the centre once h eta a_t^2 m^2 is large:
-# 0 becomes unstable and the noise-fed mass locks onto a period-2 orbit +-c with c ~ h eta m
-# (h eta m = 9.6 at 20 steps, 4.8 at 40: the observed +-9.3 and +-4.7).
-PHASE_SHIFT_EXAMPLE = PhaseShiftExample(m=3.0, eta=8.0, T=8.0, method="ddpm", few_steps=20, many_steps=200)
-
-
-def phase_shift_samples(example: PhaseShiftExample, steps: int, num_samples: int = 2000, *,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Guided samples of the centre class of `collinear_mixture(example.m)` with `steps` steps."""
-    return sample_guided(collinear_mixture(example.m), 1, example.eta, num_samples, T=example.T, steps=steps,
-                         method=example.method, start=example.start, generator=generator).samples
-
-
-# ----------------------------------------------------------------------------------------------------
-# The reference run (docs/guidance-reference.md)
-# ----------------------------------------------------------------------------------------------------
-
-class ReferenceRow(NamedTuple):
-    ode_confidence: float    # E[p_0(y | Y)], probability-flow ODE, Euler
-    ode_entropy: float       # nats, by the divergence identity
-    sde_confidence: float    # E[p_0(y | Y)], reverse SDE, Euler-Maruyama
-
-
-# Two components at +-(1, 0), equal weights, s = 1, target +(1, 0), T = 8, exact start, 2,000 Euler
-# steps, 20,000 samples (docs/guidance-reference.md). The variance orthogonal to the means stays 1.00.
-REFERENCE_TABLE: dict[float, ReferenceRow] = {
-    0.0: ReferenceRow(0.776, 2.838, 0.776),
-    1.0: ReferenceRow(0.920, 2.557, 0.894),
-    2.0: ReferenceRow(0.968, 2.390, 0.937),
-    4.0: ReferenceRow(0.991, 2.224, 0.966),
-    8.0: ReferenceRow(0.999, 2.094, 0.983),
-}
-REFERENCE_TARGET = 0
-REFERENCE_T = 8.0
-
-
-def reference_mixture() -> GaussianMixture:
-    """Components +(1, 0) (the target, index 0) and -(1, 0), equal weights, identity covariance."""
-    return GaussianMixture.from_lists([[1.0, 0.0], [-1.0, 0.0]])
-
-
-def reference_samples(etas: Sequence[float], num_samples: int = 20000, steps: int = 2000, *,
-                      generator: torch.Generator | None = None) -> tuple[list[GuidedSamples], list[GuidedSamples]]:
-    """ODE (Euler) and SDE (Euler-Maruyama) runs of the reference setting at every eta, noise shared
-    across etas; the ODE draws its noise from `generator` first, then the SDE."""
-    kwargs = dict(T=REFERENCE_T, steps=steps, start="exact", generator=generator)
-    ode = sample_guided_sweep(reference_mixture(), REFERENCE_TARGET, etas, num_samples, method="ode_euler", **kwargs)
-    sde = sample_guided_sweep(reference_mixture(), REFERENCE_TARGET, etas, num_samples, method="sde_euler", **kwargs)
-    return ode, sde
-
-
-def reference_row(ode: GuidedSamples, sde: GuidedSamples) -> ReferenceRow:
-    mixture = reference_mixture()
-    return ReferenceRow(mean_confidence(mixture, ode.samples, REFERENCE_TARGET), ode_output_entropy(ode),
-                        mean_confidence(mixture, sde.samples, REFERENCE_TARGET))

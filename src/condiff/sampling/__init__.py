@@ -1,3 +1,3 @@
 """Sampling: seeded, batch-size-invariant DDPM/DDIM generation through diffusers schedulers
-(`generate`), and guidance: classifier-free, classifier, and the noise-aware classifier it uses
-(`guidance`). Knows nothing of runs or training."""
+(`generate`), guidance: classifier-free and classifier (`guidance`), and the noise-aware classifier the
+latter follows, with its training (`noise_classifier`). Knows nothing of runs or training."""

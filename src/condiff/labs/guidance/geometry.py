@@ -13,7 +13,6 @@ import torch
 from matplotlib.colors import Normalize
 
 from condiff.gmm.guidance import (
-    REFERENCE_T,
     GuidedSamples,
     classifier_score,
     knn_entropy,
@@ -29,6 +28,7 @@ from condiff.labs.guidance.measures import (
     path_confidences,
     pathwise_monotone_fraction,
 )
+from condiff.labs.guidance.reference import REFERENCE_T
 from condiff.labs.guidance.settings import DRIFT_TIMES, KNN_NEIGHBOURS, LabSizes
 from condiff.labs.guidance.sweep import label_eta_axes
 from condiff.report import image_md, markdown_table, new_figure, save_figure

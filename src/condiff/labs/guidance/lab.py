@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from condiff.gmm.guidance import PHASE_SHIFT_EXAMPLE, reference_samples
 from condiff.labs.guidance.geometry import (
     GEOMETRIES,
     geometry_section,
@@ -33,12 +32,14 @@ from condiff.labs.guidance.geometry import (
     run_geometries,
 )
 from condiff.labs.guidance.phase_shift import (
+    PHASE_SHIFT_EXAMPLE,
     measure_phase_shift,
     phase_shift_section,
     plot_phase_shift_curve,
     plot_phase_shift_histograms,
     sample_phase_shift,
 )
+from condiff.labs.guidance.reference import reference_samples
 from condiff.labs.guidance.settings import (
     ETAS,
     FULL_SIZES,

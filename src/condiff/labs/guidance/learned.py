@@ -22,14 +22,13 @@ import torch
 from condiff.config import ExperimentConfig, config_from_dict
 from condiff.evaluation.classifier import features_and_labels
 from condiff.evaluation.metrics import frechet_distance
-from condiff.experiments.build import build_data, load_pipeline
-from condiff.experiments.build import evaluation_classifier
-from condiff.experiments.training import train_run
 from condiff.gmm.guidance import knn_entropy, mean_confidence
 from condiff.gmm.mixture import ExactNoisePredictor
 from condiff.labs.guidance.measures import is_non_decreasing, is_non_increasing
 from condiff.report import image_md, markdown_table, new_figure, save_figure, save_sample_grid
 from condiff.rundir import write_json_atomic
+from condiff.runs.build import build_data, evaluation_classifier, load_pipeline
+from condiff.runs.training import train_run
 from condiff.sampling.generate import generate, sampling_scheduler
 from condiff.sampling.guidance import ClassifierFreeGuidance
 

@@ -1,5 +1,6 @@
 """Part 3 of the exact guidance lab: the discretisation phase shift, strong guidance with few DDPM
-steps splitting the centre component into two clusters, against the number of steps."""
+steps splitting the centre component of three collinear ones into two clusters (`PHASE_SHIFT_EXAMPLE`, found
+by a scan), against the number of steps."""
 
 from __future__ import annotations
 
@@ -9,18 +10,79 @@ from pathlib import Path
 
 import torch
 
-from condiff.gmm.guidance import (
-    SPLIT_THRESHOLD,
-    GuidedSamples,
-    PhaseShiftExample,
-    centre_dip_ratio,
-    collinear_mixture,
-    mean_confidence,
-    sample_guided_sweep,
-)
+from condiff.gmm.guidance import GuidedSamples, mean_confidence, sample_guided, sample_guided_sweep
+from condiff.gmm.mixture import GaussianMixture
 from condiff.labs.guidance.measures import format_numbers
 from condiff.report import image_md, markdown_table, new_figure, save_figure
 from condiff.runtime import progress_bar
+
+
+def collinear_mixture(m: float, dim: int = 2, std: float = 1.0) -> GaussianMixture:
+    """Three equally weighted components at -m e_1, 0, +m e_1; component 1 (the centre) is the target."""
+    means = torch.zeros(3, dim, dtype=torch.float64)
+    means[0, 0], means[2, 0] = -m, m
+    return GaussianMixture.from_lists(means, std=std)
+
+
+def centre_dip_ratio(samples: torch.Tensor, centre: float = 0.0, axis: int = 0, grid_points: int = 401) -> float:
+    """Density of coordinate `axis` at `centre` divided by its highest density (Gaussian kernel density
+    estimate with Silverman's bandwidth): 1 when the mode is at the centre, well below 1 when the mass
+    sits in clusters on either side of it.
+
+    Why this statistic: it needs no guess of where the clusters are, a unimodal distribution gives
+    ~1 whatever its width, and Silverman's bandwidth (tuned for a Gaussian) oversmooths two clusters,
+    so it errs towards "not split"."""
+    z = samples[:, axis].to(torch.float64)
+    n = len(z)
+    iqr = (torch.quantile(z, 0.75) - torch.quantile(z, 0.25)).item()
+    spread = min(z.std().item(), iqr / 1.349) if iqr > 0 else z.std().item()
+    bandwidth = 0.9 * spread * n ** -0.2
+    lo, hi = torch.quantile(z, 0.001).item(), torch.quantile(z, 0.999).item()
+    grid = torch.linspace(min(lo, centre), max(hi, centre), grid_points, dtype=torch.float64)
+    grid = torch.cat([grid, torch.tensor([centre], dtype=torch.float64)])
+    # Unnormalised: the ratio does not need the constant. Chunked over the grid to bound memory.
+    density = torch.cat([torch.exp(-0.5 * ((g.unsqueeze(1) - z.unsqueeze(0)) / bandwidth) ** 2).sum(1)
+                         for g in grid.split(64)])
+    return (density[-1] / density.max()).item()
+
+
+SPLIT_THRESHOLD = 0.5   # a centre_dip_ratio below it: two clusters, the centre component split
+
+
+@dataclass(frozen=True)
+class PhaseShiftExample:
+    """A configuration where the discretised, strongly guided sampler splits the centre component."""
+    m: float             # the components sit at -m e_1, 0, +m e_1 (s = 1); the target is the centre
+    eta: float
+    T: float
+    method: str
+    few_steps: int       # split: centre_dip_ratio well below SPLIT_THRESHOLD
+    many_steps: int      # not split: centre_dip_ratio near 1
+    start: str = "exact"
+
+
+# Found by a scan (2,000-3,000 samples, seeds 0-3, T = 8, exact start, s = 1) of m in {1, 1.5, 2, 2.5, 3,
+# 4}, eta in {1, 2, 4, 8, 16}, steps in {2, 5, 10, 20, 30, 40, 50, 80, 100, 200, 320, 400} and all six
+# methods. The ODE methods (Euler, exponential, DDIM) never split reliably (a dip ratio below 0.5 only
+# in isolated cells, e.g. DDIM m = 4, eta = 16 at 10-20 steps; their outputs mostly stay concentrated
+# at the centre). The stochastic ones (Euler-Maruyama, DDPM) split in a band of step counts once
+# eta m^2 is large. For DDPM with m = 3, eta = 8 the dip ratio was 0.33, 0.07, 0.10, 0.60,
+# 0.97, 0.99, 1.00 at 10, 20, 30, 50, 100, 200, 400 steps (within +-0.01 across seeds); at 20 steps the
+# first coordinate sits in two clusters near +-9 (beyond the side components; p_0(centre|Y) averages
+# 0.02), at 40 near +-4.7, and from 100 steps on it is one cluster at 0 (p_0(centre|Y) 0.97). With
+# m = 1 it never split, with m = 2 the dip only reached 0.34; eta = 0 at 20 steps gives 1.00.
+# Why: a guided step moves the first coordinate z by -c h eta a_t m (p_t(+|z) - p_t(-|z)) (c = 1 for the
+# ODE drift, 2 for the SDE's), an odd kick that overshoots the centre once h eta a_t^2 m^2 is large:
+# 0 becomes unstable and the noise-fed mass locks onto a period-2 orbit +-c with c ~ h eta m
+# (h eta m = 9.6 at 20 steps, 4.8 at 40: the observed +-9.3 and +-4.7).
+PHASE_SHIFT_EXAMPLE = PhaseShiftExample(m=3.0, eta=8.0, T=8.0, method="ddpm", few_steps=20, many_steps=200)
+
+
+def phase_shift_samples(example: PhaseShiftExample, steps: int, num_samples: int = 2000, *,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Guided samples of the centre class of `collinear_mixture(example.m)` with `steps` steps."""
+    return sample_guided(collinear_mixture(example.m), 1, example.eta, num_samples, T=example.T, steps=steps,
+                         method=example.method, start=example.start, generator=generator).samples
 
 
 @dataclass

@@ -11,15 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from condiff.gmm.guidance import (
-    REFERENCE_TABLE,
-    REFERENCE_TARGET,
-    GuidedSamples,
-    gaussian_entropy,
-    knn_entropy,
-    ode_output_entropy,
-    reference_mixture,
-)
+from condiff.gmm.guidance import GuidedSamples, gaussian_entropy, knn_entropy, ode_output_entropy
 from condiff.labs.guidance.measures import (
     is_non_decreasing,
     is_non_increasing,
@@ -28,6 +20,7 @@ from condiff.labs.guidance.measures import (
     path_confidences,
     pathwise_monotone_fraction,
 )
+from condiff.labs.guidance.reference import REFERENCE_TABLE, REFERENCE_TARGET, reference_mixture
 from condiff.labs.guidance.settings import KNN_NEIGHBOURS, REFERENCE_TOLERANCE
 from condiff.report import image_md, markdown_table, new_figure, save_figure
 

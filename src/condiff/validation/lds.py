@@ -1,5 +1,5 @@
-"""The LDS validation end to end: models (condiff.experiments.counterfactual), methods and held-out choices
-(condiff.experiments.lds_methods), and per quantity the reported figures: every method's LDS with its two-way
+"""The LDS validation end to end: models (condiff.validation.counterfactual), methods and held-out choices
+(condiff.validation.methods), and per quantity the reported figures: every method's LDS with its two-way
 bootstrap interval, the paired difference of TRAK and the best baseline, the curves along the levers TRAK has
 (ensemble size, K, training length), and the ceiling training noise puts on any method."""
 
@@ -20,8 +20,10 @@ from condiff.attribution.validation import (
     retest_correlation,
 )
 from condiff.config import ExperimentConfig
-from condiff.experiments.build import ExperimentData, load_pipeline
-from condiff.experiments.counterfactual import (
+from condiff.rundir import RunDirectory, write_atomic
+from condiff.runs.build import ExperimentData, evaluation_classifier, load_pipeline
+from condiff.runtime import IndependentWorkers, progress_bar, resolve_device
+from condiff.validation.counterfactual import (
     Targets,
     ValidationModels,
     ValidationSettings,
@@ -29,8 +31,7 @@ from condiff.experiments.counterfactual import (
     measure_subsets,
     train_models,
 )
-from condiff.experiments.build import evaluation_classifier
-from condiff.experiments.lds_methods import (
+from condiff.validation.methods import (
     FINAL,
     TRAK,
     Candidate,
@@ -42,8 +43,6 @@ from condiff.experiments.lds_methods import (
     trak_candidates,
     trak_configs,
 )
-from condiff.rundir import RunDirectory, write_atomic
-from condiff.runtime import IndependentWorkers, progress_bar, resolve_device
 
 
 @dataclass

@@ -12,13 +12,12 @@ of its own seed and gives the left-out examples weight 0 (common random numbers)
 
 Quantities: `sample` (a generated sample's denoising loss averaged over a timestep grid x R noises,
 D-TRAK's) and `t=T` (the loss at step T of the sample's x0 prediction at T, re-noised R times:
-Journey-TRAK's step target). Methods are scored and chosen in `condiff.experiments.lds_methods`.
+Journey-TRAK's step target). Methods are scored and chosen in `condiff.validation.methods`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +28,8 @@ from condiff.attribution.features import denoising_losses, timestep_grid
 from condiff.attribution.projector import PROJECTORS
 from condiff.attribution.validation import random_subsets
 from condiff.config import ConfigError, ExperimentConfig
-from condiff.experiments.build import load_pipeline
-from condiff.experiments.training import train_run, training_subset
-from condiff.rundir import RunDirectoryError
+from condiff.runs.build import load_pipeline
+from condiff.runs.training import finish_run
 from condiff.runtime import IndependentWorkers, progress_bar
 from condiff.sampling.generate import SampleOutput, generate, sampling_scheduler
 
@@ -138,15 +136,7 @@ def retrain(config: ExperimentConfig, output: Path, keep: np.ndarray | None, cou
     config.train.seed += seed
     for name, value in (overrides or {}).items():
         setattr(config.train, name, value)
-    if (output / "summary.json").is_file():
-        subset = output / "train_subset.json"
-        recorded = json.loads(subset.read_text()) if subset.is_file() else None
-        if recorded != training_subset(keep, coupled, 0 if keep is None else len(keep)):
-            raise RunDirectoryError(f"{output}: trained on other examples than this validation asks for "
-                                    "(settings changed since); start it afresh (--overwrite)")
-        return output
-    resume = (output / "checkpoints" / "latest").is_file()
-    return train_run(config, resume=resume, overwrite=not resume, keep=keep, coupled=coupled)
+    return finish_run(config, keep=keep, coupled=coupled)
 
 
 @dataclass

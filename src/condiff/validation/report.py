@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from condiff.config import ExperimentConfig
-from condiff.experiments.counterfactual import SUBSET_SEED_OFFSET
-from condiff.experiments.lds_validation import LDSValidation, MethodResult, QuantityResult
-from condiff.experiments.removal import NOISE_FLOOR, Removal, RemovalEffect, compare_removals
 from condiff.report import image_md, markdown_table, new_figure, save_figure, write_report
 from condiff.rundir import write_json_atomic
+from condiff.validation.counterfactual import SUBSET_SEED_OFFSET
+from condiff.validation.lds import LDSValidation, MethodResult, QuantityResult
+from condiff.validation.removal import NOISE_FLOOR, Removal, RemovalEffect, compare_removals
 
 LDS_BAR = 0.25   # the bar for the `sample` quantity
 

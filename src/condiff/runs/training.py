@@ -1,4 +1,4 @@
-"""Training a run directory from a config, and opening it again.
+"""Training a run directory from a config; finishing one that a longer job left unfinished.
 
 `train_run(load_config("configs/digits-minority.toml"))` is what `condiff train` does. A run directory
 holds everything needed to sample and evaluate it later, from anywhere: its config (paths resolved), its
@@ -18,13 +18,21 @@ import numpy as np
 import tomli_w
 import torch
 from diffusers import DDPMPipeline
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from condiff.config import ConfigError, ExperimentConfig
-from condiff.data.datasets import LabelledDataset
 from condiff.data.latent import encode_dataset, save_autoencoder, train_autoencoder
-from condiff.experiments.build import (
+from condiff.evaluation.evaluation_data import save_evaluation_sets
+from condiff.rundir import (
+    RunDirectory,
+    RunDirectoryError,
+    check_output_directory,
+    create_output_directory,
+    read_metrics,
+    save_pretrained_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+from condiff.runs.build import (
     ExperimentData,
     build_constraints,
     build_data,
@@ -35,17 +43,6 @@ from condiff.experiments.build import (
     load_latent_autoencoder,
     load_run_config,
     pretrained_constraint,
-)
-from condiff.rundir import (
-    RunDirectory,
-    RunDirectoryError,
-    check_output_directory,
-    create_output_directory,
-    read_metrics,
-    save_pretrained_atomic,
-    write_atomic,
-    write_json_atomic,
-    write_text_atomic,
 )
 from condiff.training.checkpoint import load_checkpoint
 from condiff.training.dual import predicted_shares
@@ -64,8 +61,6 @@ def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
             out.append(f"{prefix}{key}")
     return out
 
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"    # the shipped configs (package data)
 
 TRACKERS = "trackers"    # RUN/trackers: accelerate's tracker logs when train.log_with is set
 
@@ -121,31 +116,10 @@ def check_resume_inputs(run: RunDirectory, model: torch.nn.Module, num_processes
 
 def save_evaluation_data(run: RunDirectory, data: ExperimentData) -> None:
     """Keep the sets evaluation compares with inside the run, so that it evaluates without the data."""
-    if data.mixture is not None:   # a Gaussian mixture is rebuilt from the config itself
-        return
-    sets = {"reference": data.reference, "classifier_train": data.classifier_train, "held_out": data.held_out}
-    tensors = {f"{name}.{part}": getattr(dataset, part).contiguous() for name, dataset in sets.items()
-               for part in ("data", "labels")}
-    metadata = {"num_classes": str(data.reference.num_classes),
-                **{f"{name}.name": dataset.name for name, dataset in sets.items()}}
-    write_atomic(run.evaluation_data, lambda p: save_file(tensors, p, metadata=metadata))
-
-
-def load_evaluation_data(config: ExperimentConfig, run_dir: Path) -> ExperimentData:
-    """What evaluation needs (reference, classifier sets, mixture): the run's own copy when it has one,
-    else the data rebuilt from the config (runs made before condiff kept a copy)."""
-    path = RunDirectory(run_dir).evaluation_data
-    if not path.is_file():
-        return build_data(config)
-    try:
-        with safe_open(path, framework="pt") as file:
-            metadata = file.metadata()
-            sets = {name: LabelledDataset(file.get_tensor(f"{name}.data"), file.get_tensor(f"{name}.labels"),
-                                          int(metadata["num_classes"]), metadata[f"{name}.name"])
-                    for name in ("reference", "classifier_train", "held_out")}
-    except (OSError, KeyError, ValueError, SafetensorError) as err:
-        raise RunDirectoryError(f"{path}: unreadable ({err})") from None
-    return ExperimentData(sets["reference"], sets["classifier_train"], sets["held_out"], sets["reference"], None)
+    if data.mixture is None:   # a Gaussian mixture is rebuilt from the config itself
+        save_evaluation_sets(run.evaluation_data, {"reference": data.reference,
+                                                   "classifier_train": data.classifier_train,
+                                                   "held_out": data.held_out})
 
 
 def with_seed_offset(config: ExperimentConfig, offset: int) -> ExperimentConfig:
@@ -226,6 +200,25 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
         write_json_atomic(run.summary_file, summary)
     accelerator.wait_for_everyone()
     return run.path
+
+
+def finish_run(config: ExperimentConfig, *, resume: bool = True, keep: np.ndarray | None = None,
+               coupled: bool = True, announce: bool = False) -> Path:
+    """The run of `config` brought to its end, for jobs of many runs that resume: a finished one (it has
+    RUN/summary.json) is kept, refused if it trained on other examples than `keep`; with `resume`, an
+    interrupted one continues from its latest checkpoint and one without any is trained afresh over what it
+    left. `announce` prints which of the two it does."""
+    run = RunDirectory(run_directory(config))
+    if run.summary_file.is_file():
+        recorded = run.read_json(run.train_subset) if run.train_subset.is_file() else None
+        if recorded != training_subset(keep, coupled, 0 if keep is None else len(keep)):
+            raise RunDirectoryError(f"{run.path}: trained on other examples than asked for (settings changed "
+                                    "since); start it afresh (--overwrite)")
+        return run.path
+    continuing = resume and (run.checkpoints / "latest").is_file()
+    if announce:
+        print(f"== {run.path.name}: {'resuming' if continuing else 'training'} ({config.train.steps} steps)")
+    return train_run(config, resume=continuing, overwrite=resume and not continuing, keep=keep, coupled=coupled)
 
 
 def training_subset(keep: np.ndarray | None, coupled: bool, num_train: int) -> dict | None:

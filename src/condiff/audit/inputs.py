@@ -1,4 +1,4 @@
-"""What `condiff attribute` attributes, for every kind of run condiff trains (condiff.experiments.attribution):
+"""What `condiff attribute` attributes, for every kind of run condiff trains (condiff.audit.attribute):
 
 - the training set as the run trained on it: its config's training set (for a fine-tuned run, the data it
   was fine-tuned on), encoded by the run's own autoencoder for a latent run (as training encodes it), only
@@ -22,29 +22,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from condiff.audit.results import flag
 from condiff.config import ConfigError, ExperimentConfig
 from condiff.data.latent import encode_dataset
-from condiff.experiments.build import (
-    ExperimentData,
-    build_data,
-    load_latent_autoencoder,
-    load_pipeline,
-    load_run_config,
-)
-from condiff.experiments.sampling import model_provenance
-from condiff.experiments.training import differing_fields
 from condiff.models import null_class_label
 from condiff.rundir import RunDirectory, RunDirectoryError
+from condiff.runs.build import ExperimentData, build_data, load_latent_autoencoder, load_pipeline, load_run_config
+from condiff.runs.sampling import model_provenance
+from condiff.runs.training import differing_fields
 from condiff.sampling.generate import SampleOutput, generate, sampling_scheduler
 from condiff.training.checkpoint import MODEL_WEIGHTS
 
-FLAGS = {"num_targets": "samples", "target_class": "class"}   # the command line's name where it differs
 COMPARED_SECTIONS = ("data", "model", "diffusion")   # what ensembled runs must share (besides the training set)
-
-
-def flag(name: str) -> str:
-    """The command-line option of an AttributionSettings field, as messages name it."""
-    return "--" + FLAGS.get(name, name).replace("_", "-")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""A target's journey over every sampling step (`condiff attribute`, condiff.experiments.attribution): when
+"""A target's journey over every sampling step (`condiff attribute`, condiff.audit.attribute): when
 does its class appear, and which training examples drive it then?
 
 Per target and visited DDIM step t: the posterior over classes of x0_hat(t) (condiff's evaluation
@@ -9,13 +9,13 @@ Scores are plotted in units of their step's spread over the training set (their 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib import colormaps
 
+from condiff.audit.results import TargetJourney
 from condiff.report import new_figure, save_figure
 
 JOURNEY_EXAMPLES = 3     # per attributed step and target: its top helpful examples are followed over every step
@@ -38,15 +38,6 @@ def data_limits(axes, points: np.ndarray) -> None:
     low, high = points.min(0), points.max(0)
     margin = 0.1 * (high - low)
     axes.set(xlim=(low[0] - margin[0], high[0] + margin[0]), ylim=(low[1] - margin[1], high[1] + margin[1]))
-
-
-@dataclass
-class TargetJourney:
-    timesteps: list[int]            # every step followed, from noisy to clean
-    posteriors: list[list[float]]   # per step: p(class | x0_hat(t)) (evaluation classifier; exact for mixtures)
-    examples: list[int]             # the training examples followed: the top helpful ones at each attributed step
-    scores: list[list[float]]       # per example, per step: its TRAK score
-    spread: list[float]             # per step: the standard deviation of the target's scores over the training set
 
 
 def journey_indices(num_steps: int, every: int, attributed: list[int]) -> list[int]:

@@ -14,20 +14,14 @@ from diffusers import DDPMPipeline
 
 from condiff.config import ConfigError, ExperimentConfig, check_seed
 from condiff.data.latent import decode_latents, encode_dataset
-from condiff.experiments.build import build_data, load_latent_autoencoder, load_pipeline, load_run_config
 from condiff.models import null_class_label
 from condiff.report import save_sample_grid
 from condiff.rundir import RunDirectory, RunDirectoryError, save_pretrained_atomic, write_json_atomic
+from condiff.runs.build import build_data, load_latent_autoencoder, load_pipeline, load_run_config
 from condiff.runtime import process_state, resolve_device
 from condiff.sampling.generate import SampleOutput, generate, sampling_scheduler
-from condiff.sampling.guidance import (
-    GUIDANCE_KINDS,
-    ClassifierFreeGuidance,
-    ClassifierGuidance,
-    NoiseAwareClassifier,
-    noisy_accuracy,
-    train_noise_aware_classifier,
-)
+from condiff.sampling.guidance import GUIDANCE_KINDS, ClassifierFreeGuidance, ClassifierGuidance
+from condiff.sampling.noise_classifier import NoiseAwareClassifier, noisy_accuracy, train_noise_aware_classifier
 
 # The arrays of a SampleOutput that have one entry per sample, and the axis it is on.
 PER_SAMPLE_AXIS = {"samples": 0, "x0_predictions": 1, "latents": 0}

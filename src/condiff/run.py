@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from diffusers import DDPMPipeline
 
+from condiff.audit.attribute import attribute_run
+from condiff.audit.results import AttributionResult, AttributionSettings
 from condiff.config import ExperimentConfig
-from condiff.experiments.attribution import AttributionResult, AttributionSettings, attribute_run
-from condiff.experiments.build import load_pipeline, load_run_config
-from condiff.experiments.evaluation import RunEvaluation, evaluate_run
-from condiff.experiments.sampling import sample_run
-from condiff.experiments.training import train_run
 from condiff.rundir import RunDirectory
+from condiff.runs.build import load_pipeline, load_run_config
+from condiff.runs.evaluation import RunEvaluation, evaluate_run
+from condiff.runs.sampling import sample_run
+from condiff.runs.training import train_run
 from condiff.sampling.generate import load_samples
 
 

@@ -24,11 +24,11 @@ import torch
 
 from condiff.attribution.validation import Interval
 from condiff.config import ExperimentConfig
-from condiff.experiments.build import load_pipeline
-from condiff.experiments.counterfactual import Targets, ValidationSettings, retrain
-from condiff.experiments.lds_methods import QuantityChoice
+from condiff.runs.build import load_pipeline
 from condiff.runtime import IndependentWorkers, progress_bar
 from condiff.sampling.generate import SampleOutput, generate, sampling_scheduler
+from condiff.validation.counterfactual import Targets, ValidationSettings, retrain
+from condiff.validation.methods import QuantityChoice
 
 NOISE_FLOOR = "second full model (noise floor)"
 

@@ -23,11 +23,12 @@ from condiff.attribution.projector import PROJECTORS
 from condiff.attribution.store import stored_train_features
 from condiff.attribution.trak import RidgePath
 from condiff.attribution.validation import lds_mean
+from condiff.audit.results import features_file
 from condiff.evaluation.classifier import extract_features
-from condiff.experiments.build import ExperimentData, load_pipeline
-from condiff.experiments.counterfactual import Targets, ValidationSettings
 from condiff.rundir import RunDirectory, create_output_directory
+from condiff.runs.build import ExperimentData, load_pipeline
 from condiff.training.checkpoint import MODEL_WEIGHTS
+from condiff.validation.counterfactual import Targets, ValidationSettings
 
 FINAL = "final"   # the weights that generated the targets (the EMA model when the run keeps one)
 TRAK = "TRAK"
@@ -111,9 +112,9 @@ class FeatureBank:
             if not folder.is_dir():
                 create_output_directory(folder, "attribution", resumable=True)
             # Named as `condiff attribute` names its features, so that it finds these.
-            grid = f"K{config.train_timesteps}" + ("" if config.at_step is None else f"-t{config.at_step}")
-            weights = "" if config.weights == FINAL else "-" + config.weights.replace("-", "")
-            path = folder / f"features-{config.output}-{grid}-k{config.dimension}-{self.settings.projection}{weights}.npy"
+            step = None if config.weights == FINAL else int(config.weights.removeprefix("step-"))
+            path = folder / features_file(config.output, config.train_timesteps, config.dimension,
+                                          self.settings.projection, at_step=config.at_step, checkpoint_step=step)
             self._train[key] = torch.from_numpy(stored_train_features(
                 self.featurizer(model, config.weights, config.output, config.dimension), self.data.train.data, path,
                 config.timesteps, seed=self.settings.seed, dimension=config.dimension,

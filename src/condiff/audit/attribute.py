@@ -3,157 +3,61 @@
 Targets are generated with their x0 predictions at every step (of a chosen class, for a class-conditional
 model) or read from a `condiff sample --record-x0` file; at each visited step t, a target's features are the
 gradients of the output function at its x0 prediction re-noised to t (R times), and every example of the
-run's training set (condiff.experiments.attribution_inputs: a fine-tuned run's own data, a latent run's
-latents, each example with its label for a class-conditional model) is scored by TRAK (condiff.attribution),
+run's training set (condiff.audit.inputs: a fine-tuned run's own data, a latent run's latents, each
+example with its label for a class-conditional model) is scored by TRAK (condiff.attribution),
 averaged over the final model, with `checkpoints` > 1 the newest saved checkpoints, and with `models` other
 runs of the same config (other seeds). Everything lands in RUN/attribution/:
-- `features-OUTPUT-K*-k*-PROJECTION[-runDIGEST][-stepSTEP].npy`: the training features of each model (another
-  run's by its weights' digest, a checkpoint by its step), memory-mapped and filled batch by batch; a killed
-  run resumes where it stopped (`resume=True`), `done-*.npy` marking the finished batches;
+- `features-OUTPUT-K*-k*-PROJECTION[-runDIGEST][-stepSTEP].npy` (condiff.audit.results.features_file): the
+  training features of each model (another run's by its weights' digest, a checkpoint by its step),
+  memory-mapped and filled batch by batch; a killed run resumes where it stopped (`resume=True`),
+  `done-*.npy` marking the finished batches;
 - `scores.npy`: (training examples x targets x chosen steps), memory-mapped;
 - `attribution.json`: the settings and, per chosen step and target, the top-K helpful and harmful examples
   and the scores summed over each class (and over the constraint set and the rest); per target, its journey
-  over every visited step (condiff.experiments.attribution_journey);
+  over every visited step (condiff.audit.journey);
 - `journey-TARGET.png`, `journey-steps-TARGET.png`, `classes.png` and `report.md`
-  (condiff.experiments.attribution_report).
+  (condiff.audit.report).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from condiff.attribution.features import OUTPUT_FUNCTIONS, GradientFeaturizer, timestep_grid
+from condiff.attribution.features import GradientFeaturizer, timestep_grid
 from condiff.attribution.projector import PROJECTORS
 from condiff.attribution.store import stored_train_features
 from condiff.attribution.trak import ensemble_scores
-from condiff.config import SEED_LIMIT, ConfigError, ExperimentConfig
-from condiff.data.latent import decode_latents
-from condiff.experiments.attribution_inputs import (
+from condiff.audit.inputs import (
     EnsembleModel,
     Targets,
     TrainingSet,
     draw_targets,
     ensemble_models,
-    flag,
     saved_targets,
     target_class,
     training_set,
 )
-from condiff.experiments.attribution_journey import (
+from condiff.audit.journey import class_posteriors, journey_indices, plot_journey_steps, target_journeys
+from condiff.audit.report import plot_class_shares, plot_journey, write_attribution_report
+from condiff.audit.results import (
+    AttributionResult,
+    AttributionSettings,
+    StepAttribution,
     TargetJourney,
-    class_posteriors,
-    journey_indices,
-    plot_journey_steps,
-    target_journeys,
+    features_file,
+    flag,
 )
-from condiff.experiments.attribution_report import plot_class_shares, plot_journey, write_attribution_report
-from condiff.experiments.build import load_latent_autoencoder, load_pipeline, load_run_config
-from condiff.experiments.build import evaluation_classifier
+from condiff.config import ConfigError, ExperimentConfig
+from condiff.data.latent import decode_latents
 from condiff.models import null_class_label, sample_shape_of
 from condiff.rundir import RunDirectory, create_output_directory, write_json_atomic
+from condiff.runs.build import evaluation_classifier, load_latent_autoencoder, load_pipeline, load_run_config
 from condiff.runtime import process_state, progress_bar, resolve_device
 from condiff.sampling.generate import SampleOutput
-
-# The defaults of AttributionSettings that a counterfactual validation chose, and which validation that was:
-# the one place to change them (report.md says which were overridden).
-VALIDATION = ("`condiff reproduce attribution-digits --scale cpu` (independent LDS on the generated samples, "
-              "every choice on 32 held-out targets: 0.280 [0.174, 0.368] with 4 models, +0.120 [0.016, 0.230] "
-              "over the gradient dot product)")
-VALIDATED = {"output": "loss", "train_timesteps": 100, "ridge": 1.0, "checkpoints": 1, "ensemble": 4}
-
-
-@dataclass
-class AttributionSettings:
-    output: str = VALIDATED["output"]           # dtrak (D-TRAK's ||eps||^2 / d) | loss (Journey-TRAK's)
-    steps: tuple[int, ...] = (900, 700, 500, 300, 100)   # sampling timesteps to attribute (nearest taken)
-    num_targets: int = 4                        # samples generated (or taken from samples_file) to be explained
-    seed: int = 0                               # of the targets and of every noise
-    top: int = 6                                # helpful and harmful examples shown per step
-    train_timesteps: int = VALIDATED["train_timesteps"]   # K: training-side timesteps, evenly spread
-    resamplings: int = 20                       # R: re-noisings of x0_hat(t) per target
-    projection: str = "sparse"                  # sparse | gaussian
-    dimension: int = 2048                       # k
-    ridge: float = VALIDATED["ridge"]           # c of lambda = c trace(Phi^T Phi) / k
-    sampling_steps: int = 50                    # DDIM steps of the targets
-    batch_size: int = 32
-    samples_file: str | None = None             # targets from a `condiff sample --record-x0` file instead
-    checkpoints: int = VALIDATED["checkpoints"]   # models averaged per run: its final one and newest checkpoints - 1
-    models: tuple[str, ...] = ()                # other runs of the same data and architecture (other seeds)
-                                                # whose scores are averaged in: the ensemble TRAK needs
-    target_class: int | None = None             # generate targets of this class (class-conditional models)
-    journey_every: int = 1                      # score every n-th visited step for the journeys (0: none)
-
-    @property
-    def ensemble(self) -> int:
-        """Independently trained runs averaged: the attributed one and `models`."""
-        return 1 + len(self.models)
-
-    def overridden(self) -> dict[str, tuple]:
-        """The validated settings given other values: name -> (value, validated value)."""
-        return {name: (getattr(self, name), value) for name, value in VALIDATED.items() if getattr(self, name) != value}
-
-    def validate(self) -> AttributionSettings:
-        checks = {"output": self.output in OUTPUT_FUNCTIONS, "projection": self.projection in PROJECTORS,
-                  "steps": bool(self.steps) and all(0 <= t < 1000 for t in self.steps),
-                  "target_class": self.target_class is None or self.target_class >= 0,
-                  "seed": 0 <= self.seed < SEED_LIMIT,
-                  "journey_every": self.journey_every >= 0}
-        checks.update({name: getattr(self, name) > 0 for name in (
-            "num_targets", "top", "train_timesteps", "resamplings", "dimension", "ridge", "sampling_steps",
-            "batch_size", "checkpoints")})
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"{flag(name)}: {getattr(self, name)!r} is not allowed")
-        return self
-
-
-@dataclass
-class StepAttribution:
-    timestep: int
-    helpful: list[list[int]] = field(default_factory=list)        # per target: top-K training indices
-    helpful_scores: list[list[float]] = field(default_factory=list)
-    harmful: list[list[int]] = field(default_factory=list)        # per target: bottom-K
-    harmful_scores: list[list[float]] = field(default_factory=list)
-    class_sums: list[list[float]] = field(default_factory=list)   # per target: per class, the summed scores
-    class_positive_shares: list[list[float]] = field(default_factory=list)   # per target: per class, its
-                                                                  # share of the target's positive scores
-    constraint_set: list[dict[str, float]] | None = None          # per target (constrained runs): sum,
-                                                                  # rest_sum, positive_share of the set
-
-
-@dataclass
-class AttributionResult:
-    settings: AttributionSettings
-    steps: list[StepAttribution]
-    target_classes: list[int] | None            # for Gaussian mixtures: each target's exact component
-    directory: Path
-    class_names: list[str]
-    training_class_shares: list[float]          # each class's share of the training set, to compare with
-    constraint_classes: list[int]               # the run's constrained classes (empty: unconstrained)
-    checkpoint_steps: list[int]                 # the checkpoints averaged with the final model
-    targets_provenance: dict | None             # how the targets of a samples file were drawn
-    training_set: str = ""                      # what the training set is (fine-tuning data, latents, subset...)
-    train_indices: list[int] | None = None      # a retrained subset: the training-set index of each scores.npy row
-    conditional: bool = False                   # a class-conditional model
-    target_class: int | None = None             # the class the targets were drawn as (None: unconditional)
-    ensemble: list[str] = field(default_factory=list)   # every model whose scores are averaged
-    validation: str = VALIDATION                # which validation chose the defaults
-    journeys: list[TargetJourney] = field(default_factory=list)   # per target: every step's posterior and scores
-    posterior_source: str = ""                  # what gives the journeys' posteriors over classes
-
-    def to_dict(self) -> dict:
-        values = asdict(self)
-        del values["directory"]
-        # Paths given from Python: JSON takes their text.
-        samples_file = self.settings.samples_file
-        values["settings"]["samples_file"] = None if samples_file is None else str(samples_file)
-        values["settings"]["models"] = [str(run) for run in self.settings.models]
-        return values
 
 
 def train_features(featurizer: GradientFeaturizer, data: torch.Tensor, settings: AttributionSettings,
@@ -163,9 +67,10 @@ def train_features(featurizer: GradientFeaturizer, data: torch.Tensor, settings:
     settings, `run_tag` for another run than the attributed one, and a checkpoint's step; unsuffixed for the
     final model); with `resume`, batches a killed run finished are kept. `class_labels`: each example's label,
     for a class-conditional model."""
+    name = features_file(settings.output, settings.train_timesteps, settings.dimension, settings.projection,
+                         run_tag=run_tag, checkpoint_step=checkpoint_step)
     suffix = run_tag + ("" if checkpoint_step is None else f"-step{checkpoint_step:07d}")
-    name = f"{settings.output}-K{settings.train_timesteps}-k{settings.dimension}-{settings.projection}{suffix}"
-    return stored_train_features(featurizer, data, folder / f"features-{name}.npy",
+    return stored_train_features(featurizer, data, folder / name,
                                  timestep_grid(settings.train_timesteps), seed=settings.seed,
                                  dimension=settings.dimension, batch_size=settings.batch_size,
                                  class_labels=class_labels, resume=resume, progress=progress,
@@ -251,7 +156,7 @@ def in_data_space(output: SampleOutput, autoencoder) -> SampleOutput:
 
 def journeys(config: ExperimentConfig, training: TrainingSet, shown: SampleOutput, scores: np.ndarray,
              indices: list[int], steps: list[StepAttribution], device) -> tuple[list[TargetJourney], str]:
-    """Per target, its journey over the visited steps `indices` (see condiff.experiments.attribution_journey),
+    """Per target, its journey over the visited steps `indices` (see condiff.audit.journey),
     and what gave the posteriors."""
     classifier, accuracy = evaluation_classifier(config, training.data, device)
     x0 = shown.x0_predictions[indices]
@@ -298,7 +203,7 @@ def attribute_run(run_dir: Path, settings: AttributionSettings | None = None, *,
                   progress: bool = True) -> AttributionResult | None:
     """Attribute each chosen step of `settings.num_targets` samples of the run (generated, of
     `settings.target_class` if given, or the first of `settings.samples_file`) to the run's training set (see
-    condiff.experiments.attribution_inputs for what that is for each kind of run), TRAK scores averaged over
+    condiff.audit.inputs for what that is for each kind of run), TRAK scores averaged over
     the run's and `settings.models`' final models and newest checkpoints; follows every target over its
     visited steps; writes RUN/attribution/ (see the module docstring). Bad input is refused before anything
     is written. Under torchrun every process featurizes its share of the training set and only the main one

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 
-from condiff.config import load_config
-from condiff.experiments.evaluation import class_share_rows, describe_multipliers, evaluate_run, plot_runs_side_by_side
-from condiff.experiments.reproduce import describe_constraints
-from condiff.experiments.training import CONFIG_DIR, train_run, with_seed_offset
+from condiff.config import CONFIG_DIR, describe_constraints, load_config
 from condiff.report import image_md, markdown_table, write_report
 from condiff.rundir import create_output_directory
+from condiff.runs.evaluation import class_share_rows, describe_multipliers, evaluate_run, plot_runs_side_by_side
+from condiff.runs.training import train_run, with_seed_offset
 from condiff.runtime import process_state
 
 DEMO_CONFIGS = {"unconstrained": "digits-minority-unconstrained.toml", "constrained": "digits-minority.toml"}

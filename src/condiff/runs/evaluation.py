@@ -18,23 +18,34 @@ from accelerate.utils import broadcast_object_list
 
 from condiff.config import ConfigError, ExperimentConfig
 from condiff.data.datasets import LabelledDataset, take_per_class
-from condiff.evaluation.classifier import features_and_labels, predict_labels
+from condiff.evaluation.classifier import features_and_labels
+from condiff.evaluation.evaluation_data import load_evaluation_sets
 from condiff.evaluation.inception import InceptionFIDUnavailable, check_inception_fid, inception_fid
 from condiff.evaluation.metrics import evaluate_samples, total_variation
-from condiff.experiments.build import (
+from condiff.models import sample_shape_of
+from condiff.report import image_md, markdown_table, plot_class_frequencies, plot_training_curves, write_report
+from condiff.rundir import RunDirectory, RunDirectoryError, read_metrics, write_json_atomic
+from condiff.runs.build import (
     ExperimentData,
+    build_data,
     evaluation_classifier,
     load_latent_autoencoder,
     load_pipeline,
     load_run_config,
 )
-from condiff.experiments.sampling import sample_run, sampling_settings
-from condiff.experiments.training import load_evaluation_data
-from condiff.models import sample_shape_of
-from condiff.report import image_md, markdown_table, plot_class_frequencies, plot_training_curves, write_report
-from condiff.rundir import RunDirectory, RunDirectoryError, read_metrics, write_json_atomic
+from condiff.runs.sampling import sample_run, sampling_settings
 from condiff.runtime import process_state, resolve_device
 from condiff.sampling.generate import load_samples
+
+
+def load_evaluation_data(config: ExperimentConfig, run_dir: Path) -> ExperimentData:
+    """What evaluation needs (reference, classifier sets, mixture): the run's own copy when it has one,
+    else the data rebuilt from the config (runs made before condiff kept a copy)."""
+    path = RunDirectory(run_dir).evaluation_data
+    if not path.is_file():
+        return build_data(config)
+    sets = load_evaluation_sets(path)
+    return ExperimentData(sets["reference"], sets["classifier_train"], sets["held_out"], sets["reference"], None)
 
 
 def describe_difference(found: dict, wanted: dict) -> str:

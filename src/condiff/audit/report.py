@@ -1,20 +1,17 @@
-"""The figures and report.md of `condiff attribute` (condiff.experiments.attribution): one journey per
+"""The figures and report.md of `condiff attribute` (condiff.audit.attribute): one journey per
 target, the classes the positive scores come from, and the tables."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from condiff.experiments.attribution_journey import JOURNEY_EXAMPLES, data_limits, show_image
+from condiff.audit.journey import JOURNEY_EXAMPLES, data_limits, show_image
+from condiff.audit.results import AttributionResult
 from condiff.report import image_md, markdown_table, new_figure, save_figure, write_report
-
-if TYPE_CHECKING:
-    from condiff.experiments.attribution import AttributionResult
-    from condiff.sampling.generate import SampleOutput
+from condiff.sampling.generate import SampleOutput
 
 
 def plot_journey(result: AttributionResult, target: int, train: torch.Tensor, targets: SampleOutput,

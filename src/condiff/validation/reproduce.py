@@ -1,6 +1,6 @@
 """`condiff reproduce attribution-digits`: is attribution right? The independent counterfactual validation
-(condiff.experiments.lds_validation) of configs/digits-attribution.toml, the per-step removal test
-(condiff.experiments.removal) and journeys of the attributed model, in one report.
+(condiff.validation.lds) of configs/digits-attribution.toml, the per-step removal test
+(condiff.validation.removal) and journeys of the attributed model, in one report.
 
 `--scale cpu` took 1 h 0 min on two cores with two workers
 (`ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m condiff reproduce attribution-digits`,
@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from condiff.config import ExperimentConfig, load_config
-from condiff.experiments.attribution import AttributionSettings, attribute_run
-from condiff.experiments.attribution_validation_report import write_validation_report
-from condiff.experiments.build import build_data
-from condiff.experiments.counterfactual import ValidationSettings
-from condiff.experiments.lds_validation import linear_datamodeling_scores
-from condiff.experiments.removal import Removal, removal_effects, removal_plan, train_removals
-from condiff.experiments.training import CONFIG_DIR
-from condiff.rundir import RunDirectoryError, create_output_directory, is_condiff_directory, write_json_atomic
+from condiff.audit.attribute import attribute_run
+from condiff.audit.results import AttributionSettings
+from condiff.config import CONFIG_DIR, ExperimentConfig, load_config
+from condiff.rundir import RunDirectoryError, create_or_resume_directory, write_json_atomic
+from condiff.runs.build import build_data
 from condiff.runtime import independent_workers, resolve_device
+from condiff.validation.counterfactual import ValidationSettings
+from condiff.validation.lds import linear_datamodeling_scores
+from condiff.validation.removal import Removal, removal_effects, removal_plan, train_removals
+from condiff.validation.report import write_validation_report
 
 SCALES = {
     "cpu": ({}, ValidationSettings()),
@@ -58,11 +58,7 @@ def reproduce_attribution(output: Path, *, scale: str = "cpu", overwrite: bool =
     config = config or load_config(CONFIG_DIR / "digits-attribution.toml", overrides)
     data = build_data(config)
     settings.check(len(data.train))
-    output = Path(output)
-    if resume and not is_condiff_directory(output):
-        raise RunDirectoryError(f"{output}: nothing to resume (not a directory condiff created)")
-    if workers.is_main and not resume:
-        create_output_directory(output, "reproduce", overwrite=overwrite, resumable=True)
+    output = create_or_resume_directory(output, "reproduce", resume=resume, overwrite=overwrite, create=workers.is_main)
     workers.barrier("created")   # nobody writes into the output before the main worker has made it
     device = resolve_device(device)
     validation = linear_datamodeling_scores(config, data, output, settings, workers, device=device, progress=progress)

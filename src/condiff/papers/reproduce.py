@@ -24,16 +24,15 @@ from statistics import fmean
 import numpy as np
 import torch
 
-from condiff.config import ConstraintsConfig, ExperimentConfig, load_config
-from condiff.experiments.evaluation import RunEvaluation, describe_multipliers, evaluate_run, plot_runs_side_by_side
-from condiff.experiments.training import CONFIG_DIR, train_run, with_seed_offset
+from condiff.config import CONFIG_DIR, ConstraintsConfig, ExperimentConfig, describe_constraints, load_config
 from condiff.report import image_md, markdown_table, write_report
-from condiff.rundir import (RunDirectoryError, create_output_directory, is_condiff_directory, read_metrics,
-                            write_json_atomic)
+from condiff.rundir import RunDirectoryError, create_or_resume_directory, read_metrics, write_json_atomic
+from condiff.runs.evaluation import RunEvaluation, describe_multipliers, evaluate_run, plot_runs_side_by_side
+from condiff.runs.training import finish_run, with_seed_offset
 from condiff.runtime import process_state
 
 SCALES = {"cpu": CONFIG_DIR, "paper": CONFIG_DIR / "paper"}
-# Attribution validated by retraining (condiff.experiments.attribution_reproduce), with its own scales.
+# Attribution validated by retraining (condiff.validation.reproduce), with its own scales.
 ATTRIBUTION_EXPERIMENTS = ("attribution-digits",)
 
 
@@ -113,11 +112,7 @@ def variant_config(variant: str, config: ExperimentConfig, output: Path) -> Expe
 
 def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> RunEvaluation:
     """Train (or continue, or keep a finished) run, then evaluate it unless already evaluated."""
-    run_dir = Path(config.output_dir)
-    if not (run_dir / "summary.json").is_file():
-        continuing = resume and (run_dir / "checkpoints" / "latest").is_file()
-        print(f"== {run_dir.name}: {'resuming' if continuing else 'training'} ({config.train.steps} steps)")
-        train_run(config, resume=continuing, overwrite=resume and not continuing)
+    run_dir = finish_run(config, resume=resume, announce=True)
     evaluation = run_dir / "evaluation.json"
     if resume and evaluation.is_file():
         return RunEvaluation.from_dict(json.loads(evaluation.read_text()))
@@ -135,7 +130,7 @@ def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = 
     if name in ATTRIBUTION_EXPERIMENTS:
         if seed:
             raise RunDirectoryError(f"--seed: {name} draws its own seeds (disjoint seed ranges); leave it out")
-        from condiff.experiments.attribution_reproduce import reproduce_attribution
+        from condiff.validation.reproduce import reproduce_attribution
 
         return reproduce_attribution(output, scale=scale, overwrite=overwrite, resume=resume, coupled=coupled,
                                      device=device, progress=progress)
@@ -147,11 +142,7 @@ def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = 
     if scale not in EXPERIMENTS[name].scales:
         raise RunDirectoryError(f"--scale {scale}: {name} has the scales {', '.join(EXPERIMENTS[name].scales)}")
     experiment, config_dir = EXPERIMENTS[name], SCALES[scale]
-    output = Path(output)
-    if not resume:
-        create_output_directory(output, "reproduce", overwrite=overwrite, resumable=True)
-    elif not is_condiff_directory(output):
-        raise RunDirectoryError(f"{output}: nothing to resume (not a directory condiff created)")
+    output = create_or_resume_directory(output, "reproduce", resume=resume, overwrite=overwrite)
 
     configs: dict[str, ExperimentConfig] = {}
     results: dict[str, RunEvaluation] = {}
@@ -259,17 +250,3 @@ def write_reproduction_report(experiment: Experiment, scale: str, output: Path, 
         ("Training curves", image_md("training_curves.png", "losses and multipliers")),
     ])
 
-
-def describe_constraints(config: ExperimentConfig) -> str:
-    parts = []
-    cons = config.constraints
-    if cons.classes:
-        mode = next(f"{key.replace('_', ' ')} {getattr(cons, key)}" for key in ("gamma", "thresholds", "target_shares",
-                                                                             "kl_bounds") if getattr(cons, key) is not None)
-        parts.append(f"one constraint per class {cons.classes}, {mode}: {cons.mode} ({config.dual.estimator} estimator)")
-    if config.finetune.pretrained:
-        parts.append("starts from the pretrained model")
-    if config.finetune.threshold is not None:
-        parts.append(f"distance to the pretrained model <= {config.finetune.threshold:g} "
-                     f"(x_t: {config.finetune.inputs})")
-    return ", ".join(parts) or "unconstrained"
