@@ -38,7 +38,7 @@ from condiff.attribution.features import GradientFeaturizer, timestep_grid
 from condiff.attribution.projector import SparseProjector
 from condiff.attribution.store import stored_train_features
 from condiff.config import TrainConfig, config_from_dict
-from condiff.runs.build import build_noise_scheduler
+from condiff.lifecycle.build import build_noise_scheduler
 from condiff.models import build_model
 from condiff.runtime import end_processes, process_state, resolve_device
 
@@ -141,7 +141,7 @@ def in_processes(args) -> None:
 def end_to_end(args) -> None:
     from condiff.audit.attribute import attribute_run
     from condiff.audit.results import AttributionSettings
-    from condiff.runs.training import train_run
+    from condiff.lifecycle.training import train_run
 
     config = config_from_dict({
         "name": "digits-all", "output_dir": str(Path(args.output) / "run"),

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 from condiff.config import CONFIG_DIR, load_config
-from condiff.runs.build import MissingData, build_data, evaluation_classifier
-from condiff.runs.training import train_run
+from condiff.lifecycle.build import MissingData, build_data, evaluation_classifier
+from condiff.lifecycle.training import train_run
 
 CONFIGS = ["digits-minority", "mnist-minority", "fashion-minority"]
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from condiff.config import DualConfig, ExperimentConfig, TrainConfig
 from condiff.data.datasets import load_digits_dataset
-from condiff.runs.build import build_noise_scheduler
+from condiff.lifecycle.build import build_noise_scheduler
 from condiff.models import build_model
 from condiff.training.dual import DualState
 from condiff.training.estimators import MixtureEstimator, StratifiedEstimator

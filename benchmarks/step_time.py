@@ -51,7 +51,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 import condiff.training.loop as condiff_train
 from condiff.config import DualConfig, ExperimentConfig, TrainConfig
 from condiff.data.datasets import LabelledDataset, load_digits_dataset
-from condiff.runs.build import build_noise_scheduler
+from condiff.lifecycle.build import build_noise_scheduler
 from condiff.models import UNET_PRESETS, build_model
 from condiff.runtime import resolve_device
 from condiff.sampling.generate import network_precision

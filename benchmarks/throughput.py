@@ -38,7 +38,7 @@ from diffusers import DDIMPipeline, DDIMScheduler
 
 import condiff.training.loop as condiff_train
 from condiff.config import DualConfig, load_config
-from condiff.runs.build import build_network, build_noise_scheduler
+from condiff.lifecycle.build import build_network, build_noise_scheduler
 from condiff.runtime import end_processes, process_state, resolve_device
 from condiff.sampling.generate import generate, sampling_scheduler
 from condiff.training.terms import DatasetTerm

@@ -8,7 +8,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from condiff.config import load_config
-from condiff.runs.training import train_run
+from condiff.lifecycle.training import train_run
 
 config_path, record_dir = sys.argv[1], Path(sys.argv[2])
 # Accelerator, not a bare PartialState: only Accelerator reads ACCELERATE_USE_CPU, and without it the

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "condiff"
 
 # Lowest first: a module may import from its own layer and the layers before it, never from a later one.
 # sampling sits below training: a fine-tuning constraint samples the pretrained model's own paths.
-# audit attributes a run the runs layer trained; run.py's Run attributes too, so it sits above audit.
+# audit attributes a run the lifecycle layer trained; run.py's Run attributes too, so it sits above audit.
 LAYERS = [
     ["condiff.config", "condiff.rundir", "condiff.journal", "condiff.runtime", "condiff.fit"],
     ["condiff.data"],
@@ -18,7 +18,7 @@ LAYERS = [
     ["condiff.sampling"],
     ["condiff.training"],
     ["condiff.evaluation", "condiff.report", "condiff.attribution"],
-    ["condiff.runs"],
+    ["condiff.lifecycle"],
     ["condiff.audit"],
     ["condiff.run"],
     ["condiff.validation"],
@@ -35,7 +35,7 @@ MODULE_ORDER = {
     "condiff.training": ["checkpoint", "metrics_log", "terms", "dual", "control", "estimators", "loop"],
     "condiff.evaluation": ["classifier", "metrics", "inception", "evaluation_data"],
     "condiff.attribution": ["per_example", "features", "store", "projector", "trak", "baselines", "validation"],
-    "condiff.runs": ["build", "training", "sampling", "evaluation"],
+    "condiff.lifecycle": ["build", "training", "sampling", "evaluation"],
     "condiff.audit": ["results", "journey", "inputs", "report", "attribute"],
     "condiff.validation": ["counterfactual", "methods", "lds", "removal", "report", "reproduce"],
     "condiff.papers": ["demo", "reproduce"],
@@ -65,8 +65,8 @@ def is_module(name: str) -> bool:
 
 
 def condiff_imports(path: Path) -> set[str]:
-    """Every condiff module `path` imports, at the top or inside a function (`from condiff.runs import
-    training` imports condiff.runs and condiff.runs.training)."""
+    """Every condiff module `path` imports, at the top or inside a function (`from condiff.lifecycle import
+    training` imports condiff.lifecycle and condiff.lifecycle.training)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("condiff"):
@@ -144,6 +144,6 @@ def test_imports_inside_a_subpackage_go_one_way(path):
 def test_the_package_check_would_catch_an_import_back(tmp_path):
     """The check itself can fail: the run builder importing the evaluation that builds on it is flagged."""
     bad = tmp_path / "bad.py"
-    bad.write_text("from condiff.runs.evaluation import evaluate_run\nfrom condiff.runs import sampling\n")
-    assert later_siblings("condiff.runs.build", condiff_imports(bad)) == ["condiff.runs.evaluation",
-                                                                          "condiff.runs.sampling"]
+    bad.write_text("from condiff.lifecycle.evaluation import evaluate_run\nfrom condiff.lifecycle import sampling\n")
+    assert later_siblings("condiff.lifecycle.build", condiff_imports(bad)) == ["condiff.lifecycle.evaluation",
+                                                                          "condiff.lifecycle.sampling"]

@@ -26,7 +26,7 @@ FEATURES = f"features-{AttributionSettings().output}-K4-k128-sparse"   # under t
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_config):
     """The constrained tiny run (class 2 the constraint set), EMA on: checkpoints at steps 10 and 20."""
-    from condiff.runs.training import train_run
+    from condiff.lifecycle.training import train_run
 
     return train_run(tiny_config(tmp_path_factory.mktemp("attribute") / "run", train={"steps": 20}))
 
@@ -34,7 +34,7 @@ def tiny_run(tmp_path_factory, tiny_config):
 @pytest.fixture(scope="module")
 def run_without_ema(tmp_path_factory, tiny_config):
     """EMA off: its last checkpoint (step 20) holds the final model's very weights."""
-    from condiff.runs.training import train_run
+    from condiff.lifecycle.training import train_run
 
     return train_run(tiny_config(tmp_path_factory.mktemp("attribute-plain") / "run",
                                  train={"steps": 20, "ema_decay": 0.0}))
@@ -49,7 +49,7 @@ def run_copy(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def recorded_samples(tiny_run):
     """RUN/samples.npz of 3 DDIM-50 samples (seed 0) with their x0 predictions at every step."""
-    from condiff.runs.sampling import sample_run
+    from condiff.lifecycle.sampling import sample_run
 
     return sample_run(tiny_run, num_samples=3, method="ddim", steps=50, seed=0, record_x0=True, progress=False)
 
@@ -123,7 +123,7 @@ def test_attribution_json_and_the_report_sum_the_scores_per_class_and_constraint
     result = attribute_run(tiny_run, AttributionSettings(**SMALL), overwrite=True, progress=False)
     folder = result.directory
     scores = np.load(folder / "scores.npy")
-    from condiff.runs.build import build_data, load_run_config
+    from condiff.lifecycle.build import build_data, load_run_config
 
     labels = build_data(load_run_config(tiny_run)).train.labels.numpy()
     saved = json.loads((folder / "attribution.json").read_text())
@@ -146,7 +146,7 @@ def test_attribution_json_and_the_report_sum_the_scores_per_class_and_constraint
 
 
 def test_an_unconstrained_run_has_class_sums_but_no_constraint_set(tmp_path, tiny_config):
-    from condiff.runs.training import train_run
+    from condiff.lifecycle.training import train_run
 
     run = train_run(tiny_config(tmp_path / "run", constraints=None, train={"steps": 10}))
     result = attribute_run(run, AttributionSettings(**SMALL), progress=False)
@@ -251,7 +251,7 @@ def test_image_journeys_show_x_t_only_when_the_targets_were_generated(noisy, dra
 def test_journeys_follow_every_step_with_the_exact_posterior_and_the_top_examples(tiny_run):
     """Per target: all 50 DDIM steps, the mixture's exact posterior of x0_hat(t) at each, and the scores of the
     union of the top 3 helpful examples at the attributed steps, equal to scores.npy there."""
-    from condiff.runs.build import build_data, load_pipeline, load_run_config
+    from condiff.lifecycle.build import build_data, load_pipeline, load_run_config
     from condiff.sampling.generate import generate, sampling_scheduler
 
     result = attribute_run(tiny_run, AttributionSettings(**SMALL), overwrite=True, progress=False)

@@ -18,8 +18,8 @@ from condiff.cli import main
 from condiff.config import config_from_dict
 from condiff.audit.attribute import attribute_run
 from condiff.audit.results import AttributionSettings
-from condiff.runs.build import build_data, load_pipeline, load_run_config
-from condiff.runs.training import train_run
+from condiff.lifecycle.build import build_data, load_pipeline, load_run_config
+from condiff.lifecycle.training import train_run
 from condiff.sampling.generate import generate, sampling_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,7 +96,7 @@ def test_a_conditional_run_takes_each_examples_label_and_the_targets_class(condi
 
 
 def test_a_samples_file_gives_the_class_its_samples_were_drawn_as(conditional_run, tmp_path, capsys):
-    from condiff.runs.sampling import sample_run
+    from condiff.lifecycle.sampling import sample_run
 
     path = sample_run(conditional_run, num_samples=2, method="ddim", steps=50, seed=0, record_x0=True, class_label=2,
                       progress=False)
@@ -163,7 +163,7 @@ def latent_run(tmp_path_factory):
 def test_a_latent_run_is_attributed_in_latent_space_and_pictured_decoded(latent_run, drawn):
     from condiff.data.latent import decode_latents, encode_dataset, load_autoencoder
     from condiff.audit.journey import class_posteriors
-    from condiff.runs.build import evaluation_classifier
+    from condiff.lifecycle.build import evaluation_classifier
 
     settings = AttributionSettings(**SMALL)
     result = attribute_run(latent_run, settings, progress=False)
@@ -239,7 +239,7 @@ def ensemble_runs(tmp_path_factory, tiny_config):
 def test_an_ensemble_averages_each_runs_own_trak_scores(ensemble_runs):
     """Two runs, each with its newest checkpoint: four models, each featurized into its own file (the
     other run's tagged by its weights' digest), the scores their plain mean."""
-    from condiff.runs.sampling import model_provenance
+    from condiff.lifecycle.sampling import model_provenance
 
     first, second = ensemble_runs["seed 0"], ensemble_runs["seed 1"]
     settings = AttributionSettings(**SMALL, models=(second,), checkpoints=2)

@@ -151,8 +151,8 @@ def test_per_example_gradients_equal_one_at_a_time_autograd(output, kind, shape,
 def mixture_attribution(tmp_path_factory, tiny_config):
     """A model of four equal Gaussian components, 40 samples with their x0 predictions at every DDIM step,
     and the D-TRAK features of its 400 training points (K = 10 timesteps)."""
-    from condiff.runs.build import build_data, load_pipeline
-    from condiff.runs.training import train_run
+    from condiff.lifecycle.build import build_data, load_pipeline
+    from condiff.lifecycle.training import train_run
     from condiff.sampling.generate import generate, sampling_scheduler
 
     config = tiny_config(tmp_path_factory.mktemp("attribution") / "run", constraints=None,
@@ -192,7 +192,7 @@ SMALL = dict(num_targets=3, steps=(900, 100), top=4, train_timesteps=4, resampli
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_config):
-    from condiff.runs.training import train_run
+    from condiff.lifecycle.training import train_run
 
     return train_run(tiny_config(tmp_path_factory.mktemp("attribute") / "run", train={"steps": 20}))
 

@@ -30,7 +30,7 @@ def torchrun(*arguments: str, processes: int = 2) -> None:
 
 def test_attribute_under_two_processes_writes_what_one_writes(tiny_config, tmp_path, one_torch_thread):
     from condiff.cli import main
-    from condiff.runs.training import train_run
+    from condiff.lifecycle.training import train_run
 
     run = train_run(tiny_config(tmp_path / "run", train={"steps": 20}))
     arguments = ["-m", "condiff", "attribute", str(run), "--samples", "2", "--steps", "500,100", "--output", "dtrak",

@@ -80,9 +80,9 @@ class Row:
         def refuse(*args, **kwargs):
             raise AssertionError("the demo started training instead of refusing its output")
         import condiff.papers.demo
-        import condiff.runs.training
+        import condiff.lifecycle.training
         self.monkeypatch.setattr(condiff.papers.demo, "train_run", refuse, raising=False)
-        self.monkeypatch.setattr(condiff.runs.training, "train_run", refuse)
+        self.monkeypatch.setattr(condiff.lifecycle.training, "train_run", refuse)
 
 
 # Each row: id -> setup. setup(row) writes what the row needs and returns (argv, names): the line
@@ -533,8 +533,8 @@ def library_calls():
     """Bad arguments of the library's own calls, behind the command line's checks: (call on a run, what the
     ConfigError must name)."""
     from condiff.audit.results import AttributionSettings
-    from condiff.runs.evaluation import evaluate_run
-    from condiff.runs.sampling import sample_run
+    from condiff.lifecycle.evaluation import evaluate_run
+    from condiff.lifecycle.sampling import sample_run
     return {
         "sample_run steps=5000": (lambda run: sample_run(run, steps=5000, progress=False), "steps 5000"),
         "sample_run steps=0": (lambda run: sample_run(run, steps=0, progress=False), "steps 0"),

@@ -14,10 +14,10 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-import condiff.runs.sampling as sampling
+import condiff.lifecycle.sampling as sampling
 from condiff.config import TrainConfig, config_from_dict
-from condiff.runs.build import load_pipeline
-from condiff.runs.training import train_run
+from condiff.lifecycle.build import load_pipeline
+from condiff.lifecycle.training import train_run
 from condiff.sampling.generate import generate, load_samples, network_precision, sampling_scheduler
 from condiff.training.loop import make_accelerator
 

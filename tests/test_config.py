@@ -69,7 +69,7 @@ def test_shipped_config_loads_and_validates(path, tmp_path):
 def test_shipped_config_builds_its_data_model_and_constraints(path, tmp_path):
     """Validation is not the last word: what train_run builds from the config must also succeed."""
     from condiff.data.latent import latent_shape
-    from condiff.runs.build import (
+    from condiff.lifecycle.build import (
         MissingData,
         build_constraints,
         build_data,

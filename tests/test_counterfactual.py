@@ -81,7 +81,7 @@ def test_baselines_score_like_trak():
 
 def test_train_run_on_a_subset_records_it_and_refuses_a_bad_mask(tiny_config, tmp_path):
     from condiff.config import ConfigError
-    from condiff.runs.training import train_run
+    from condiff.lifecycle.training import train_run
 
     config = tiny_config(tmp_path / "run", train={"steps": 5})
     keep = np.zeros(90, dtype=bool)
@@ -160,7 +160,7 @@ def test_independent_protocol_on_a_mixture_ranks_trak_above_random_and_no_choice
     chooses exactly the same configurations and ridges (and replacing the held-out ones does not)."""
     from condiff.attribution.validation import paired_difference
     from condiff.validation.reproduce import reproduce_attribution
-    from condiff.runs.build import build_data
+    from condiff.lifecycle.build import build_data
     from condiff.validation.counterfactual import ValidationSettings
     from condiff.validation.methods import RANDOM, FeatureBank
     from condiff.validation.lds import score_quantities

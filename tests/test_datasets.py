@@ -26,7 +26,7 @@ from condiff.data.datasets import (
     mnist_5k_path,
     resize_images,
 )
-from condiff.runs.build import check_inputs, dataset_num_classes
+from condiff.lifecycle.build import check_inputs, dataset_num_classes
 
 
 def write_idx(path, array: np.ndarray, compress: bool = False):
@@ -404,7 +404,7 @@ def test_number_of_classes_of_each_dataset(tmp_path, image_folder):
 
 
 def test_build_data_on_an_image_folder_splits_like_digits(tmp_path):
-    from condiff.runs.build import build_data
+    from condiff.lifecycle.build import build_data
 
     root = tmp_path / "shapes"
     for label, name in enumerate(["a", "b", "c"]):
@@ -428,7 +428,7 @@ def test_build_data_on_an_image_folder_splits_like_digits(tmp_path):
 
 
 def test_build_data_resizes_idx_images(tmp_path):
-    from condiff.runs.build import build_data
+    from condiff.lifecycle.build import build_data
 
     images = write_idx(tmp_path / "images", np.arange(40 * 28 * 28).reshape(40, 28, 28) % 256)
     labels = write_idx(tmp_path / "labels", np.arange(40) % 4)

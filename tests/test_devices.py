@@ -14,9 +14,9 @@ from accelerate import Accelerator, PartialState
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from condiff.config import config_from_dict
-from condiff.runs.evaluation import evaluate_run
-from condiff.runs.sampling import sample_run, train_noise_classifier_run
-from condiff.runs.training import train_autoencoder_for, train_run
+from condiff.lifecycle.evaluation import evaluate_run
+from condiff.lifecycle.sampling import sample_run, train_noise_classifier_run
+from condiff.lifecycle.training import train_autoencoder_for, train_run
 from condiff.models import build_model
 from condiff.sampling.generate import generate, sampling_scheduler
 
@@ -96,7 +96,7 @@ def test_the_accelerators_device_is_the_default_everywhere(digits_run, tmp_path,
 
 
 def learned_lab_sampling(config):
-    from condiff.runs.build import build_noise_scheduler
+    from condiff.lifecycle.build import build_noise_scheduler
     from condiff.labs.guidance.learned import guided_samples
 
     model = build_model("unet8", (1, 8, 8), block_out_channels=[8, 16], num_class_embeds=11)
@@ -104,7 +104,7 @@ def learned_lab_sampling(config):
 
 
 def test_generation_does_not_depend_on_batch_size_or_process_split():
-    from condiff.runs.build import build_noise_scheduler
+    from condiff.lifecycle.build import build_noise_scheduler
 
     torch.manual_seed(0)
     model = build_model("mlp", (2,), hidden=16, layers=1)

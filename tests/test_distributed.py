@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from condiff.runs.sampling import sample_run
+from condiff.lifecycle.sampling import sample_run
 from condiff.sampling.generate import generate, load_samples, sampling_scheduler
 
 pytestmark = pytest.mark.slow   # two torchrun processes

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from diffusers import DDPMPipeline
 
-from condiff.runs.training import train_run
+from condiff.lifecycle.training import train_run
 from condiff.rundir import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from condiff.cli import main
-from condiff.runs.training import train_run
+from condiff.lifecycle.training import train_run
 from condiff.training.loop import StopTraining
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

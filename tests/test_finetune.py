@@ -16,8 +16,8 @@ from diffusers import DDPMPipeline
 
 from condiff.config import ConfigError, config_from_dict
 from condiff.data.datasets import class_shares
-from condiff.runs.build import build_data, check_inputs
-from condiff.runs.training import train_run
+from condiff.lifecycle.build import build_data, check_inputs
+from condiff.lifecycle.training import train_run
 from condiff.models import build_model
 from condiff.sampling.generate import generate, sampling_scheduler
 from condiff.training.terms import PretrainedModelTerm, per_sample_loss

@@ -16,8 +16,8 @@ from diffusers import DDPMPipeline
 from condiff.config import config_from_dict
 from condiff.data.datasets import class_shares
 from condiff.evaluation.metrics import total_variation
-from condiff.runs.build import build_data
-from condiff.runs.training import train_run
+from condiff.lifecycle.build import build_data
+from condiff.lifecycle.training import train_run
 from condiff.sampling.generate import generate, sampling_scheduler
 
 pytestmark = pytest.mark.slow   # trains to Theorem 1's optimum

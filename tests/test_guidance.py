@@ -18,9 +18,9 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from condiff.cli import main
 from condiff.config import ConfigError, config_from_dict
 from condiff.data.datasets import class_shares, gaussian_mixture_dataset
-from condiff.runs.build import build_data
-from condiff.runs.build import evaluation_classifier
-from condiff.runs.training import train_run
+from condiff.lifecycle.build import build_data
+from condiff.lifecycle.build import evaluation_classifier
+from condiff.lifecycle.training import train_run
 from condiff.gmm.guidance import guided_score
 from condiff.gmm.mixture import ExactNoisePredictor, GaussianMixture
 from condiff.sampling.generate import generate, sampling_scheduler

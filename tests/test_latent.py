@@ -167,7 +167,7 @@ def saved_vae(vae, tmp_path_factory):
 def latent_config(tmp_path, autoencoder, **sections):
     """A latent config, validated and its autoencoder checked (as `load_config` does)."""
     from condiff.config import config_from_dict
-    from condiff.runs.build import check_inputs
+    from condiff.lifecycle.build import check_inputs
 
     table = {
         "name": "latent", "output_dir": str(tmp_path / "run"),
@@ -194,10 +194,10 @@ def test_latent_run_trains_on_latents_and_samples_decoded_images(saved_vae, vae,
 
     from condiff.evaluation.classifier import extract_features
     from condiff.evaluation.metrics import frechet_distance
-    from condiff.runs.build import build_data
-    from condiff.runs.build import evaluation_classifier
-    from condiff.runs.evaluation import evaluate_run
-    from condiff.runs.training import train_run
+    from condiff.lifecycle.build import build_data
+    from condiff.lifecycle.build import evaluation_classifier
+    from condiff.lifecycle.evaluation import evaluate_run
+    from condiff.lifecycle.training import train_run
 
     config = latent_config(tmp_path, saved_vae)
     run = train_run(config)
@@ -244,7 +244,7 @@ def test_latent_config_errors_name_the_field(saved_vae, tmp_path):
 
 def test_a_unet_preset_that_does_not_fit_the_latents_is_refused_before_anything_is_written(saved_vae, tmp_path):
     from condiff.config import ConfigError
-    from condiff.runs.training import train_run
+    from condiff.lifecycle.training import train_run
 
     config = latent_config(tmp_path, saved_vae, model={"kind": "unet8"})
     with pytest.raises(ConfigError, match=r"model\.kind: unet8 expects images of 8x8, not samples of shape \(4, 4, 4\)"):

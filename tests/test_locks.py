@@ -135,13 +135,13 @@ def interrupted_main(argv: list[str], module: str, name: str, monkeypatch, write
 
 def test_ctrl_c_before_anything_is_written_says_the_run_is_unchanged(run, monkeypatch, capsys, snapshot):
     before = snapshot(run)
-    assert interrupted_main(["sample", str(run)], "condiff.runs.sampling", "sample_run", monkeypatch) == 130
+    assert interrupted_main(["sample", str(run)], "condiff.lifecycle.sampling", "sample_run", monkeypatch) == 130
     assert one_line(capsys) == f"condiff: interrupted; {run} is unchanged"
     assert snapshot(run) == before
 
 
 def test_ctrl_c_of_a_checkpointed_training_says_how_to_resume(run, monkeypatch, capsys):
-    assert interrupted_main(["train", str(run), "--resume"], "condiff.runs.training", "train_run", monkeypatch,
+    assert interrupted_main(["train", str(run), "--resume"], "condiff.lifecycle.training", "train_run", monkeypatch,
                             write=lambda: (run / "metrics.jsonl").write_text("")) == 130
     assert one_line(capsys) == f"condiff: interrupted; resume with condiff train {run} --resume"
 
@@ -155,14 +155,14 @@ def test_ctrl_c_after_writes_puts_back_what_the_command_wrote(run, monkeypatch, 
         write_json_atomic(run / "evaluation.json", {"tv_to_uniform": 0.5})
     (run / "samples.npz").write_bytes(b"the user's samples")
     before = snapshot(run)
-    assert interrupted_main(["evaluate", str(run)], "condiff.runs.evaluation", "evaluate_run", monkeypatch,
+    assert interrupted_main(["evaluate", str(run)], "condiff.lifecycle.evaluation", "evaluate_run", monkeypatch,
                             write=write) == 130
     assert one_line(capsys) == f"condiff: interrupted; {run} is unchanged"
     assert snapshot(run) == before
 
 
 def test_ctrl_c_after_a_write_past_condiff_says_the_run_is_partly_written(run, monkeypatch, capsys):
-    assert interrupted_main(["evaluate", str(run)], "condiff.runs.evaluation", "evaluate_run", monkeypatch,
+    assert interrupted_main(["evaluate", str(run)], "condiff.lifecycle.evaluation", "evaluate_run", monkeypatch,
                             write=lambda: (run / "evaluation.json").write_text("{")) == 130
     assert one_line(capsys) == f"condiff: interrupted; {run} is partly written"
 
@@ -171,7 +171,7 @@ def test_an_os_error_is_one_line_naming_the_file_and_debug_adds_the_traceback(ru
     """A full disk while sampling: the file it was writing is named; the traceback only when asked for."""
     def disk_full(run, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run / "samples.npz"))
-    monkeypatch.setattr("condiff.runs.sampling.sample_run", disk_full)
+    monkeypatch.setattr("condiff.lifecycle.sampling.sample_run", disk_full)
     monkeypatch.delenv("CONDIFF_DEBUG", raising=False)
     assert main(["sample", str(run)]) == 2
     assert one_line(capsys) == f"condiff: error: {run / 'samples.npz'}: No space left on device"

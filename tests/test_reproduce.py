@@ -11,7 +11,7 @@ from condiff.cli import main
 from condiff.config import ExperimentConfig, load_config
 from condiff.papers.reproduce import EXPERIMENTS, SCALES, old_class_coverage, reproduce
 from condiff.rundir import RunDirectoryError, read_metrics
-from condiff.runs import training
+from condiff.lifecycle import training
 
 TINY = """
 name = "{name}"

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from condiff.config import ConfigError
-from condiff.runs.training import train_run
+from condiff.lifecycle.training import train_run
 from condiff.rundir import RunDirectoryError
 from condiff.training.loop import StopTraining
 
@@ -77,7 +77,7 @@ def test_an_unfinished_checkpoint_write_leaves_the_previous_one_in_use(tmp_path,
 def test_one_concatenated_pass_gives_each_constraint_its_own_loss(tiny_config):
     """The trainer sends data and constraint batches through the network together; each part's
     loss must equal the constraint's loss on its batch alone."""
-    from condiff.runs.build import build_constraints, build_data, build_noise_scheduler
+    from condiff.lifecycle.build import build_constraints, build_data, build_noise_scheduler
     from condiff.models import build_model
     from condiff.training.terms import DenoisingBatch, per_sample_loss
 

@@ -9,7 +9,7 @@ import pytest
 
 from condiff.cli import main
 from condiff.config import ExperimentConfig
-from condiff.runs.training import train_run
+from condiff.lifecycle.training import train_run
 from condiff.rundir import (
     MARKER,
     PROJECT_ROOT,

@@ -15,8 +15,8 @@ from scipy.stats import binomtest
 
 from condiff.config import ConfigError, config_from_dict
 from condiff.data.datasets import class_shares
-from condiff.runs.build import build_data
-from condiff.runs.training import train_run
+from condiff.lifecycle.build import build_data
+from condiff.lifecycle.training import train_run
 from condiff.sampling.generate import generate, sampling_scheduler
 from condiff.training.control import ShareController, wilson_interval
 from condiff.training.dual import multipliers_for_target_shares, predicted_shares

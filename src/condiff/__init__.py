@@ -20,7 +20,7 @@ _EXPORTS = {
                        "EvaluateConfig", "ExperimentConfig", "FinetuneConfig", "LatentConfig", "ModelConfig",
                        "SampleConfig", "TrainConfig", "load_config"],
     "condiff.run": ["Run", "Samples", "TrainingSummary", "train"],
-    "condiff.runs.evaluation": ["RunEvaluation"],
+    "condiff.lifecycle.evaluation": ["RunEvaluation"],
     "condiff.audit.results": ["AttributionResult", "AttributionSettings"],
     "condiff.papers.demo": ["run_demo"],
     "condiff.papers.reproduce": ["reproduce"],

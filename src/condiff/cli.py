@@ -1,4 +1,4 @@
-"""Command line: a thin layer over condiff.runs (train, sample, evaluate), condiff.audit (attribute),
+"""Command line: a thin layer over condiff.lifecycle (train, sample, evaluate), condiff.audit (attribute),
 condiff.papers (demo, reproduce) and condiff.labs (guidance-lab).
 
 Bad input (config, run directory, infeasible constraints) and what the system refuses (a file it cannot
@@ -70,7 +70,7 @@ def writing(folder: Path, *, create: bool = False, resume: str | None = None,
 
 def cmd_train(args) -> None:
     from condiff.config import load_config
-    from condiff.runs.training import run_directory, train_run
+    from condiff.lifecycle.training import run_directory, train_run
 
     overrides = dict(parse_override(s) for s in args.set)
     source = Path(args.config)
@@ -89,7 +89,7 @@ def cmd_train(args) -> None:
 
 def cmd_autoencoder(args) -> None:
     from condiff.config import config_from_dict, read_config_table
-    from condiff.runs.training import train_autoencoder_for
+    from condiff.lifecycle.training import train_autoencoder_for
 
     # The autoencoder is what this command makes: the config's [latent] section, which names it,
     # is set aside rather than checked for a folder that does not exist yet.
@@ -104,7 +104,7 @@ def cmd_autoencoder(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from condiff.runs.sampling import sample_run
+    from condiff.lifecycle.sampling import sample_run
 
     with writing(Path(args.run)):
         path = sample_run(Path(args.run), num_samples=args.num_samples, method=args.method, steps=args.steps,
@@ -115,7 +115,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_noise_classifier(args) -> None:
-    from condiff.runs.sampling import train_noise_classifier_run
+    from condiff.lifecycle.sampling import train_noise_classifier_run
 
     with writing(Path(args.run)):
         accuracy = train_noise_classifier_run(Path(args.run), steps=args.steps, overwrite=args.overwrite,
@@ -124,7 +124,7 @@ def cmd_noise_classifier(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from condiff.runs.evaluation import evaluate_run
+    from condiff.lifecycle.evaluation import evaluate_run
 
     with writing(Path(args.run)):
         result = evaluate_run(Path(args.run), num_samples=args.num_samples, device=args.device)

@@ -19,10 +19,10 @@ from condiff.audit.attribute import attribute_run
 from condiff.audit.results import AttributionResult, AttributionSettings
 from condiff.config import ExperimentConfig
 from condiff.rundir import RunDirectory
-from condiff.runs.build import load_pipeline, load_run_config
-from condiff.runs.evaluation import RunEvaluation, evaluate_run
-from condiff.runs.sampling import sample_run
-from condiff.runs.training import train_run
+from condiff.lifecycle.build import load_pipeline, load_run_config
+from condiff.lifecycle.evaluation import RunEvaluation, evaluate_run
+from condiff.lifecycle.sampling import sample_run
+from condiff.lifecycle.training import train_run
 from condiff.sampling.generate import load_samples
 
 

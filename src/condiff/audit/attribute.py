@@ -55,7 +55,7 @@ from condiff.config import ConfigError, ExperimentConfig
 from condiff.data.latent import decode_latents
 from condiff.models import null_class_label, sample_shape_of
 from condiff.rundir import RunDirectory, create_output_directory, write_json_atomic
-from condiff.runs.build import evaluation_classifier, load_latent_autoencoder, load_pipeline, load_run_config
+from condiff.lifecycle.build import evaluation_classifier, load_latent_autoencoder, load_pipeline, load_run_config
 from condiff.runtime import process_state, progress_bar, resolve_device
 from condiff.sampling.generate import SampleOutput
 

@@ -27,9 +27,9 @@ from condiff.config import ConfigError, ExperimentConfig
 from condiff.data.latent import encode_dataset
 from condiff.models import null_class_label
 from condiff.rundir import RunDirectory, RunDirectoryError
-from condiff.runs.build import ExperimentData, build_data, load_latent_autoencoder, load_pipeline, load_run_config
-from condiff.runs.sampling import model_provenance
-from condiff.runs.training import differing_fields
+from condiff.lifecycle.build import ExperimentData, build_data, load_latent_autoencoder, load_pipeline, load_run_config
+from condiff.lifecycle.sampling import model_provenance
+from condiff.lifecycle.training import differing_fields
 from condiff.sampling.generate import SampleOutput, generate, sampling_scheduler
 from condiff.training.checkpoint import MODEL_WEIGHTS
 

@@ -4,7 +4,7 @@ Every error names the offending field (`train.batch_size: must be positive, got 
 fix a config without reading a traceback; the CLI prints it on one line and exits with code 2.
 
 Validation checks values only, declared beside the fields, without touching a file, so a stored run's
-config always loads; the files a config names are checked where they are used (condiff.runs).
+config always loads; the files a config names are checked where they are used (condiff.lifecycle).
 Relative input paths in a config file are resolved against the file's folder (relative `--set` values
 against the working directory) and stored resolved; `output_dir` is relative to the working directory.
 """

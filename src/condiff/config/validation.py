@@ -398,5 +398,5 @@ def read_config_table(path: str | Path, overrides: dict | None = None) -> dict:
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
     """Read and validate a TOML experiment config (optionally with nested overrides applied). The files
-    it names are checked where they are used (`condiff.runs.build.check_inputs`)."""
+    it names are checked where they are used (`condiff.lifecycle.build.check_inputs`)."""
     return config_from_dict(read_config_table(path, overrides), str(path))

@@ -15,8 +15,8 @@ import torch
 from condiff.config import CONFIG_DIR, describe_constraints, load_config
 from condiff.report import image_md, markdown_table, write_report
 from condiff.rundir import create_output_directory
-from condiff.runs.evaluation import class_share_rows, describe_multipliers, evaluate_run, plot_runs_side_by_side
-from condiff.runs.training import train_run, with_seed_offset
+from condiff.lifecycle.evaluation import class_share_rows, describe_multipliers, evaluate_run, plot_runs_side_by_side
+from condiff.lifecycle.training import train_run, with_seed_offset
 from condiff.runtime import process_state
 
 DEMO_CONFIGS = {"unconstrained": "digits-minority-unconstrained.toml", "constrained": "digits-minority.toml"}

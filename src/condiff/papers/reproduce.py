@@ -27,8 +27,8 @@ import torch
 from condiff.config import CONFIG_DIR, ConstraintsConfig, ExperimentConfig, describe_constraints, load_config
 from condiff.report import image_md, markdown_table, write_report
 from condiff.rundir import RunDirectoryError, create_or_resume_directory, read_metrics, write_json_atomic
-from condiff.runs.evaluation import RunEvaluation, describe_multipliers, evaluate_run, plot_runs_side_by_side
-from condiff.runs.training import finish_run, with_seed_offset
+from condiff.lifecycle.evaluation import RunEvaluation, describe_multipliers, evaluate_run, plot_runs_side_by_side
+from condiff.lifecycle.training import finish_run, with_seed_offset
 from condiff.runtime import process_state
 
 SCALES = {"cpu": CONFIG_DIR, "paper": CONFIG_DIR / "paper"}

@@ -28,8 +28,8 @@ from condiff.attribution.features import denoising_losses, timestep_grid
 from condiff.attribution.projector import PROJECTORS
 from condiff.attribution.validation import random_subsets
 from condiff.config import ConfigError, ExperimentConfig
-from condiff.runs.build import load_pipeline
-from condiff.runs.training import finish_run
+from condiff.lifecycle.build import load_pipeline
+from condiff.lifecycle.training import finish_run
 from condiff.runtime import IndependentWorkers, progress_bar
 from condiff.sampling.generate import SampleOutput, generate, sampling_scheduler
 

@@ -21,7 +21,7 @@ from condiff.attribution.validation import (
 )
 from condiff.config import ExperimentConfig
 from condiff.rundir import RunDirectory, write_atomic
-from condiff.runs.build import ExperimentData, evaluation_classifier, load_pipeline
+from condiff.lifecycle.build import ExperimentData, evaluation_classifier, load_pipeline
 from condiff.runtime import IndependentWorkers, progress_bar, resolve_device
 from condiff.validation.counterfactual import (
     Targets,

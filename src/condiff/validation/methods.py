@@ -26,7 +26,7 @@ from condiff.attribution.validation import lds_mean
 from condiff.audit.results import features_file
 from condiff.evaluation.classifier import extract_features
 from condiff.rundir import RunDirectory, create_output_directory
-from condiff.runs.build import ExperimentData, load_pipeline
+from condiff.lifecycle.build import ExperimentData, load_pipeline
 from condiff.training.checkpoint import MODEL_WEIGHTS
 from condiff.validation.counterfactual import Targets, ValidationSettings
 

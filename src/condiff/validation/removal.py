@@ -24,7 +24,7 @@ import torch
 
 from condiff.attribution.validation import Interval
 from condiff.config import ExperimentConfig
-from condiff.runs.build import load_pipeline
+from condiff.lifecycle.build import load_pipeline
 from condiff.runtime import IndependentWorkers, progress_bar
 from condiff.sampling.generate import SampleOutput, generate, sampling_scheduler
 from condiff.validation.counterfactual import Targets, ValidationSettings, retrain

@@ -24,7 +24,7 @@ from condiff.audit.attribute import attribute_run
 from condiff.audit.results import AttributionSettings
 from condiff.config import CONFIG_DIR, ExperimentConfig, load_config
 from condiff.rundir import RunDirectoryError, create_or_resume_directory, write_json_atomic
-from condiff.runs.build import build_data
+from condiff.lifecycle.build import build_data
 from condiff.runtime import independent_workers, resolve_device
 from condiff.validation.counterfactual import ValidationSettings
 from condiff.validation.lds import linear_datamodeling_scores

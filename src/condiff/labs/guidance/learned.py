@@ -27,8 +27,8 @@ from condiff.gmm.mixture import ExactNoisePredictor
 from condiff.labs.guidance.measures import is_non_decreasing, is_non_increasing
 from condiff.report import image_md, markdown_table, new_figure, save_figure, save_sample_grid
 from condiff.rundir import write_json_atomic
-from condiff.runs.build import build_data, evaluation_classifier, load_pipeline
-from condiff.runs.training import train_run
+from condiff.lifecycle.build import build_data, evaluation_classifier, load_pipeline
+from condiff.lifecycle.training import train_run
 from condiff.sampling.generate import generate, sampling_scheduler
 from condiff.sampling.guidance import ClassifierFreeGuidance
 

@@ -32,7 +32,7 @@ from condiff.rundir import (
     write_json_atomic,
     write_text_atomic,
 )
-from condiff.runs.build import (
+from condiff.lifecycle.build import (
     ExperimentData,
     build_constraints,
     build_data,

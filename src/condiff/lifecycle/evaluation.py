@@ -25,7 +25,7 @@ from condiff.evaluation.metrics import evaluate_samples, total_variation
 from condiff.models import sample_shape_of
 from condiff.report import image_md, markdown_table, plot_class_frequencies, plot_training_curves, write_report
 from condiff.rundir import RunDirectory, RunDirectoryError, read_metrics, write_json_atomic
-from condiff.runs.build import (
+from condiff.lifecycle.build import (
     ExperimentData,
     build_data,
     evaluation_classifier,
@@ -33,7 +33,7 @@ from condiff.runs.build import (
     load_pipeline,
     load_run_config,
 )
-from condiff.runs.sampling import sample_run, sampling_settings
+from condiff.lifecycle.sampling import sample_run, sampling_settings
 from condiff.runtime import process_state, resolve_device
 from condiff.sampling.generate import load_samples
 

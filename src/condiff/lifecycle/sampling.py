@@ -17,7 +17,7 @@ from condiff.data.latent import decode_latents, encode_dataset
 from condiff.models import null_class_label
 from condiff.report import save_sample_grid
 from condiff.rundir import RunDirectory, RunDirectoryError, save_pretrained_atomic, write_json_atomic
-from condiff.runs.build import build_data, load_latent_autoencoder, load_pipeline, load_run_config
+from condiff.lifecycle.build import build_data, load_latent_autoencoder, load_pipeline, load_run_config
 from condiff.runtime import process_state, resolve_device
 from condiff.sampling.generate import SampleOutput, generate, sampling_scheduler
 from condiff.sampling.guidance import GUIDANCE_KINDS, ClassifierFreeGuidance, ClassifierGuidance
