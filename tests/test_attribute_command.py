@@ -188,7 +188,7 @@ def test_a_checkpoint_equal_to_the_final_model_is_not_counted(run_without_ema, t
     copy = shutil.copytree(run_without_ema, tmp_path / "run", ignore=shutil.ignore_patterns("attribution"))
     assert main(["attribute", str(copy), "--checkpoints", "3"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "--checkpoints 3" in error[0] and "1 checkpoint(s) besides the final model" in error[0]
+    assert len(error) == 1 and "--checkpoints: 3" in error[0] and "1 checkpoint(s) besides the final model" in error[0]
     assert not (copy / "attribution").exists()
 
 
@@ -220,7 +220,7 @@ def test_a_killed_ensemble_resumes_each_checkpoints_features(tiny_run, monkeypat
 
 def test_the_command_line_takes_a_samples_file_and_checkpoints(tiny_run, recorded_samples, capsys):
     assert main(["attribute", str(tiny_run), "--overwrite", "--samples", "2", "--samples-file", str(recorded_samples),
-                 "--checkpoints", "2", "--steps", "500", "--train-timesteps", "2", "--resamplings", "2",
+                 "--checkpoints", "2", "--timesteps", "500", "--train-timesteps", "2", "--resamplings", "2",
                  "--dimension", "64"]) == 0
     saved = json.loads((tiny_run / "attribution" / "attribution.json").read_text())
     assert saved["checkpoint_steps"] == [20] and saved["settings"]["samples_file"] == str(recorded_samples)

@@ -246,8 +246,35 @@ def test_featurization_resumes_after_a_kill(tiny_run, tmp_path, monkeypatch):
     np.testing.assert_array_equal(resumed, expected)
 
 
-def test_attribute_refuses_bad_steps_in_one_line(tiny_run, capsys):
+def test_attribute_refuses_bad_timesteps_in_one_line(tiny_run, capsys):
     from condiff.cli import main
 
+    assert main(["attribute", str(tiny_run), "--timesteps", "900,late"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "condiff: error: --timesteps: expected timesteps like 900,500,100, got '900,late'"]
+
+
+def test_attributes_old_flag_names_still_work_for_one_release_and_say_so(tiny_run, capsys):
+    from condiff.cli import build_parser, main
+
+    args = build_parser().parse_args(["attribute", "RUN", "--output", "dtrak", "--steps", "500,100"])
+    assert (args.output_function, args.timesteps) == ("dtrak", "500,100")
+    assert capsys.readouterr().err.splitlines() == [
+        "condiff: --output is deprecated, use --output-function (the old name goes in the next release)",
+        "condiff: --steps is deprecated, use --timesteps (the old name goes in the next release)"]
     assert main(["attribute", str(tiny_run), "--steps", "900,late"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("condiff: error: --steps:")
+    assert capsys.readouterr().err.splitlines()[-1].startswith("condiff: error: --timesteps:")
+
+
+def test_library_errors_name_arguments_and_the_command_line_its_flags(tiny_run, capsys):
+    """AttributionSettings speaks of its fields; `condiff attribute` of the flags those fields are."""
+    from condiff.audit.results import AttributionSettings
+    from condiff.cli import main
+    from condiff.config import ArgumentError
+
+    with pytest.raises(ArgumentError, match=r"^num_targets: 0 is not allowed$"):
+        AttributionSettings(num_targets=0).validate()
+    with pytest.raises(ArgumentError, match=r"^output: 'x' is not allowed$"):
+        AttributionSettings(output="x").validate()
+    assert main(["attribute", str(tiny_run), "--samples", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "condiff: error: --samples: 0 is not allowed"

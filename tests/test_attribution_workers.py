@@ -33,7 +33,7 @@ def test_attribute_under_two_processes_writes_what_one_writes(tiny_config, tmp_p
     from condiff.lifecycle.training import train_run
 
     run = train_run(tiny_config(tmp_path / "run", train={"steps": 20}))
-    arguments = ["-m", "condiff", "attribute", str(run), "--samples", "2", "--steps", "500,100", "--output", "dtrak",
+    arguments = ["-m", "condiff", "attribute", str(run), "--samples", "2", "--timesteps", "500,100", "--output-function", "dtrak",
                  "--train-timesteps", "3", "--dimension", "64", "--journey-every", "0"]
     assert main(arguments[2:]) == 0   # one process: this one
     one = {name: np.load(run / "attribution" / name) for name in ("scores.npy", "features-dtrak-K3-k64-sparse.npy")}

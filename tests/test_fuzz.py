@@ -183,8 +183,8 @@ FLAGS = {
                "--seed": SEED, "--batch-size": flag("1", "2"), "--record-x0": SWITCH, "--class": CLASS,
                "--guidance": flag("0", "1.5"), "--guidance-kind": choice("cfg", "classifier"), "--device": DEVICE},
     "evaluate": {"--num-samples": flag("4", "8"), "--device": DEVICE},
-    "attribute": {"--samples": flag("1", "2"), "--seed": SEED, "--steps": choice("500", "900,100", "999,0,-1", "1,a"),
-                  "--top": flag("1", "2"), "--output": choice("dtrak", "loss"), "--train-timesteps": flag("1", "2"),
+    "attribute": {"--samples": flag("1", "2"), "--seed": SEED, "--timesteps": choice("500", "900,100", "999,0,-1", "1,a"),
+                  "--top": flag("1", "2"), "--output-function": choice("dtrak", "loss"), "--train-timesteps": flag("1", "2"),
                   "--resamplings": flag("1", "2"), "--projection": choice("sparse", "gaussian"),
                   "--dimension": flag("4", "8"), "--ridge": flag("0.5", "1e-12", "1e12"), "--samples-file": PATH,
                   "--class": CLASS, "--checkpoints": flag("1", "2"), "--models": PATH,
@@ -192,7 +192,7 @@ FLAGS = {
                   "--device": DEVICE, "--resume": SWITCH, "--overwrite": SWITCH},
 }
 # Attribute at its smallest, so that a command that goes ahead is cheap (the generated flags may override it).
-CHEAP_ATTRIBUTE = ["--samples", "1", "--train-timesteps", "2", "--resamplings", "1", "--dimension", "8", "--steps",
+CHEAP_ATTRIBUTE = ["--samples", "1", "--train-timesteps", "2", "--resamplings", "1", "--dimension", "8", "--timesteps",
                    "500", "--journey-every", "0", "--top", "1"]
 
 

@@ -82,7 +82,7 @@ def test_a_tiny_runs_files_are_those_of_the_code_before_the_move(tmp_path, tiny_
     assert main(["train", config]) == 0
     assert main(["sample", str(run), "--num-samples", "16", "--seed", "3"]) == 0
     assert main(["evaluate", str(run)]) == 0
-    assert main(["attribute", str(run), "--samples", "2", "--steps", "2", "--train-timesteps", "4",
+    assert main(["attribute", str(run), "--samples", "2", "--timesteps", "2", "--train-timesteps", "4",
                  "--resamplings", "2", "--dimension", "64", "--top", "3", "--journey-every", "2"]) == 0
     outputs = digest(run)
     if os.environ.get("CONDIFF_REGENERATE"):

@@ -28,8 +28,11 @@ from condiff.rundir import RunDirectory, RunDirectoryError
 from condiff.runtime import close_progress_bars, end_processes, resolve_device
 from condiff.training.metrics_log import TrainingDiverged
 
-# The flag of each library argument whose flag is not its name with dashes (ArgumentError names arguments).
-FLAGS = {"class_label": "--class", "target_class": "--class", "num_targets": "--samples"}
+# Per command, the flag of each library argument whose flag is not its name with dashes (ArgumentError names
+# arguments): the library never speaks of flags.
+FLAGS = {"sample": {"class_label": "--class"}, "reproduce": {"name": "EXPERIMENT"},
+         "attribute": {"target_class": "--class", "num_targets": "--samples", "output": "--output-function",
+                       "steps": "--timesteps"}}
 DEVICE_HELP = "where models run, e.g. cuda, cuda:1, cpu (default: the accelerator's device, CUDA when present)"
 
 
@@ -139,8 +142,8 @@ def cmd_attribute(args) -> None:
     try:
         steps = tuple(int(t) for t in args.timesteps.split(","))
     except ValueError:
-        raise ConfigError(f"--steps: expected timesteps like 900,500,100, got {args.timesteps!r}") from None
-    settings = AttributionSettings(output=args.output, steps=steps, num_targets=args.samples, seed=args.seed,
+        raise ConfigError(f"--timesteps: expected timesteps like 900,500,100, got {args.timesteps!r}") from None
+    settings = AttributionSettings(output=args.output_function, steps=steps, num_targets=args.samples, seed=args.seed,
                                    top=args.top, train_timesteps=args.train_timesteps, resamplings=args.resamplings,
                                    projection=args.projection, dimension=args.dimension, ridge=args.ridge,
                                    samples_file=args.samples_file, checkpoints=args.checkpoints,
@@ -212,12 +215,7 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="condiff", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true",
-                        help="print the traceback of an error too (also: environment CONDIFF_DEBUG=1)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a (constrained) diffusion model from a TOML config")
     p.add_argument("config", help="experiment config, e.g. configs/digits-minority.toml; with --resume also a run "
                                   "directory (resumed from its own config, wherever it lies)")
@@ -229,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.steps=200 (repeatable)")
     p.set_defaults(func=cmd_train)
 
+
+def add_autoencoder(sub) -> None:
     p = sub.add_parser("autoencoder", help="train a small AutoencoderKL on a config's images, for latent diffusion")
     p.add_argument("config", help="experiment config whose data the autoencoder learns")
     p.add_argument("--output", help="default: the config's latent.autoencoder, else runs/NAME-autoencoder")
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_autoencoder)
 
+
+def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample a trained run: RUN/samples.npz and RUN/samples.png")
     p.add_argument("run", help="run directory")
     p.add_argument("--num-samples", type=integer, help="default: the config's sample.num_samples")
@@ -258,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_sample)
 
+
+def add_noise_classifier(sub) -> None:
     p = sub.add_parser("noise-classifier", help="train the noise-aware classifier of a run, for classifier guidance")
     p.add_argument("run", help="run directory")
     p.add_argument("--steps", type=integer, default=2000, help="training steps (default 2000)")
@@ -265,29 +269,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_noise_classifier)
 
+
+def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="class frequencies, TV to uniform and Frechet distance of a run")
     p.add_argument("run", help="run directory")
     p.add_argument("--num-samples", type=integer, help="default: the config's sample.num_samples")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
+
+class DeprecatedFlag(argparse.Action):
+    """An old name of a renamed flag: still read for one release, with a note on stderr naming the new one."""
+
+    def __init__(self, option_strings, dest, *, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"condiff: {option_string} is deprecated, use {self.new} (the old name goes in the next release)",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_attribute(sub) -> None:
     from condiff.audit.results import VALIDATION, AttributionSettings
     defaults = AttributionSettings()   # the validated defaults live there, and only there
     p = sub.add_parser("attribute", help="which training examples guided each step of a run's generations (TRAK)",
-                       description=f"Defaults of --output, --train-timesteps, --ridge, --checkpoints and the "
-                                   f"ensemble size: {VALIDATION}.")
+                       description=f"Defaults of --output-function, --train-timesteps, --ridge, --checkpoints and "
+                                   f"the ensemble size: {VALIDATION}.")
     p.add_argument("run", help="run directory")
     p.add_argument("--samples", type=integer, default=defaults.num_targets,
                    help=f"targets to generate and explain (default {defaults.num_targets})")
     p.add_argument("--seed", type=integer, default=defaults.seed,
                    help=f"seed of the targets and of every noise (default {defaults.seed})")
-    p.add_argument("--steps", dest="timesteps", default=",".join(map(str, defaults.steps)),
-                   help="sampling timesteps to attribute")
+    p.add_argument("--timesteps", default=",".join(map(str, defaults.steps)),
+                   help=f"sampling timesteps to attribute (default {','.join(map(str, defaults.steps))})")
+    p.add_argument("--steps", dest="timesteps", action=DeprecatedFlag, new="--timesteps", help=argparse.SUPPRESS)
     p.add_argument("--top", type=integer, default=defaults.top,
                    help=f"helpful and harmful examples shown per step (default {defaults.top})")
-    p.add_argument("--output", choices=["dtrak", "loss"], default=defaults.output,
-                   help=f"output function: D-TRAK's ||eps||^2/d (dtrak) or the denoising loss (loss, Journey-TRAK); "
+    p.add_argument("--output-function", choices=["dtrak", "loss"], default=defaults.output,
+                   help=f"D-TRAK's ||eps||^2/d (dtrak) or the denoising loss (loss, Journey-TRAK); "
                         f"default {defaults.output}")
+    p.add_argument("--output", dest="output_function", choices=["dtrak", "loss"], action=DeprecatedFlag,
+                   new="--output-function", help=argparse.SUPPRESS)
     p.add_argument("--train-timesteps", type=integer, default=defaults.train_timesteps,
                    help=f"K training-side timesteps (default {defaults.train_timesteps})")
     p.add_argument("--resamplings", type=integer, default=defaults.resamplings,
@@ -319,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_attribute)
 
+
+def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="minority digits 4, 5, 7: unconstrained vs constrained, with a report")
     p.add_argument("--output", default="runs/demo", help="where the two runs and report.md go")
     p.add_argument("--overwrite", action="store_true", help="replace the demo directory if condiff created it")
@@ -327,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_demo)
 
+
+def add_guidance_lab(sub) -> None:
     p = sub.add_parser("guidance-lab", help="what guidance does to confidence and diversity: exact Gaussian "
                                             "mixtures (Wu et al. 2024) and condiff-trained models")
     p.add_argument("--output", default="runs/guidance-lab", help="where the figures and report.md go")
@@ -335,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="reduced sample counts and training (a smoke test)")
     p.set_defaults(func=cmd_guidance_lab)
 
+
+def add_reproduce(sub) -> None:
     from condiff.papers.reproduce import ATTRIBUTION_EXPERIMENTS, EXPERIMENTS, SCALES
     p = sub.add_parser("reproduce", help="one of the papers' experiments, with a report")
     p.add_argument("experiment", choices=sorted([*EXPERIMENTS, *ATTRIBUTION_EXPERIMENTS]))
@@ -350,6 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coupled", action="store_true",
                    help="attribution-digits: the labelled variant whose subset models share their seed's random stream")
     p.set_defaults(func=cmd_reproduce)
+
+
+COMMANDS = (add_train, add_autoencoder, add_sample, add_noise_classifier, add_evaluate, add_attribute, add_demo,
+            add_guidance_lab, add_reproduce)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="condiff", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error too (also: environment CONDIFF_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
@@ -381,12 +424,12 @@ def check_flags(args) -> None:
         check_device(args.device)
 
 
-def flag(argument: str) -> str:
-    """The command line's flag for a library function's argument."""
-    return FLAGS.get(argument, "--" + argument.replace("_", "-"))
+def flag(argument: str, command: str | None) -> str:
+    """The command line's flag for a library function's argument under `command`."""
+    return FLAGS.get(command, {}).get(argument, "--" + argument.replace("_", "-"))
 
 
-def one_line(err: BaseException) -> str:
+def one_line(err: BaseException, command: str | None = None) -> str:
     """What main prints of an error it catches: an OSError names its file(s), an interruption what it left."""
     if isinstance(err, KeyboardInterrupt):
         text = str(err) or "interrupted"
@@ -394,17 +437,17 @@ def one_line(err: BaseException) -> str:
         files = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
         text = f"error: {files}: {err.strerror or err}"
     elif isinstance(err, ArgumentError):
-        text = "error: " + err.spelled(flag)
+        text = "error: " + err.spelled(lambda argument: flag(argument, command))
     else:
         text = f"error: {err}"
     return "condiff: " + " ".join(text.split())   # one line, whatever the message
 
 
 def main(argv: list[str] | None = None) -> int:
-    debug = os.environ.get("CONDIFF_DEBUG") == "1"
+    debug, command = os.environ.get("CONDIFF_DEBUG") == "1", None
     try:
         args = build_parser().parse_args(argv)
-        debug = debug or args.debug
+        debug, command = debug or args.debug, args.command
         check_flags(args)
         args.func(args)
         end_processes()
@@ -414,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         close_progress_bars()
         if debug:
             traceback.print_exc()
-        print(one_line(err), file=sys.stderr)
+        print(one_line(err, command), file=sys.stderr)
         return 130 if isinstance(err, KeyboardInterrupt) else 2
     return 0
 

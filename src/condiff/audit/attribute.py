@@ -49,9 +49,8 @@ from condiff.audit.results import (
     StepAttribution,
     TargetJourney,
     features_file,
-    flag,
 )
-from condiff.config import ConfigError, ExperimentConfig
+from condiff.config import ArgumentError, ExperimentConfig
 from condiff.data.latent import decode_latents
 from condiff.models import null_class_label, sample_shape_of
 from condiff.rundir import RunDirectory, create_output_directory, write_json_atomic
@@ -217,7 +216,7 @@ def attribute_run(run_dir: Path, settings: AttributionSettings | None = None, *,
     autoencoder = None if autoencoder is None else autoencoder.to(device)
     training = training_set(config, run_dir, autoencoder, null_class_label(pipeline.unet) is not None)
     if settings.top > len(training.inputs):
-        raise ConfigError(f"{flag('top')} {settings.top}: more than the {len(training.inputs)} examples of the run's "
+        raise ArgumentError("top", f"{settings.top}: more than the {len(training.inputs)} examples of the run's "
                           "training set, of which each step shows the top helpful and harmful")
     models = ensemble_models(run_dir, config, pipeline.unet, training, settings.models, settings.checkpoints, device)
     saved = (None if settings.samples_file is None else

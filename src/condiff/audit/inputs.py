@@ -7,7 +7,7 @@
   trained independently on the same data with the same architecture (other seeds), refused otherwise;
 - the targets: generated (of a chosen class, for a class-conditional model) or the first samples of a
   `condiff sample --record-x0` file, whose provenance gives the class they were drawn as.
-Errors name the command line's option (`flag`): AttributionSettings' fields are its options.
+Errors name the AttributionSettings field (ArgumentError), which the command line spells as its option.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from condiff.audit.results import flag
-from condiff.config import ConfigError, ExperimentConfig
+from condiff.config import ArgumentError, ExperimentConfig
 from condiff.data.latent import encode_dataset
 from condiff.models import null_class_label
 from condiff.rundir import RunDirectory, RunDirectoryError
@@ -123,7 +122,7 @@ def checkpoint_models(run_dir: Path, final_model: torch.nn.Module, count: int) -
         models.append((int(checkpoint.name.removeprefix("step-")), model.eval()))
         if len(models) == count:
             return models
-    raise ConfigError(f"{flag('checkpoints')} {count + 1}: {folder} holds {len(models)} checkpoint(s) besides the "
+    raise ArgumentError("checkpoints", f"{count + 1}: {folder} holds {len(models)} checkpoint(s) besides the "
                       f"final model, {count} needed (train.keep_checkpoints sets how many training keeps)")
 
 
@@ -159,19 +158,19 @@ def same_training(other: Path, run_dir: Path, config: ExperimentConfig, model: t
     changed = differing_fields({k: mine.get(k, {}) for k in COMPARED_SECTIONS},
                                {k: theirs.get(k, {}) for k in COMPARED_SECTIONS})
     if changed:
-        raise ConfigError(f"{flag('models')} {other}: trained under another config than {run_dir} "
+        raise ArgumentError("models", f"{other}: trained under another config than {run_dir} "
                           f"({', '.join(changed)} differ); an ensemble needs the same data and architecture")
     other_model = load_pipeline(other).unet
     changed = differing_fields(public_config(model), public_config(other_model))
     if changed:
-        raise ConfigError(f"{flag('models')} {other}: its model's architecture differs from {run_dir}'s "
+        raise ArgumentError("models", f"{other}: its model's architecture differs from {run_dir}'s "
                           f"({', '.join(changed)})")
     autoencoder = load_latent_autoencoder(other_config, other)
     theirs = training_set(other_config, other, None if autoencoder is None else autoencoder.to(device),
                           training.class_labels is not None)
     if not (torch.equal(theirs.indices, training.indices) and torch.equal(theirs.labels, training.labels)
             and torch.allclose(theirs.inputs, training.inputs, atol=1e-5)):
-        raise ConfigError(f"{flag('models')} {other}: trained on another training set than {run_dir} (other examples, "
+        raise ArgumentError("models", f"{other}: trained on another training set than {run_dir} (other examples, "
                           "or another autoencoder's latents)")
     return other_model
 
@@ -186,7 +185,7 @@ def ensemble_models(run_dir: Path, config: ExperimentConfig, model: torch.nn.Mod
         other_model = same_training(other, run_dir, config, model, training, device)
         digest = model_provenance(other)["model_sha256"]
         if digest in seen:
-            raise ConfigError(f"{flag('models')} {other}: the same model as {seen[digest]}; an ensemble needs "
+            raise ArgumentError("models", f"{other}: the same model as {seen[digest]}; an ensemble needs "
                               "independently trained runs (e.g. other train.seed)")
         seen[digest] = other
         models += run_models(other, other_model, checkpoints, f"-run{digest}")
@@ -196,38 +195,37 @@ def ensemble_models(run_dir: Path, config: ExperimentConfig, model: torch.nn.Mod
 def saved_targets(path: Path, run_dir: Path, num_targets: int, sample_shape: tuple[int, ...]) -> SampleOutput:
     """The first `num_targets` samples of a `condiff sample --record-x0` file with their x0 predictions at
     every step; refused when the file lacks them, holds too few samples, or was drawn by another model."""
-    option = flag("samples_file")
     try:
         with np.load(path, allow_pickle=False) as arrays:
             stored = {name: arrays[name] for name in arrays.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ConfigError(f"{option} {path}: unreadable as a samples .npz ({err})") from None
+        raise ArgumentError("samples_file", f"{path}: unreadable as a samples .npz ({err})") from None
     missing = [name for name in ("samples", "timesteps", "x0_predictions") if name not in stored]
     if missing:
-        raise ConfigError(f"{option} {path}: no {' or '.join(missing)} in it; attribution needs every step's "
+        raise ArgumentError("samples_file", f"{path}: no {' or '.join(missing)} in it; attribution needs every step's "
                           "x0 prediction and timestep: draw the samples with `condiff sample RUN --record-x0`")
     samples, x0_predictions, timesteps = stored["samples"], stored["x0_predictions"], stored["timesteps"]
     if x0_predictions.shape[:1] + x0_predictions.shape[2:] != (len(timesteps), *sample_shape):
-        raise ConfigError(f"{option} {path}: x0 predictions of shape {x0_predictions.shape}, expected "
+        raise ArgumentError("samples_file", f"{path}: x0 predictions of shape {x0_predictions.shape}, expected "
                           f"({len(timesteps)} steps, samples, {', '.join(map(str, sample_shape))}) for this run")
     drawn = stored.get("latents", samples)   # a latent run's samples are decodes: its latents are the model's
     if len(samples) != x0_predictions.shape[1] or drawn.shape != (x0_predictions.shape[1], *sample_shape):
-        raise ConfigError(f"{option} {path}: samples of shape {drawn.shape}, expected ({x0_predictions.shape[1]} "
+        raise ArgumentError("samples_file", f"{path}: samples of shape {drawn.shape}, expected ({x0_predictions.shape[1]} "
                           f"samples, {', '.join(map(str, sample_shape))}) for this run")
     if any(array.dtype.kind not in "biuf" or not np.isfinite(array).all() for array in (samples, x0_predictions)):
-        raise ConfigError(f"{option} {path}: samples or x0 predictions that are not all finite numbers")
+        raise ArgumentError("samples_file", f"{path}: samples or x0 predictions that are not all finite numbers")
     if x0_predictions.shape[1] < num_targets:
-        raise ConfigError(f"{flag('num_targets')}: {num_targets} targets asked, {path} holds "
+        raise ArgumentError("num_targets", f"{num_targets} targets asked, {path} holds "
                           f"{x0_predictions.shape[1]} samples")
     try:
         provenance = json.loads(str(stored["provenance"])) if "provenance" in stored else {}
     except ValueError:
         provenance = None
     if not isinstance(provenance, dict):
-        raise ConfigError(f"{option} {path}: its provenance is not a JSON object")
+        raise ArgumentError("samples_file", f"{path}: its provenance is not a JSON object")
     drawn_by, attributed = provenance.get("model_sha256"), model_provenance(run_dir)["model_sha256"]
     if drawn_by is not None and drawn_by != attributed:
-        raise ConfigError(f"{option} {path}: drawn by another model (weights {drawn_by}, step "
+        raise ArgumentError("samples_file", f"{path}: drawn by another model (weights {drawn_by}, step "
                           f"{provenance.get('model_step')}) than {run_dir}'s ({attributed}); a journey is of "
                           "the attributed model's own x0 predictions")
     return SampleOutput(torch.from_numpy(samples[:num_targets]).float(), torch.from_numpy(timesteps).long(),
@@ -240,18 +238,18 @@ def target_class(run_dir: Path, model: torch.nn.Module, chosen: int | None, save
     if saved is not None:
         drawn = (saved.provenance or {}).get("class_label")
         if chosen is not None and chosen != drawn:
-            raise ConfigError(f"{flag('target_class')} {chosen}: the samples file's samples were drawn as "
+            raise ArgumentError("target_class", f"{chosen}: the samples file's samples were drawn as "
                               f"{'no class' if drawn is None else f'class {drawn}'}; leave it out to take theirs")
         return drawn
     if chosen is None:
         return None
     null = null_class_label(model)
     if null is None:
-        raise ConfigError(f"{flag('target_class')} {chosen}: the model of {run_dir} is not class-conditional; draw "
+        raise ArgumentError("target_class", f"{chosen}: the model of {run_dir} is not class-conditional; draw "
                           "class samples with classifier guidance (`condiff sample RUN --class C --guidance-kind "
-                          f"classifier --record-x0`) and attribute them with {flag('samples_file')}")
+                          f"classifier --record-x0`) and attribute them with {{samples_file}}")
     if not 0 <= chosen < null:
-        raise ConfigError(f"{flag('target_class')}: {run_dir} has classes 0-{null - 1}, not {chosen}")
+        raise ArgumentError("target_class", f"{run_dir} has classes 0-{null - 1}, not {chosen}")
     return chosen
 
 

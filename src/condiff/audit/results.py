@@ -10,15 +10,7 @@ from pathlib import Path
 
 from condiff.attribution.features import OUTPUT_FUNCTIONS
 from condiff.attribution.projector import PROJECTORS
-from condiff.config import SEED_LIMIT, ConfigError
-
-FLAGS = {"num_targets": "samples", "target_class": "class"}   # the command line's name where it differs
-
-
-def flag(name: str) -> str:
-    """The command-line option of an AttributionSettings field, as messages name it."""
-    return "--" + FLAGS.get(name, name).replace("_", "-")
-
+from condiff.config import SEED_LIMIT, ArgumentError
 
 # The defaults of AttributionSettings that a counterfactual validation chose, and which validation that was:
 # the one place to change them (report.md says which were overridden).
@@ -69,7 +61,7 @@ class AttributionSettings:
             "batch_size", "checkpoints")})
         for name, ok in checks.items():
             if not ok:
-                raise ConfigError(f"{flag(name)}: {getattr(self, name)!r} is not allowed")
+                raise ArgumentError(name, f"{getattr(self, name)!r} is not allowed")
         return self
 
 

@@ -12,7 +12,7 @@ import torch
 from accelerate.utils import gather_object
 from diffusers import DDPMPipeline
 
-from condiff.config import ConfigError, ExperimentConfig, check_seed
+from condiff.config import ArgumentError, ConfigError, ExperimentConfig, check_seed
 from condiff.data.latent import decode_latents, encode_dataset
 from condiff.models import null_class_label
 from condiff.report import save_sample_grid
@@ -116,7 +116,7 @@ def check_sampling_arguments(config: ExperimentConfig, steps: int | None, seed: 
     training schedule cannot space out (diffusers would fail mid-command)."""
     timesteps = config.diffusion.num_train_timesteps
     if steps is not None and not 1 <= steps <= timesteps:
-        raise ConfigError(f"steps {steps}: inference steps must be from 1 to the {timesteps} timesteps the run was "
+        raise ArgumentError("steps", f"{steps} inference steps: must be from 1 to the {timesteps} timesteps the run was "
                           "trained on (its diffusion.num_train_timesteps)")
     if seed is not None:
         check_seed(seed, "seed")
@@ -127,21 +127,21 @@ def run_guidance(run_dir: Path, pipeline: DDPMPipeline, class_label: int | None,
     """(guidance object or None, class labels or None, output path, title, guidance kind) for `sample_run`."""
     if class_label is None:
         if scale or kind:
-            raise ConfigError("--guidance: needs --class, the class to guide towards")
+            raise ArgumentError("guidance", "needs {class_label}, the class to guide towards")
         return None, None, run_dir / "samples.npz", "samples", None
     if not 0 <= scale < math.inf:   # a NaN scale fails both comparisons
-        raise ConfigError(f"--guidance: must be finite and non-negative, got {scale}")
+        raise ArgumentError("guidance", f"must be finite and non-negative, got {scale}")
     null = null_class_label(pipeline.unet)
     kind = kind or ("cfg" if null is not None else "classifier")
     if kind not in GUIDANCE_KINDS:
-        raise ConfigError(f"--guidance-kind: {kind!r} is not one of {', '.join(GUIDANCE_KINDS)}")
+        raise ArgumentError("guidance_kind", f"{kind!r} is not one of {', '.join(GUIDANCE_KINDS)}")
     if kind == "cfg" and null is None:
-        raise ConfigError(f"--guidance-kind cfg: the model of {run_dir} is not class-conditional (train it with "
+        raise ArgumentError("guidance_kind", f"cfg: the model of {run_dir} is not class-conditional (train it with "
                           "model.class_conditional = true and train.label_dropout > 0), use classifier guidance")
     classifier = load_noise_classifier(run_dir).to(device) if kind == "classifier" else None
     num_classes = null if null is not None else classifier.config.num_classes
     if not 0 <= class_label < num_classes:
-        raise ConfigError(f"--class: {run_dir} has classes 0-{num_classes - 1}, not {class_label}")
+        raise ArgumentError("class_label", f"{run_dir} has classes 0-{num_classes - 1}, not {class_label}")
     if kind == "cfg":
         guide = ClassifierFreeGuidance(scale) if scale else None   # eta = 0: the conditional model itself
     else:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, DDPMScheduler
 
 from condiff.config import ConfigError, ExperimentConfig
 from condiff.data.latent import encode_dataset, save_autoencoder, train_autoencoder
@@ -45,6 +45,7 @@ from condiff.lifecycle.build import (
     pretrained_constraint,
 )
 from condiff.training.checkpoint import load_checkpoint
+from condiff.training.control import MeasuredShareControl
 from condiff.training.dual import predicted_shares
 from condiff.training.loop import make_accelerator, train
 from condiff.training.terms import DatasetTerm
@@ -129,21 +130,22 @@ def with_seed_offset(config: ExperimentConfig, offset: int) -> ExperimentConfig:
     return config
 
 
-def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, on_step=None,
-              accelerator=None, keep: np.ndarray | None = None, coupled: bool = True) -> Path:
-    """Train the model a config describes into its run directory; returns the directory.
+@dataclasses.dataclass
+class BuiltRun:
+    """What a config describes, built and checked before anything is written: the data (and the training subset
+    it was cut to), the frozen autoencoder of a latent run, the network and its noise schedule, the data term, the
+    constraints and the share controller."""
+    data: ExperimentData
+    subset: dict | None
+    autoencoder: torch.nn.Module | None
+    noise_scheduler: DDPMScheduler
+    model: torch.nn.Module
+    objective: DatasetTerm
+    constraints: list
+    control: MeasuredShareControl | None
 
-    `overwrite` replaces only an empty directory or one condiff created (see condiff.rundir); `resume`
-    continues from the newest complete checkpoint, wherever the directory now lies.
-    `keep` (a boolean mask over the training set) trains on those examples only, for counterfactual
-    retraining (RUN/train_subset.json records it): `coupled` draws the full set's random stream and gives
-    the left-out examples weight 0 (common random numbers: runs differ by their data alone), otherwise
-    the subset is sampled on its own, as a fresh run on it would be."""
-    config = config.validated()     # a config built or changed in Python is checked like a file
-    run = RunDirectory(run_directory(config))
-    check_inputs(config)
-    check_output(run, config, resume=resume, overwrite=overwrite)
-    accelerator = accelerator or make_accelerator(config.train, run.path)
+
+def build_run(config: ExperimentConfig, accelerator, keep: np.ndarray | None, coupled: bool) -> BuiltRun:
     data = build_data(config)
     subset = training_subset(keep, coupled, len(data.train))
     sampled = data.train   # what the data term draws from: with a coupled subset, the full set
@@ -165,38 +167,61 @@ def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool
                                                  noise_scheduler, progress=accelerator.is_main_process))
     objective = DatasetTerm("data", train_set, noise_scheduler, config.train.label_dropout, example_weights=weights)
     control = build_share_control(config, data, constraints, noise_scheduler, accelerator, autoencoder)
+    return BuiltRun(data, subset, autoencoder, noise_scheduler, model, objective, constraints, control)
 
-    # Only now, with everything built and checked, is anything written.
-    # Every process checks (so a refusal exits all of them instead of leaving some at a barrier);
-    # then the main process alone writes.
+
+def start_run_directory(run: RunDirectory, config: ExperimentConfig, built: BuiltRun, accelerator, *,
+                        resume: bool, overwrite: bool) -> None:
+    """Check a resumed run against what was built, or create the directory; then the main process writes the
+    config, the training subset, the autoencoder's copy and the evaluation data. Every process checks (so a
+    refusal exits all of them instead of leaving some at a barrier)."""
     if resume:
-        check_resume_inputs(run, model, accelerator.num_processes)
+        check_resume_inputs(run, built.model, accelerator.num_processes)
         recorded = run.read_json(run.train_subset) if run.train_subset.is_file() else None
-        if recorded != subset:
+        if recorded != built.subset:
             raise ConfigError(f"{run.train_subset}: cannot resume with a different training subset")
     else:
         create_output_directory(run.path, "run", overwrite=overwrite, resumable=True)
     if accelerator.is_main_process:
-        if subset is not None:
-            write_json_atomic(run.train_subset, subset)
+        if built.subset is not None:
+            write_json_atomic(run.train_subset, built.subset)
         # Stored with its location resolved; on resume, with what changed (e.g. a smaller train.lr).
         write_text_atomic(run.config_file, tomli_w.dumps({**config.to_dict(), "output_dir": str(run.path.resolve())}))
-        if autoencoder is not None and not run.autoencoder.is_dir():   # a resumed run keeps its copies
-            save_pretrained_atomic(autoencoder, run.autoencoder)
+        if built.autoencoder is not None and not run.autoencoder.is_dir():   # a resumed run keeps its copies
+            save_pretrained_atomic(built.autoencoder, run.autoencoder)
         if not run.evaluation_data.is_file():
-            save_evaluation_data(run, data)
+            save_evaluation_data(run, built.data)
     accelerator.wait_for_everyone()
 
+
+def train_run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, on_step=None,
+              accelerator=None, keep: np.ndarray | None = None, coupled: bool = True) -> Path:
+    """Train the model a config describes into its run directory; returns the directory.
+
+    `overwrite` replaces only an empty directory or one condiff created (see condiff.rundir); `resume`
+    continues from the newest complete checkpoint, wherever the directory now lies.
+    `keep` (a boolean mask over the training set) trains on those examples only, for counterfactual
+    retraining (RUN/train_subset.json records it): `coupled` draws the full set's random stream and gives
+    the left-out examples weight 0 (common random numbers: runs differ by their data alone), otherwise
+    the subset is sampled on its own, as a fresh run on it would be."""
+    config = config.validated()     # a config built or changed in Python is checked like a file
+    run = RunDirectory(run_directory(config))
+    check_inputs(config)
+    check_output(run, config, resume=resume, overwrite=overwrite)
+    accelerator = accelerator or make_accelerator(config.train, run.path)
+    built = build_run(config, accelerator, keep, coupled)
+    # Only now, with everything built and checked, is anything written.
+    start_run_directory(run, config, built, accelerator, resume=resume, overwrite=overwrite)
     if config.train.log_with:
         accelerator.init_trackers(TRACKERS, config=tracker_hyperparameters(config))
-    result = train(model, objective, constraints, config.train, config.dual, run.path,
-                   resume=resume, on_step=on_step, accelerator=accelerator, control=control)
+    result = train(built.model, built.objective, built.constraints, config.train, config.dual, run.path,
+                   resume=resume, on_step=on_step, accelerator=accelerator, control=built.control)
     for tracker in accelerator.trackers:   # not end_training(): it also ends the process group sampling needs
         tracker.finish()
     if accelerator.is_main_process:
-        summary = training_summary(config, data, constraints, result, control)
-        save_pretrained_atomic(DDPMPipeline(unet=result.model, scheduler=noise_scheduler), run.model)
-        write_text_atomic(run.model / "README.md", model_card(config, summary, len(data.train)))
+        summary = training_summary(config, built.data, built.constraints, result, built.control)
+        save_pretrained_atomic(DDPMPipeline(unet=result.model, scheduler=built.noise_scheduler), run.model)
+        write_text_atomic(run.model / "README.md", model_card(config, summary, len(built.data.train)))
         write_json_atomic(run.summary_file, summary)
     accelerator.wait_for_everyone()
     return run.path
@@ -306,7 +331,7 @@ Class shares of the data -> the shares Theorem 1 predicts for the constrained op
 ## Load it
 
 ```python
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, DDPMScheduler
 
 pipeline = DDPMPipeline.from_pretrained("{Path(config.output_dir).resolve() / 'model'}")
 ```

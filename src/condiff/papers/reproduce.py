@@ -24,9 +24,9 @@ from statistics import fmean
 import numpy as np
 import torch
 
-from condiff.config import CONFIG_DIR, ConstraintsConfig, ExperimentConfig, describe_constraints, load_config
+from condiff.config import CONFIG_DIR, ArgumentError, ConstraintsConfig, ExperimentConfig, describe_constraints, load_config
 from condiff.report import image_md, markdown_table, write_report
-from condiff.rundir import RunDirectoryError, create_or_resume_directory, read_metrics, write_json_atomic
+from condiff.rundir import create_or_resume_directory, read_metrics, write_json_atomic
 from condiff.lifecycle.evaluation import RunEvaluation, describe_multipliers, evaluate_run, plot_runs_side_by_side
 from condiff.lifecycle.training import finish_run, with_seed_offset
 from condiff.runtime import process_state
@@ -129,18 +129,18 @@ def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = 
     `coupled`: attribution-digits' variant with coupled subset models."""
     if name in ATTRIBUTION_EXPERIMENTS:
         if seed:
-            raise RunDirectoryError(f"--seed: {name} draws its own seeds (disjoint seed ranges); leave it out")
+            raise ArgumentError("seed", f"{name} draws its own seeds (disjoint seed ranges); leave it at 0")
         from condiff.validation.reproduce import reproduce_attribution
 
         return reproduce_attribution(output, scale=scale, overwrite=overwrite, resume=resume, coupled=coupled,
                                      device=device, progress=progress)
     if coupled:
-        raise RunDirectoryError(f"--coupled: only attribution-digits has a coupled variant, not {name}")
+        raise ArgumentError("coupled", f"only attribution-digits has a coupled variant, not {name}")
     if name not in EXPERIMENTS:
-        raise RunDirectoryError(f"unknown experiment {name!r}; choose one of "
+        raise ArgumentError("name", f"unknown experiment {name!r}; choose one of "
                                 f"{', '.join([*EXPERIMENTS, *ATTRIBUTION_EXPERIMENTS])}")
     if scale not in EXPERIMENTS[name].scales:
-        raise RunDirectoryError(f"--scale {scale}: {name} has the scales {', '.join(EXPERIMENTS[name].scales)}")
+        raise ArgumentError("scale", f"{scale}: {name} has the scales {', '.join(EXPERIMENTS[name].scales)}")
     experiment, config_dir = EXPERIMENTS[name], SCALES[scale]
     output = create_or_resume_directory(output, "reproduce", resume=resume, overwrite=overwrite)
 

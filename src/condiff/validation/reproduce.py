@@ -22,8 +22,8 @@ import torch
 
 from condiff.audit.attribute import attribute_run
 from condiff.audit.results import AttributionSettings
-from condiff.config import CONFIG_DIR, ExperimentConfig, load_config
-from condiff.rundir import RunDirectoryError, create_or_resume_directory, write_json_atomic
+from condiff.config import CONFIG_DIR, ArgumentError, ExperimentConfig, load_config
+from condiff.rundir import create_or_resume_directory, write_json_atomic
 from condiff.lifecycle.build import build_data
 from condiff.runtime import independent_workers, resolve_device
 from condiff.validation.counterfactual import ValidationSettings
@@ -52,7 +52,7 @@ def reproduce_attribution(output: Path, *, scale: str = "cpu", overwrite: bool =
     returns output/report.md. Under torchrun, the processes share out the models (the main one reports)."""
     workers = independent_workers()   # before anything asks accelerate for its state
     if scale not in SCALES:
-        raise RunDirectoryError(f"--scale {scale}: attribution-digits has the scales {', '.join(SCALES)}")
+        raise ArgumentError("scale", f"{scale}: attribution-digits has the scales {', '.join(SCALES)}")
     overrides, scale_settings = SCALES[scale]
     settings = replace(settings or scale_settings, coupled=coupled or (settings or scale_settings).coupled)
     config = config or load_config(CONFIG_DIR / "digits-attribution.toml", overrides)
