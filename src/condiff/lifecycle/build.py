@@ -228,7 +228,7 @@ def build_share_control(config: ExperimentConfig, data: ExperimentData, constrai
 
     controller = ShareController(cons.target_shares, [c.fixed_multiplier for c in constraints[:len(cons.classes)]],
                                  rate=cons.control_rate, smoothing=cons.control_smoothing)
-    return MeasuredShareControl(controller, cons.classes, label, sampling_scheduler(noise_scheduler, "ddim"),
+    return MeasuredShareControl(controller, cons.classes, label, sampling_scheduler(noise_scheduler, cons.control_method),
                                 every=cons.control_every, first_step=math.ceil(cons.control_start * config.train.steps),
                                 samples=cons.control_samples, steps=cons.control_steps, seed=config.train.seed,
                                 decode=None if autoencoder is None else decode)

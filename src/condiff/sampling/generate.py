@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from condiff.models import null_class_label, sample_shape_of
@@ -82,15 +82,16 @@ def sample_generators(seed: int, indices: range) -> list[torch.Generator]:
 
 
 def sampling_scheduler(training_scheduler: DDPMScheduler, method: str, *, guided: bool = False):
-    """A DDIM (deterministic, eta = 0) or DDPM scheduler on the training noise schedule.
+    """A DDIM (deterministic, eta = 0), DDPM or DPM-Solver++ (2M, deterministic) scheduler on the training
+    noise schedule.
 
     `guided`: for guided sampling, x0 predictions are not clipped (callers clamp the final sample to
     the data range instead). Clipping a guided x0 and re-deriving the noise from it drives DDIM off the
     data: a digits model's classifier confidence fell from 0.98 to 0.40 as classifier-free guidance
     went from 0.5 to 4 (DDIM-25; 0.21 with DDIM-100), and rose monotonically to 0.998 unclipped."""
-    schedulers = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+    schedulers = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm++": DPMSolverMultistepScheduler}
     if method not in schedulers:
-        raise ValueError(f"unknown sampling method {method!r}; choose ddim or ddpm")
+        raise ValueError(f"unknown sampling method {method!r}; choose {', '.join(schedulers)}")
     overrides = {"clip_sample": False} if guided else {}
     return schedulers[method].from_config(training_scheduler.config, **overrides)
 
@@ -153,6 +154,7 @@ def generate(model: torch.nn.Module, scheduler, num_samples: int, *, num_inferen
     with torch.no_grad() if guidance is not None or on_step is not None else torch.inference_mode():
         for start in starts:
             n = min(batch_size, num_samples - start)
+            scheduler.set_timesteps(num_inference_steps)   # multistep solvers keep earlier outputs: each batch afresh
             generator = sample_generators(seed, range(first_index + start, first_index + start + n))
             x = (randn_tensor((n, *shape), generator=generator, device=device) if initial is None
                  else initial[start:start + n].to(device))
