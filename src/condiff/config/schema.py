@@ -157,7 +157,7 @@ class ConstraintsConfig:
     control_every: int = positive(100)
     control_samples: int = positive(200)
     control_steps: int = positive(10)
-    control_method: str = one_of("ddim", "dpm++")
+    control_method: str = one_of("dpm++", "ddim")   # the control samples' sampler (DPM-Solver++ is closer to DDIM-50)
     control_rate: float = positive(0.25)
     control_smoothing: float = non_negative(0.5)   # weight of the earlier counts in the smoothed share
     control_start: float = non_negative(0.2)    # share of training before the first control step
