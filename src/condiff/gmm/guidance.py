@@ -196,22 +196,53 @@ def sample_guided(mixture: GaussianMixture, y: int, eta: float, num_samples: int
                                generator=generator, noise=noise)[0]
 
 
+def _check_sweep(method: str, start: str, noise: SamplerNoise | None, shape: tuple[int, int, int]) -> None:
+    """Refuse an unknown method or start, and noise of the wrong shape (shape: steps, samples, D)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    steps, n, dim = shape
+    if noise is not None and (noise.initial.shape != (n, dim) or (method in SDE_METHODS and (
+            noise.steps is None or noise.steps.shape != (steps, n, dim)))):
+        raise ValueError("noise must hold initial (num_samples, D) and, for SDE methods, steps (steps, num_samples, D)")
+
+
+def _sampler_step(method: str, x: torch.Tensor, score: torch.Tensor, g: torch.Tensor, *, h: float, a: float,
+                  a_next: float, var: float, s2: float, noise) -> torch.Tensor:
+    """One step of `method` from the time of scale a to the one of scale a_next (h apart) at the guided score,
+    G its guided mean term; `noise()` gives the step's noise to the stochastic methods."""
+    if method == "ode_euler":
+        return torch.add(x, x + score, alpha=h)
+    if method == "sde_euler":
+        return torch.add(x * (1.0 + h), score, alpha=2.0 * h).add_(noise(), alpha=math.sqrt(2.0 * h))
+    if method == "ode_exponential":
+        return math.exp(h) * x + math.expm1(h) * score
+    if method == "sde_exponential":
+        # int_0^h e^{h-u} du = e^h - 1 and int_0^h 2 e^{2(h-u)} du = e^{2h} - 1.
+        return math.exp(h) * x + 2.0 * math.expm1(h) * score + math.sqrt(math.expm1(2.0 * h)) * noise()
+    # Tweedie: x0_hat = (x + (1 - a^2) score) / a, here = (a s^2 x + (1 - a^2) G) / v: the same value
+    # without dividing by a (a_T = e^{-T} is tiny; the direct form cancels digits).
+    # The noise prediction is eps_hat = -sqrt(1 - a^2) score.
+    x0_hat = (a * s2 * x + (1.0 - a * a) * g) / var
+    if method == "ddim":
+        return a_next * x0_hat - math.sqrt((1.0 - a_next ** 2) * (1.0 - a * a)) * score
+    # Gaussian posterior q(x_{t'} | x_t, x_0) of the VP chain, one step with alpha = (a / a')^2.
+    beta = 1.0 - (a / a_next) ** 2
+    mean = (a_next * beta * x0_hat + (a / a_next) * (1.0 - a_next ** 2) * x) / (1.0 - a * a)
+    return mean + math.sqrt(max(beta * (1.0 - a_next ** 2) / (1.0 - a * a), 0.0)) * noise()
+
+
 def sample_guided_sweep(mixture: GaussianMixture, y: int, etas: Sequence[float], num_samples: int, *,
                         T: float = 8.0, steps: int = 1000, method: str = "ode_euler", start: str = "exact",
                         generator: torch.Generator | None = None,
                         noise: SamplerNoise | None = None) -> list[GuidedSamples]:
     """`sample_guided` at several etas with the same noise for every eta (pathwise comparable), run as
     one batch: row block i holds eta_i, and every block gets the same initial and per-step noise."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if start not in STARTS:
-        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     stochastic = method in SDE_METHODS
     etas = [float(e) for e in etas]
     n, dim, blocks = num_samples, mixture.means.shape[1], len(etas)
-    if noise is not None and (noise.initial.shape != (n, dim)
-                              or (stochastic and (noise.steps is None or noise.steps.shape != (steps, n, dim)))):
-        raise ValueError("noise must hold initial (num_samples, D) and, for SDE methods, steps (steps, num_samples, D)")
+    _check_sweep(method, start, noise, (steps, n, dim))
 
     def step_noise(i: int) -> torch.Tensor:
         xi = noise.steps[i] if noise is not None else \
@@ -253,28 +284,8 @@ def sample_guided_sweep(mixture: GaussianMixture, y: int, etas: Sequence[float],
             # evaluated where the step evaluates the score; the deterministic part d (1 - 1/v_t) is
             # integrated exactly after the loop.
             guidance.addcmul_(eta_vec, trace_cov, value=h * a * a / var ** 2)
-        if method == "ode_euler":
-            x = torch.add(x, x + score, alpha=h)
-        elif method == "sde_euler":
-            x = torch.add(x * (1.0 + h), score, alpha=2.0 * h).add_(step_noise(i), alpha=math.sqrt(2.0 * h))
-        elif method == "ode_exponential":
-            x = math.exp(h) * x + math.expm1(h) * score
-        elif method == "sde_exponential":
-            # int_0^h e^{h-u} du = e^h - 1 and int_0^h 2 e^{2(h-u)} du = e^{2h} - 1.
-            x = math.exp(h) * x + 2.0 * math.expm1(h) * score + math.sqrt(math.expm1(2.0 * h)) * step_noise(i)
-        else:
-            # Tweedie: x0_hat = (x + (1 - a^2) score) / a, here = (a s^2 x + (1 - a^2) G) / v: the same value
-            # without dividing by a (a_T = e^{-T} is tiny; the direct form cancels digits).
-            # The noise prediction is eps_hat = -sqrt(1 - a^2) score.
-            x0_hat = (a * s2 * x + (1.0 - a * a) * g) / var
-            if method == "ddim":
-                x = a_next * x0_hat - math.sqrt((1.0 - a_next ** 2) * (1.0 - a * a)) * score
-            else:
-                # Gaussian posterior q(x_{t'} | x_t, x_0) of the VP chain, one step with alpha = (a / a')^2.
-                beta = 1.0 - (a / a_next) ** 2
-                mean = (a_next * beta * x0_hat + (a / a_next) * (1.0 - a_next ** 2) * x) / (1.0 - a * a)
-                std = math.sqrt(max(beta * (1.0 - a_next ** 2) / (1.0 - a * a), 0.0))
-                x = mean + std * step_noise(i)
+        x = _sampler_step(method, x, score, g, h=h, a=a, a_next=a_next, var=var, s2=s2,
+                          noise=lambda i=i: step_noise(i))
 
     divergence = None
     if guidance is not None:
