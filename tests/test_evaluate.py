@@ -633,3 +633,19 @@ def test_evaluate_config_refuses_bad_types_and_empty_paths():
         config_from_dict({"evaluate": {"nearest_neighbours": 2.5}})
     with pytest.raises(ConfigError, match=r"evaluate\.inception_weights: empty path"):
         config_from_dict({"evaluate": {"inception_weights": " "}})
+
+
+def test_evaluate_replaces_other_samples_only_when_asked(tmp_path, tiny_config):
+    """`Run.evaluate` never replaces RUN/samples.npz behind a caller's back: another drawing is refused, naming
+    the argument that allows it, and stays byte for byte; with resample=True it is drawn anew."""
+    import condiff
+    from condiff.config import ArgumentError
+
+    run = condiff.train(tiny_config(tmp_path / "run"))
+    samples = run.sample(num_samples=60, steps=5)
+    before = samples.path.read_bytes()
+    with pytest.raises(ArgumentError, match=r"^resample: .*samples.npz holds other samples"):
+        run.evaluate(num_samples=60)
+    assert samples.path.read_bytes() == before and not (run.path / "evaluation.json").exists()
+    result = run.evaluate(num_samples=60, resample=True)
+    assert result.num_samples == 60 and samples.path.read_bytes() != before

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from condiff.cli import main
-from condiff.config import ExperimentConfig, load_config
+from condiff.config import CONFIG_DIR, ExperimentConfig, load_config
 from condiff.papers.reproduce import EXPERIMENTS, SCALES, old_class_coverage, reproduce
 from condiff.rundir import RunDirectoryError, read_metrics
 from condiff.lifecycle import training
@@ -169,3 +169,22 @@ def test_old_class_coverage():
 def test_unknown_experiment_is_refused(capsys):
     assert main(["reproduce", "cifar-minority"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["unconstrained", "resilient", "held", "measured", "constrained"])
+def test_a_variant_is_a_new_config_and_leaves_its_argument_as_it_was(variant, tmp_path):
+    """Functions whose names do not say they change their argument do not (issue 23)."""
+    from condiff.lifecycle.training import with_seed_offset
+    from condiff.papers.reproduce import variant_config
+
+    config = load_config(CONFIG_DIR / "digits-minority.toml")
+    before = config.to_dict()
+    held = tmp_path / "held"   # what the resilient variant calibrates on: a held run's summary and metrics
+    held.mkdir()
+    (held / "summary.json").write_text(json.dumps({"constraints": [{"name": "class 4", "multiplier": 0.1}]}))
+    (held / "metrics.jsonl").write_text(json.dumps({"step": 1, "constraint_losses": {"class 4": 0.2}}) + "\n")
+    made = variant_config(variant, config, tmp_path)
+    moved = with_seed_offset(config, 3)
+    assert config.to_dict() == before and made is not config and made.to_dict() != {} and moved is not config
+    assert (moved.train.seed, moved.sample.seed) == (config.train.seed + 3, config.sample.seed + 3)
+    assert made.constraints.classes == ([] if variant == "unconstrained" else [4, 5, 7])

@@ -130,7 +130,8 @@ def cmd_evaluate(args) -> None:
     from condiff.lifecycle.evaluation import evaluate_run
 
     with writing(Path(args.run)):
-        result = evaluate_run(Path(args.run), num_samples=args.num_samples, device=args.device)
+        # The command redraws samples of another drawing (and says so): the run is the user's to evaluate.
+        result = evaluate_run(Path(args.run), num_samples=args.num_samples, device=args.device, resample=True)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.to_dict().items()
                    if v is not None and not isinstance(v, (list, dict))))
 

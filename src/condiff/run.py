@@ -2,8 +2,9 @@
 typed results. The command line does exactly this:
 
     run = condiff.train(config)            # or condiff.Run("runs/NAME")
-    samples = run.sample(num_samples=500)  # Samples: the array, its file and how it was drawn
-    result = run.evaluate()                # RunEvaluation: class shares, TV, FD, precision, recall
+    result = run.evaluate()                # RunEvaluation: class shares, TV, FD, precision, recall of the
+                                           # config's drawing (RUN/samples.npz, drawn when missing)
+    samples = run.sample(num_samples=500, class_label=4, guidance=1.0)   # Samples: the array, file, provenance
 """
 
 from __future__ import annotations
@@ -87,10 +88,12 @@ class Run:
                           guidance_kind=guidance_kind, record_x0=record_x0, device=device, progress=progress)
         return Samples(path, *load_samples(path))
 
-    def evaluate(self, num_samples: int | None = None, *, device: str | torch.device | None = None,
-                 progress: bool = True) -> RunEvaluation:
-        """Evaluate the run's samples (drawn when RUN/samples.npz does not match); see `evaluate_run`."""
-        return evaluate_run(self.path, num_samples=num_samples, device=device, progress=progress)
+    def evaluate(self, num_samples: int | None = None, *, resample: bool = False,
+                 device: str | torch.device | None = None, progress: bool = True) -> RunEvaluation:
+        """Evaluate the run's samples: RUN/samples.npz when it is the config's drawing of `num_samples`, drawn
+        when there is none; samples of another drawing are replaced only with `resample` (a `Samples` obtained
+        earlier then points at the new ones), refused otherwise. See `evaluate_run`."""
+        return evaluate_run(self.path, num_samples=num_samples, device=device, progress=progress, resample=resample)
 
     def attribute(self, settings: AttributionSettings | None = None, *, resume: bool = False, overwrite: bool = False,
                   device: str | torch.device | None = None, progress: bool = True) -> AttributionResult:

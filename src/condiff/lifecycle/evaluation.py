@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 
-from condiff.config import ConfigError, ExperimentConfig
+from condiff.config import ArgumentError, ConfigError, ExperimentConfig
 from condiff.data.datasets import LabelledDataset, take_per_class
 from condiff.evaluation.classifier import features_and_labels
 from condiff.evaluation.evaluation_data import load_evaluation_sets
@@ -53,9 +53,11 @@ def describe_difference(found: dict, wanted: dict) -> str:
                      if found.get(key) != value)
 
 
-def evaluation_samples(run_dir: Path, num_samples: int, device, progress: bool) -> tuple[np.ndarray, dict]:
+def evaluation_samples(run_dir: Path, num_samples: int, device, progress: bool, resample: bool
+                       ) -> tuple[np.ndarray, dict]:
     """RUN/samples.npz when it records exactly the drawing evaluation makes (the config's method, steps
-    and seed, unguided, `num_samples`, the current model), else freshly drawn; with its provenance."""
+    and seed, unguided, `num_samples`, the current model), else freshly drawn into it when there is none or
+    `resample` allows replacing it; with its provenance."""
     path = RunDirectory(run_dir).samples_file
     wanted = sampling_settings(run_dir, num_samples=num_samples)
     if path.is_file():
@@ -63,6 +65,9 @@ def evaluation_samples(run_dir: Path, num_samples: int, device, progress: bool) 
         difference = describe_difference(provenance, wanted)
         if not difference:
             return samples, provenance
+        if not resample:
+            raise ArgumentError("resample", f"{path} holds other samples than evaluation draws ({difference}); "
+                                "allow it to replace them, or sample the run with the config's settings first")
         if process_state().is_main_process:
             print(f"evaluate: {path} differs from what evaluation draws ({difference}); redrawing", file=sys.stderr)
     sample_run(run_dir, num_samples=num_samples, device=device, progress=progress)
@@ -70,8 +75,9 @@ def evaluation_samples(run_dir: Path, num_samples: int, device, progress: bool) 
 
 
 def evaluate_run(run_dir: Path, *, num_samples: int | None = None, device: str | torch.device | None = None,
-                 progress: bool = True) -> RunEvaluation:
-    """Sample (unless RUN/samples.npz already holds exactly that drawing), classify and compare with the
+                 progress: bool = True, resample: bool = False) -> RunEvaluation:
+    """Sample (unless RUN/samples.npz already holds exactly that drawing; samples.npz of another drawing are
+    replaced only with `resample`, refused otherwise), classify and compare with the
     data the run keeps: class frequencies, TV to uniform and to Theorem 1's prediction, Frechet distance
     to a balanced reference in the classifier's feature space. Writes RUN/evaluation.json (with the
     samples' provenance), plots and RUN/report.md; returns the result on every process."""
@@ -94,7 +100,7 @@ def evaluate_run(run_dir: Path, *, num_samples: int | None = None, device: str |
     data = load_evaluation_data(config, run_dir)
     check_evaluable(run_dir, config, summary, data)
     device = resolve_device(device)
-    samples, provenance = evaluation_samples(run_dir, num_samples, device, progress)
+    samples, provenance = evaluation_samples(run_dir, num_samples, device, progress, resample)
     state = process_state()
     result = [measure(run_dir, config, torch.from_numpy(samples), provenance, metrics, summary, data, device)
               if state.is_main_process else None]

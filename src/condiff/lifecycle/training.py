@@ -124,10 +124,9 @@ def save_evaluation_data(run: RunDirectory, data: ExperimentData) -> None:
 
 
 def with_seed_offset(config: ExperimentConfig, offset: int) -> ExperimentConfig:
-    """`config` with its training and sampling seeds moved by `offset` (the data stay the same)."""
-    config.train.seed += offset
-    config.sample.seed += offset
-    return config
+    """A copy of `config` with its training and sampling seeds moved by `offset` (the data stay the same)."""
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, seed=config.train.seed + offset),
+                               sample=dataclasses.replace(config.sample, seed=config.sample.seed + offset))
 
 
 @dataclasses.dataclass

@@ -37,7 +37,7 @@ def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None,
             config.train.warmup_steps = min(config.train.warmup_steps, steps // 10)
         print(f"== {name}: {config.train.steps} steps")
         run_dir = train_run(config)
-        results[name] = evaluate_run(run_dir, device=device, progress=progress)
+        results[name] = evaluate_run(run_dir, device=device, progress=progress, resample=True)
     if not process_state().is_main_process:
         return output / "report.md"
 

@@ -16,6 +16,8 @@ configs/paper/ (the authors' settings, for GPUs).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,10 +78,9 @@ PAPER_PEAK_DUAL_LR = 0.1     # the authors' dual step: 1000 x their peak primal 
 
 
 def unconstrained_variant(config: ExperimentConfig) -> ExperimentConfig:
-    """The same run with its constraints dropped: the baseline with an equal budget."""
-    config.constraints = ConstraintsConfig()
-    config.finetune.threshold = None
-    return config
+    """A copy of the run with its constraints dropped: the baseline with an equal budget."""
+    return dataclasses.replace(config, constraints=ConstraintsConfig(),
+                               finetune=dataclasses.replace(config.finetune, threshold=None))
 
 
 def resilient_variant(config: ExperimentConfig, held_run: Path) -> ExperimentConfig:
@@ -87,7 +88,9 @@ def resilient_variant(config: ExperimentConfig, held_run: Path) -> ExperimentCon
     steps per dual step, a dual step following the primal schedule with the authors' peak of 0.1, one batch of
     every constraint set per step (their estimator). Its fixed point is lambda_c = l_c / (2 gamma); gamma =
     mean_c l_c / (2 lambda*_c) puts it at Theorem 1's multipliers lambda* for the requested shares, with l_c
-    the constraint losses of the held run's last quarter (the calibration of docs/constrained-training.md)."""
+    the constraint losses of the held run's last quarter (the calibration of docs/constrained-training.md).
+    `config` itself is left as it was."""
+    config = copy.deepcopy(config)
     held = json.loads((held_run / "summary.json").read_text())["constraints"]
     records = [r for r in read_metrics(held_run / "metrics.jsonl") if r["constraint_losses"]]
     late = records[len(records) * 3 // 4:]
@@ -100,14 +103,14 @@ def resilient_variant(config: ExperimentConfig, held_run: Path) -> ExperimentCon
 
 
 def variant_config(variant: str, config: ExperimentConfig, output: Path) -> ExperimentConfig:
-    """The model `variant` of an experiment's config: "constrained" is the config as it is."""
+    """The model `variant` of an experiment's config (a copy): "constrained" is the config as it is."""
     if variant == "unconstrained":
         return unconstrained_variant(config)
     if variant == "resilient":
         return resilient_variant(config, output / "held")
     if variant in ("held", "measured"):
-        config.constraints.control = variant
-    return config
+        return dataclasses.replace(config, constraints=dataclasses.replace(config.constraints, control=variant))
+    return copy.deepcopy(config)
 
 
 def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> RunEvaluation:
@@ -117,7 +120,7 @@ def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> 
     if resume and evaluation.is_file():
         return RunEvaluation.from_dict(json.loads(evaluation.read_text()))
     print(f"== {run_dir.name}: evaluating")
-    return evaluate_run(run_dir, device=device, progress=progress)
+    return evaluate_run(run_dir, device=device, progress=progress, resample=True)
 
 
 def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = False, resume: bool = False,

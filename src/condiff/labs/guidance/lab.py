@@ -110,7 +110,15 @@ def run_guidance_lab(output: Path, *, overwrite: bool = False, progress: bool = 
     }
     write_json_atomic(output / "guidance_lab.json", results)
 
-    sections = [
+    sections = exact_sections(sizes, elapsed, sweep, geometries, phase_shift, reference)
+    if extra_sections is not None:
+        sections += list(extra_sections(output))
+    return write_report(output / "report.md", "condiff guidance-lab: guidance on Gaussian mixtures", sections)
+
+
+def exact_sections(sizes: LabSizes, elapsed: float, sweep, geometries, phase_shift, reference) -> list[tuple[str, str]]:
+    """The report's sections on the exact-score measurements."""
+    return [
         ("Setting", f"Exact scores of isotropic Gaussian mixtures (`condiff.gmm.guidance`), Ornstein-Uhlenbeck time "
                     f"(a_t = exp(-t)), guidance strength eta (classifier guidance = classifier-free guidance with "
                     f"w = eta). ODE = probability-flow ODE, SDE = reverse SDE. Sizes: reference setting "
@@ -125,9 +133,6 @@ def run_guidance_lab(output: Path, *, overwrite: bool = False, progress: bool = 
                            f"{', '.join(f'{eta:g}' for eta in SCATTER_ETAS)}.\n\n"
                            + image_md("guided_samples.png", "guided samples at several etas")),
         ("2. Component geometry with three components", geometry_section(geometries)),
-        ("3. Discretisation phase shift", phase_shift_section(phase_shift, example)),
+        ("3. Discretisation phase shift", phase_shift_section(phase_shift, PHASE_SHIFT_EXAMPLE)),
         ("4. Reference table of docs/guidance-reference.md", reference_section(reference)),
     ]
-    if extra_sections is not None:
-        sections += list(extra_sections(output))
-    return write_report(output / "report.md", "condiff guidance-lab: guidance on Gaussian mixtures", sections)
