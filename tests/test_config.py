@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from condiff.config import ConfigError, config_from_dict, load_config
+from condiff.config import ConfigError, ExperimentConfig, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.toml"))
@@ -99,9 +99,9 @@ def test_a_share_request_constrains_exactly_the_reduced_classes(path, tmp_path):
     config = load_shipped(path, tmp_path)
     if config.constraints.target_shares is None:
         pytest.skip("no share request")
-    reduced = sorted(int(k) for k, n in config.data.class_counts.items() if n < config.data.per_class)
+    reduced = sorted(k for k, n in config.data.class_counts.items() if n < config.data.per_class)
     assert config.constraints.classes == reduced
-    data_share = [config.data.class_counts[str(c)] / (config.data.per_class * 10 - sum(
+    data_share = [config.data.class_counts[c] / (config.data.per_class * 10 - sum(
         config.data.per_class - n for n in config.data.class_counts.values())) for c in reduced]
     assert all(target > share for target, share in zip(config.constraints.target_shares, data_share))
 
@@ -277,3 +277,24 @@ def test_the_shipped_configs_pass_without_the_optional_data(tmp_path):
                            "builds_its_data and fashion"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "1 skipped" in done.stdout and "not found" in done.stdout
+
+
+def test_class_counts_have_integer_keys_whether_written_in_toml_or_python(tmp_path):
+    """TOML keys are strings; the config's are class numbers, from a file or set in Python, and stored back."""
+    from_file = load_config(write(tmp_path, '[data]\nclass_counts = { 4 = 35, "5" = 30 }\n'))
+    assert from_file.data.class_counts == {4: 35, 5: 30}
+    in_python = ExperimentConfig()
+    in_python.data.class_counts = {7: 20}
+    assert in_python.validated().data.class_counts == {7: 20}
+    assert tomllib.loads(tomli_w.dumps(from_file.to_dict()))["data"]["class_counts"] == {"4": 35, "5": 30}
+
+
+def test_choices_are_literal_types_that_a_type_checker_sees():
+    import typing
+
+    from condiff.config import ConstraintsConfig, SampleConfig
+    hints = typing.get_type_hints(SampleConfig)
+    assert typing.get_args(hints["method"]) == ("ddim", "ddpm")
+    assert typing.get_args(typing.get_type_hints(ConstraintsConfig)["control"]) == ("held", "measured")
+    with pytest.raises(ConfigError, match=r"sample.method: 'euler' is not one of ddim, ddpm"):
+        config_from_dict({"sample": {"method": "euler"}})

@@ -8,6 +8,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
@@ -67,15 +68,13 @@ def seed_value(default):
     return field(default=default, metadata={"check": "seed"})
 
 
-def one_of(default, *others):
-    return field(default=default, metadata={"choices": (default, *others)})
 
 
 @dataclass
 class DataConfig:
-    dataset: str = one_of("digits", "gmm", "mnist", "fashion-mnist", "idx", "image-folder", "image-csv")
+    dataset: Literal["digits", "gmm", "mnist", "fashion-mnist", "idx", "image-folder", "image-csv"] = "digits"
     per_class: int | None = positive(None)      # training samples of every class (default: all)
-    class_counts: dict[str, int] = field(default_factory=dict)  # per-class overrides, e.g. {"4" = 40}
+    class_counts: dict[int, int] = field(default_factory=dict)  # per-class overrides: {4: 40} (TOML: { 4 = 40 })
     held_out_per_class: int = non_negative(30)  # image datasets: kept out of training, for the classifier
     max_per_class: int | None = positive(None)  # image datasets: use at most this many samples of every class
                                                 # (drawn at random before anything else; default: all)
@@ -95,7 +94,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = one_of("unet8", "unet28", "unet32", "unet", "mlp")   # unet: sized to the data; mlp: vectors
+    kind: Literal["unet8", "unet28", "unet32", "unet", "mlp"] = "unet8"   # unet: sized to the data; mlp: vectors
     block_out_channels: list[int] | None = None  # UNet widths, one level each (default: the preset's;
                                                 # unet: [32, 64])
     hidden: int = 128                           # mlp width
@@ -106,7 +105,7 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     num_train_timesteps: int = positive(1000, at_most=MAX_TIMESTEPS)
-    beta_schedule: str = one_of("linear", "scaled_linear", "squaredcos_cap_v2")
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     beta_start: float = positive(1e-4)
     beta_end: float = positive(0.02)
     clip_sample: bool | None = None             # clip predicted x0 to [-1, 1]; default: for pixels
@@ -132,10 +131,10 @@ class TrainConfig:
     label_dropout: float = non_negative(0.0)    # class-conditional models: share of labels replaced by
                                                 # "no class" (trains the unconditional half of
                                                 # classifier-free guidance; 0.1-0.2 is usual)
-    mixed_precision: str = one_of("no", "fp16", "bf16")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     channels_last: bool = False                 # NHWC weights and activations (faster convolutions on GPUs)
     compile: bool = False                       # torch.compile the network (accelerate's inductor backend)
-    log_with: str | None = one_of(None, "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+    log_with: Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"] | None = None
                                                 # an accelerate tracker beside metrics.jsonl (logs in RUN/trackers)
     log_every: int = positive(50)               # steps between metrics.jsonl writes (one host sync each)
     checkpoint_every: int = positive(500)
@@ -153,11 +152,11 @@ class ConstraintsConfig:
     # target_shares: "held" keeps Theorem 1's multipliers; "measured" starts there and steers them by the shares
     # the model generates (docs/share-control.md): every control_every steps, control_samples samples of
     # control_steps DDIM steps, labelled by the evaluation classifier, then log lambda += rate (log s - log s_hat)
-    control: str = one_of("held", "measured")
+    control: Literal["held", "measured"] = "held"
     control_every: int = positive(100)
     control_samples: int = positive(200)
     control_steps: int = positive(10)
-    control_method: str = one_of("dpm++", "ddim")   # the control samples' sampler (DPM-Solver++ is closer to DDIM-50)
+    control_method: Literal["dpm++", "ddim"] = "dpm++"   # the control samples' sampler (DPM-Solver++ is closer to DDIM-50)
     control_rate: float = positive(0.25)
     control_smoothing: float = non_negative(0.5)   # weight of the earlier counts in the smoothed share
     control_start: float = non_negative(0.2)    # share of training before the first control step
@@ -179,7 +178,7 @@ class FinetuneConfig:
     """Adapt a pretrained run to the data while staying close to it (fine-tuning without forgetting)."""
     pretrained: str = ""                        # run directory of the pretrained model: the starting point
     threshold: float | None = non_negative(None)    # bound on E||eps_pre - eps_theta||^2; unset: unconstrained
-    inputs: str = one_of("gaussian", "trajectory")  # x_t of that distance: pure noise, or the pretrained
+    inputs: Literal["gaussian", "trajectory"] = "gaussian"  # x_t of that distance: pure noise, or the pretrained
                                                     # model's own ancestral sampling paths
     trajectory_samples: int = positive(256)     # trajectory: ancestral sampling paths of the pretrained model
     states_per_trajectory: int = positive(50)   # trajectory: states kept per path (timesteps spread evenly)
@@ -190,7 +189,7 @@ class FinetuneConfig:
 
 @dataclass
 class DualConfig:
-    estimator: str = one_of("stratified", "mixture")
+    estimator: Literal["stratified", "mixture"] = "stratified"
     batch_size: int = positive(16)              # stratified: samples of every constraint set per step
     floor: float = positive(0.1)                # mixture: constraint i is drawn with weight max(lambda_i, floor)
     primal_steps_per_dual: int = positive(2)    # N
@@ -200,12 +199,12 @@ class DualConfig:
 
 @dataclass
 class SampleConfig:
-    method: str = one_of("ddim", "ddpm")
+    method: Literal["ddim", "ddpm"] = "ddim"
     steps: int = positive(50)
     num_samples: int = positive(1000)
     batch_size: int = positive(500)
     seed: int = seed_value(1234)
-    mixed_precision: str = one_of("no", "fp16", "bf16")   # autocast the network while sampling
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"   # autocast the network while sampling
     channels_last: bool = False                 # NHWC weights and activations while sampling
 
 

@@ -62,8 +62,8 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict:
         """A TOML-serialisable dict (None values dropped, as TOML has no null)."""
-        def drop_none(d):
-            return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+        def drop_none(d):   # keys as strings: TOML's (class_counts' integer keys read back as they were)
+            return {str(k): drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
         return drop_none(asdict(self))
 
 
@@ -88,9 +88,23 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _check_key(key, tp, where: str):
+    """A table's key as `tp`: integer keys are written as TOML strings ("4" = 35) or given as ints from Python."""
+    if tp is int:
+        text = str(key)
+        if isinstance(key, bool) or not (text.isascii() and text.isdigit()):   # int() takes other digits ("²")
+            raise ConfigError(f"{where}.{key}: not a class number")
+        return int(text)
+    return str(key)
+
+
 def _check_type(value, tp, where: str):
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         return _check_type(value, options[0], where)
@@ -102,8 +116,8 @@ def _check_type(value, tp, where: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
-        _, value_type = typing.get_args(tp)
-        return {str(k): _check_type(v, value_type, f"{where}.{k}") for k, v in value.items()}
+        key_type, value_type = typing.get_args(tp)
+        return {_check_key(k, key_type, where): _check_type(v, value_type, f"{where}.{k}") for k, v in value.items()}
     if tp in (int, float) and isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:
         raise ConfigError(f"{where}: {value} is beyond TOML's 64-bit integers")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -160,9 +174,6 @@ def _check_ranges(config: ExperimentConfig) -> None:
                 raise ConfigError(f"{where}: must be finite, got {value}")
             if check.get("check") == "seed":
                 check_seed(value, where)
-            if "choices" in check and value not in check["choices"]:
-                options = ", ".join(str(choice) for choice in check["choices"] if choice is not None)
-                raise ConfigError(f"{where}: {value!r} is not one of {options}")
             if check.get("check") == "positive" and value <= 0:
                 raise ConfigError(f"{where}: must be positive, got {value}")
             if check.get("at_most") is not None and value > check["at_most"]:
@@ -222,13 +233,11 @@ def _check_consistency(config: ExperimentConfig) -> None:
             raise ConfigError("data.means: required for the gmm dataset")
         if len({len(m) for m in data.means}) != 1:
             raise ConfigError("data.means: every mean must have the same dimension")
-        missing = [k for k in range(len(data.means)) if str(k) not in data.class_counts]
+        missing = [k for k in range(len(data.means)) if k not in data.class_counts]
         if data.per_class is None and missing:
             raise ConfigError(f"data.per_class: required for the gmm dataset (samples per component; "
                               f"data.class_counts leaves component {missing[0]} without a count)")
     for key, count in data.class_counts.items():
-        if not (key.isascii() and key.isdigit()):   # int() takes other digits than 0-9, or refuses them ("²")
-            raise ConfigError(f"data.class_counts.{key}: not a class number")
         if count < 0:
             raise ConfigError(f"data.class_counts.{key}: must be non-negative, got {count}")
     num_classes = known_num_classes(data)
@@ -319,7 +328,7 @@ def _check_name(name: str) -> None:
 def check_classes(config: ExperimentConfig, num_classes: int) -> None:
     data = config.data
     for key in data.class_counts:
-        if int(key) >= num_classes:
+        if key >= num_classes:
             raise ConfigError(f"data.class_counts.{key}: dataset {data.dataset} has no class {key} "
                               f"(classes 0-{num_classes - 1})")
     for i, label in enumerate(config.constraints.classes):

@@ -73,7 +73,7 @@ def class_counts(config: ExperimentConfig, available: list[int]) -> list[int]:
     data = config.data
     counts = [data.per_class if data.per_class is not None else n for n in available]
     for key, count in data.class_counts.items():
-        counts[int(key)] = count
+        counts[key] = count
     for label, (count, have) in enumerate(zip(counts, available)):
         if count > have:
             raise ConfigError(f"data.class_counts.{label}: class {label} has {have} training samples, "
@@ -156,7 +156,7 @@ def check_inputs(config: ExperimentConfig, source: str = "config") -> None:
 def build_data(config: ExperimentConfig) -> ExperimentData:
     data = config.data
     if data.dataset == "gmm":
-        counts = [data.class_counts.get(str(k), data.per_class) for k in range(len(data.means))]
+        counts = [data.class_counts.get(k, data.per_class) for k in range(len(data.means))]
         mixture = GaussianMixture.from_lists(data.means, std=data.std)
         reference_counts = [max(counts)] * len(counts)
         return ExperimentData(gaussian_mixture_dataset(data.means, data.std, counts, data.seed), None, None,

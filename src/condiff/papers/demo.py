@@ -57,7 +57,7 @@ def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None,
         f"{result.class_frequencies_high[c]:.3f}]" for c, target in zip(cons.classes, cons.target_shares or [])) + ". "
     return write_report(output / "report.md", "condiff demo: minority digits 4, 5, 7", [
         ("Setup", f"8x8 digits, {constrained.data.per_class} training images per class and "
-                  f"{constrained.data.class_counts['4']} for each of digits 4, 5, 7. Both models: "
+                  f"{constrained.data.class_counts[4]} for each of digits 4, 5, 7. Both models: "
                   f"{constrained.train.steps} steps of batch {constrained.train.batch_size}, UNet "
                   f"`{constrained.model.kind}`, DDIM-{constrained.sample.steps} sampling. The constrained model "
                   f"has {describe_constraints(constrained)}. "
