@@ -55,3 +55,28 @@ def test_the_site_builds_with_strict(tmp_path):
     reference = (site / "reference" / "index.html").read_text()
     assert "condiff.train" in reference and "condiff.Run" in reference   # the public namespace, from _EXPORTS
     assert "step_time.py" in (site / "benchmarks" / "index.html").read_text()   # benchmarks/README.md included
+
+
+def test_every_command_is_named_with_its_python_and_those_names_exist():
+    """docs/reference's table of every command from Python: each CLI command has a row, and every dotted name in
+    it resolves (a function that moved or was renamed fails here, not in a user's script)."""
+    import importlib
+    import re
+
+    from condiff.cli import build_parser
+
+    text = (ROOT / "docs" / "reference" / "index.md").read_text()
+    table = text.split("## Every command from Python")[1].split("\n## ")[0]
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert all(f"`condiff {name}" in table for name in commands), sorted(commands)
+    for dotted in set(re.findall(r"condiff(?:\.\w+)+", table)):
+        parts, value = dotted.split("."), None
+        for cut in range(len(parts), 0, -1):   # the longest importable module, then attributes
+            try:
+                value = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError:
+                continue
+            for attribute in parts[cut:]:
+                value = getattr(value, attribute)
+            break
+        assert value is not None, dotted

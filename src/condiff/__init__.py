@@ -16,19 +16,21 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "condiff.config": ["ConfigError", "ConstraintsConfig", "DataConfig", "DiffusionConfig", "DualConfig",
+    "condiff.config": ["ArgumentError", "ConfigError", "ConstraintsConfig", "DataConfig", "DiffusionConfig", "DualConfig",
                        "EvaluateConfig", "ExperimentConfig", "FinetuneConfig", "LatentConfig", "ModelConfig",
                        "SampleConfig", "TrainConfig", "load_config"],
     "condiff.run": ["Run", "Samples", "TrainingSummary", "train"],
     "condiff.lifecycle.evaluation": ["RunEvaluation"],
     "condiff.audit.results": ["AttributionResult", "AttributionSettings"],
-    "condiff.papers.demo": ["run_demo"],
-    "condiff.papers.reproduce": ["reproduce"],
-    "condiff.labs.guidance.lab": ["run_guidance_lab"],
     "condiff.models": ["MLPDenoiser", "build_model"],
     "condiff.rundir": ["RunDirectoryError"],
     "condiff.sampling.generate": ["SampleOutput", "generate", "sampling_scheduler"],
-    "condiff.sampling.guidance": ["ClassifierFreeGuidance", "ClassifierGuidance"],
+    "condiff.sampling.guidance": ["ClassifierFreeGuidance", "ClassifierGuidance", "Guidance"],
+    # the swappable parts, as Protocols: write one of these and pass it where condiff's own goes
+    "condiff.training.terms": ["LossTerm"],
+    "condiff.training.dual": ["DualRule"],
+    "condiff.training.estimators": ["LagrangianEstimator"],
+    "condiff.attribution.projector": ["Projector"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

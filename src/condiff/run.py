@@ -22,7 +22,7 @@ from condiff.config import ExperimentConfig
 from condiff.rundir import RunDirectory
 from condiff.lifecycle.build import load_pipeline, load_run_config
 from condiff.lifecycle.evaluation import RunEvaluation, evaluate_run
-from condiff.lifecycle.sampling import sample_run
+from condiff.lifecycle.sampling import sample_run, train_noise_classifier_run
 from condiff.lifecycle.training import train_run
 from condiff.sampling.generate import load_samples
 
@@ -94,6 +94,13 @@ class Run:
         when there is none; samples of another drawing are replaced only with `resample` (a `Samples` obtained
         earlier then points at the new ones), refused otherwise. See `evaluate_run`."""
         return evaluate_run(self.path, num_samples=num_samples, device=device, progress=progress, resample=resample)
+
+    def train_noise_classifier(self, steps: int = 2000, *, overwrite: bool = False,
+                               device: str | torch.device | None = None, progress: bool = True) -> dict:
+        """Train the noise-aware classifier that classifier guidance follows (RUN/noise_classifier); its held-out
+        accuracy by timestep. See `train_noise_classifier_run`."""
+        return train_noise_classifier_run(self.path, steps=steps, overwrite=overwrite, device=device,
+                                          progress=progress)
 
     def attribute(self, settings: AttributionSettings | None = None, *, resume: bool = False, overwrite: bool = False,
                   device: str | torch.device | None = None, progress: bool = True) -> AttributionResult:
