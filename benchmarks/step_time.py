@@ -159,14 +159,14 @@ def drawn(term: DatasetTerm) -> int:
     return term.sampler.epoch * term.sampler.size + term.sampler.position
 
 
-def stamped_train(model, scheduler, objective, constraints, config, dual_config, accelerator=None):
+def stamped_train(model, objective, constraints, config, dual_config, accelerator=None):
     """(on_step time stamps, metrics records) of condiff's train() into a temporary run directory (no records
     on the other processes of a multi-process run)."""
     stamps: list[float] = []
     with tempfile.TemporaryDirectory(prefix="condiff-bench-") as tmp, open(os.devnull, "w") as devnull, \
             contextlib.redirect_stderr(devnull):
         # tqdm's bar is drawn (to /dev/null), so its cost stays in the measurement.
-        condiff_train.train(model, scheduler, objective, constraints, config, dual_config, Path(tmp),
+        condiff_train.train(model, objective, constraints, config, dual_config, Path(tmp),
                             accelerator=accelerator, on_step=lambda record: stamps.append(time.perf_counter()))
         log = Path(tmp) / "metrics.jsonl"   # written by the main process only
         records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -232,7 +232,7 @@ class CondiffVariant:
                                  lr=args.dual_lr, lr_relative=False)
         seeded = initial_multipliers(args.multiplier) if constraints else contextlib.nullcontext()
         with seeded:
-            stamps, records = stamped_train(model, self.scheduler, objective, constraints, config, dual_config)
+            stamps, records = stamped_train(model, objective, constraints, config, dual_config)
         self.info = {"multipliers_end": records[-1]["multipliers"],
                      "dual_steps": sum(r["dual_step"] for r in records),
                      "data_samples_per_step": drawn(objective) / steps,

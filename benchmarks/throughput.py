@@ -129,7 +129,7 @@ class Variant:
 def condiff_training(setup: Setup, config, accelerator=None) -> list[float]:
     """on_step stamps of condiff's train(), unconstrained."""
     objective = DatasetTerm("data", setup.dataset, setup.scheduler)
-    return stamped_train(setup.new_model(), setup.scheduler, objective, [], config, DualConfig(), accelerator)[0]
+    return stamped_train(setup.new_model(), objective, [], config, DualConfig(), accelerator)[0]
 
 
 # ----------------------------------------------------------------------------------------- training

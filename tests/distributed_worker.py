@@ -7,8 +7,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+import condiff
 from condiff.config import load_config
-from condiff.lifecycle.training import train_run
 
 config_path, record_dir = sys.argv[1], Path(sys.argv[2])
 # Accelerator, not a bare PartialState: only Accelerator reads ACCELERATE_USE_CPU, and without it the
@@ -20,4 +20,4 @@ with open(record_dir / f"rank{rank}.jsonl", "w") as out:
     def record_multipliers(record):
         if record["dual_step"]:
             out.write(json.dumps({"step": record["step"], "multipliers": record["multipliers"]}) + "\n")
-    train_run(load_config(config_path), on_step=record_multipliers, accelerator=accelerator)
+    condiff.train(load_config(config_path), on_step=record_multipliers, accelerator=accelerator).path

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import condiff
 from condiff.attribution.features import GradientFeaturizer
 from condiff.attribution.trak import trak_scores
 from condiff.cli import main
@@ -26,18 +27,16 @@ FEATURES = f"features-{AttributionSettings().output}-K4-k128-sparse"   # under t
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_config):
     """The constrained tiny run (class 2 the constraint set), EMA on: checkpoints at steps 10 and 20."""
-    from condiff.lifecycle.training import train_run
 
-    return train_run(tiny_config(tmp_path_factory.mktemp("attribute") / "run", train={"steps": 20}))
+    return condiff.train(tiny_config(tmp_path_factory.mktemp("attribute") / "run", train={"steps": 20})).path
 
 
 @pytest.fixture(scope="module")
 def run_without_ema(tmp_path_factory, tiny_config):
     """EMA off: its last checkpoint (step 20) holds the final model's very weights."""
-    from condiff.lifecycle.training import train_run
 
-    return train_run(tiny_config(tmp_path_factory.mktemp("attribute-plain") / "run",
-                                 train={"steps": 20, "ema_decay": 0.0}))
+    return condiff.train(tiny_config(tmp_path_factory.mktemp("attribute-plain") / "run",
+                                 train={"steps": 20, "ema_decay": 0.0})).path
 
 
 @pytest.fixture
@@ -146,9 +145,8 @@ def test_attribution_json_and_the_report_sum_the_scores_per_class_and_constraint
 
 
 def test_an_unconstrained_run_has_class_sums_but_no_constraint_set(tmp_path, tiny_config):
-    from condiff.lifecycle.training import train_run
 
-    run = train_run(tiny_config(tmp_path / "run", constraints=None, train={"steps": 10}))
+    run = condiff.train(tiny_config(tmp_path / "run", constraints=None, train={"steps": 10})).path
     result = attribute_run(run, AttributionSettings(**SMALL), progress=False)
     assert result.constraint_classes == [] and all(step.constraint_set is None for step in result.steps)
     assert all(len(sums) == 3 for step in result.steps for sums in step.class_sums)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import condiff
 from condiff.attribution.features import GradientFeaturizer, timestep_grid
 from condiff.attribution.projector import PROJECTORS
 from condiff.attribution.trak import trak_scores
@@ -63,8 +64,8 @@ def copy_of(run, tmp_path):
 
 @pytest.fixture(scope="module")
 def conditional_run(tmp_path_factory, tiny_config):
-    return train_run(tiny_config(tmp_path_factory.mktemp("conditional") / "run", constraints=None,
-                                 model={"class_conditional": True}, train={"steps": 20, "label_dropout": 0.2}))
+    return condiff.train(tiny_config(tmp_path_factory.mktemp("conditional") / "run", constraints=None,
+                                 model={"class_conditional": True}, train={"steps": 20, "label_dropout": 0.2})).path
 
 
 @pytest.mark.parametrize("chosen", [None, 1])
@@ -109,13 +110,13 @@ def test_a_samples_file_gives_the_class_its_samples_were_drawn_as(conditional_ru
     assert_scores(file_scores, np.load(generated.directory / "scores.npy"))
     copy = copy_of(conditional_run, tmp_path)
     refused(["attribute", str(copy), "--samples", "2", "--samples-file", str(path), "--class", "1"], capsys, copy,
-            "--class 1", "drawn as class 2")
+            "--class: 1", "drawn as class 2")
     refused(["attribute", str(copy), "--class", "3"], capsys, copy, "--class", "classes 0-2, not 3")
 
 
 def test_a_class_is_refused_for_an_unconditional_model(ensemble_runs, tmp_path, capsys):
     copy = copy_of(ensemble_runs["seed 0"], tmp_path)
-    refused(["attribute", str(copy), "--class", "1"], capsys, copy, "--class 1", "not class-conditional",
+    refused(["attribute", str(copy), "--class", "1"], capsys, copy, "--class: 1", "not class-conditional",
             "--samples-file")
 
 
@@ -128,7 +129,7 @@ def test_a_conditional_unet_on_digits_is_attributed(tmp_path):
         "model": {"kind": "unet8", "block_out_channels": [8, 16], "class_conditional": True},
         "train": {"steps": 4, "batch_size": 16, "label_dropout": 0.2, "warmup_steps": 1, "checkpoint_every": 4},
         "evaluate": {"classifier_epochs": 1}})
-    result = attribute_run(train_run(config), AttributionSettings(**{**SMALL, "journey_every": 25}), progress=False)
+    result = attribute_run(condiff.train(config).path, AttributionSettings(**{**SMALL, "journey_every": 25}), progress=False)
     assert np.load(result.directory / "scores.npy").shape == (60, 2, 2)
     assert result.posterior_source.startswith("condiff's evaluation classifier")
     for journey in result.journeys:
@@ -150,12 +151,12 @@ def latent_run(tmp_path_factory):
     digits = load_digits_dataset()
     vae = train_autoencoder(take_per_class(digits, [20] * 10, 0), steps=20, batch_size=64, seed=0, progress=False)
     autoencoder = save_autoencoder(vae, root / "vae")
-    run = train_run(config_from_dict({
+    run = condiff.train(config_from_dict({
         "name": "latent", "output_dir": str(root / "run"), "latent": {"autoencoder": str(autoencoder)},
         "data": {"dataset": "digits", "per_class": 6, "held_out_per_class": 20},
         "model": {"kind": "unet", "block_out_channels": [16, 32]},
         "train": {"steps": 4, "batch_size": 16, "warmup_steps": 1, "checkpoint_every": 4},
-        "evaluate": {"classifier_epochs": 1}}))
+        "evaluate": {"classifier_epochs": 1}})).path
     shutil.rmtree(autoencoder)
     return run
 
@@ -196,9 +197,9 @@ def test_a_fine_tuned_run_is_attributed_to_its_own_fine_tuning_data(ensemble_run
     """Pretrained on the three components, fine-tuned on 30 points of component 2: those 30 are its
     training set, not the pretrained run's 90."""
     pretrained = ensemble_runs["seed 0"]
-    run = train_run(tiny_config(tmp_path / "finetuned", constraints=None, train={"steps": 10},
+    run = condiff.train(tiny_config(tmp_path / "finetuned", constraints=None, train={"steps": 10},
                                 data={"class_counts": {"0": 0, "1": 0, "2": 30}},
-                                finetune={"pretrained": str(pretrained)}))
+                                finetune={"pretrained": str(pretrained)})).path
     settings = AttributionSettings(**SMALL)
     result = attribute_run(run, settings, progress=False)
     _, featurizer = featurizer_of(run, settings)
@@ -223,12 +224,12 @@ def ensemble_runs(tmp_path_factory, tiny_config):
     another architecture, a subset of the training set."""
     root = tmp_path_factory.mktemp("ensemble")
     tiny = {"constraints": None}
-    runs = {f"seed {seed}": train_run(tiny_config(root / f"seed{seed}", **tiny, train={"steps": 20, "seed": seed}))
+    runs = {f"seed {seed}": condiff.train(tiny_config(root / f"seed{seed}", **tiny, train={"steps": 20, "seed": seed})).path
             for seed in (0, 1)}
-    runs["other data"] = train_run(tiny_config(root / "data", **tiny, train={"steps": 20, "seed": 2},
-                                               data={"per_class": 30}))
-    runs["other architecture"] = train_run(tiny_config(root / "model", **tiny, train={"steps": 20, "seed": 2},
-                                                       model={"hidden": 16}))
+    runs["other data"] = condiff.train(tiny_config(root / "data", **tiny, train={"steps": 20, "seed": 2},
+                                               data={"per_class": 30})).path
+    runs["other architecture"] = condiff.train(tiny_config(root / "model", **tiny, train={"steps": 20, "seed": 2},
+                                                       model={"hidden": 16})).path
     keep = np.ones(90, dtype=bool)
     keep[::3] = False
     runs["subset"] = train_run(tiny_config(root / "subset", **tiny, train={"steps": 20, "seed": 2}), keep=keep,
@@ -274,7 +275,7 @@ def test_a_run_of_other_data_or_architecture_is_refused_from_the_ensemble(ensemb
                                                                           expected):
     copy = copy_of(ensemble_runs["seed 0"], tmp_path)
     refused(["attribute", str(copy), "--models", str(ensemble_runs["seed 1"]), str(ensemble_runs[other])], capsys,
-            copy, f"--models {ensemble_runs[other]}", *expected)
+            copy, f"--models: {ensemble_runs[other]}", *expected)
 
 
 # Against ground truth: a class-conditional model of four Gaussian components
@@ -289,7 +290,7 @@ def test_targets_of_a_class_are_guided_late_by_that_class_and_end_in_it(tmp_path
                          model={"hidden": 64, "layers": 2, "class_conditional": True},
                          train={"steps": 2000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50,
                                 "checkpoint_every": 2000, "ema_decay": 0.0, "label_dropout": 0.2})
-    result = attribute_run(train_run(config), AttributionSettings(
+    result = attribute_run(condiff.train(config).path, AttributionSettings(
         num_targets=8, steps=(100,), top=20, resamplings=10, dimension=512, target_class=2, journey_every=5),
         progress=False)
     assert result.target_classes == [2] * 8

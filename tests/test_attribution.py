@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import condiff
 from condiff.attribution.features import GradientFeaturizer, output_value
 from condiff.attribution.projector import GaussianProjector, SparseProjector
 from condiff.attribution.trak import RidgePath, choose_ridge, ensemble_scores, ridge, trak_scores
@@ -152,7 +153,6 @@ def mixture_attribution(tmp_path_factory, tiny_config):
     """A model of four equal Gaussian components, 40 samples with their x0 predictions at every DDIM step,
     and the D-TRAK features of its 400 training points (K = 10 timesteps)."""
     from condiff.lifecycle.build import build_data, load_pipeline
-    from condiff.lifecycle.training import train_run
     from condiff.sampling.generate import generate, sampling_scheduler
 
     config = tiny_config(tmp_path_factory.mktemp("attribution") / "run", constraints=None,
@@ -161,7 +161,7 @@ def mixture_attribution(tmp_path_factory, tiny_config):
                          model={"hidden": 64, "layers": 2},
                          train={"steps": 2000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50,
                                 "checkpoint_every": 2000, "ema_decay": 0.0})
-    pipeline = load_pipeline(train_run(config))
+    pipeline = load_pipeline(condiff.train(config).path)
     data = build_data(config)
     samples = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), 40, num_inference_steps=50,
                        record_x0=True, seed=0, progress=False)
@@ -192,9 +192,8 @@ SMALL = dict(num_targets=3, steps=(900, 100), top=4, train_timesteps=4, resampli
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_config):
-    from condiff.lifecycle.training import train_run
 
-    return train_run(tiny_config(tmp_path_factory.mktemp("attribute") / "run", train={"steps": 20}))
+    return condiff.train(tiny_config(tmp_path_factory.mktemp("attribute") / "run", train={"steps": 20})).path
 
 
 def test_attribute_writes_scores_tops_journeys_and_a_report(tiny_run):

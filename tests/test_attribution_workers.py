@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import condiff
 
 pytestmark = pytest.mark.slow   # torchrun processes
 
@@ -30,9 +31,8 @@ def torchrun(*arguments: str, processes: int = 2) -> None:
 
 def test_attribute_under_two_processes_writes_what_one_writes(tiny_config, tmp_path, one_torch_thread):
     from condiff.cli import main
-    from condiff.lifecycle.training import train_run
 
-    run = train_run(tiny_config(tmp_path / "run", train={"steps": 20}))
+    run = condiff.train(tiny_config(tmp_path / "run", train={"steps": 20})).path
     arguments = ["-m", "condiff", "attribute", str(run), "--samples", "2", "--timesteps", "500,100", "--output-function", "dtrak",
                  "--train-timesteps", "3", "--dimension", "64", "--journey-every", "0"]
     assert main(arguments[2:]) == 0   # one process: this one

@@ -15,9 +15,9 @@ import torch
 from accelerate.state import AcceleratorState
 
 import condiff.lifecycle.sampling as sampling
+import condiff
 from condiff.config import TrainConfig, config_from_dict
 from condiff.lifecycle.build import load_pipeline
-from condiff.lifecycle.training import train_run
 from condiff.sampling.generate import generate, load_samples, network_precision, sampling_scheduler
 from condiff.training.loop import make_accelerator
 
@@ -29,12 +29,12 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 def run(tmp_path_factory):
     """A small digits UNet, trained a little (1-2 s): an untrained network's DDIM path amplifies any rounding
     difference, a trained one's does not. Its config samples in bf16 and channels_last."""
-    return train_run(config_from_dict({
+    return condiff.train(config_from_dict({
         "name": "unet", "output_dir": str(tmp_path_factory.mktemp("throughput") / "run"),
         "data": {"dataset": "digits", "per_class": 30}, "model": {"kind": "unet8", "block_out_channels": [16, 32]},
         "train": {"steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 60},
         "sample": {"num_samples": 12, "batch_size": 8, "steps": 10, "seed": 1, "mixed_precision": "bf16",
-                   "channels_last": True}}))
+                   "channels_last": True}})).path
 
 
 def draw(run, **options) -> torch.Tensor:

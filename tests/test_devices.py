@@ -13,10 +13,11 @@ import torch
 from accelerate import Accelerator, PartialState
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+import condiff
 from condiff.config import config_from_dict
 from condiff.lifecycle.evaluation import evaluate_run
 from condiff.lifecycle.sampling import sample_run, train_noise_classifier_run
-from condiff.lifecycle.training import train_autoencoder_for, train_run
+from condiff.lifecycle.training import train_autoencoder_for
 from condiff.models import build_model
 from condiff.sampling.generate import generate, sampling_scheduler
 
@@ -58,7 +59,7 @@ def digits_run(tmp_path_factory):
         "sample": {"num_samples": 8, "batch_size": 8, "steps": 2},
         "evaluate": {"classifier_epochs": 1},
     })
-    run = train_run(config)
+    run = condiff.train(config).path
     sample_run(run, progress=False)    # evaluation finds matching samples and goes straight to its classifier
     return config, run
 
@@ -84,7 +85,7 @@ def test_the_accelerators_device_is_the_default_everywhere(digits_run, tmp_path,
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path))
     config.output_dir = str(tmp_path / "train")
     works = {
-        "train": lambda: train_run(config),
+        "train": lambda: condiff.train(config).path,
         "sample": lambda: sample_run(run, progress=False),
         "evaluate": lambda: evaluate_run(run, progress=False),
         "noise classifier": lambda: train_noise_classifier_run(run, steps=1, progress=False),

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from diffusers import DDPMPipeline
 
-from condiff.lifecycle.training import train_run
+import condiff
 from condiff.rundir import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_every_saved_model_has_a_model_card(tmp_path, tiny_config):
-    run = train_run(tiny_config(tmp_path / "run"))
+    run = condiff.train(tiny_config(tmp_path / "run")).path
     card = (run / "model" / "README.md").read_text()
     summary = json.loads((run / "summary.json").read_text())
     multiplier = summary["multipliers"]["class 2"]
@@ -32,7 +32,7 @@ def test_tensorboard_logs_the_metrics_offline(tmp_path, tiny_config):
     pytest.importorskip("tensorboard", reason="the tensorboard extra (pip install 'condiff[tensorboard]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = train_run(tiny_config(tmp_path / "run", train={"log_with": "tensorboard"}))
+    run = condiff.train(tiny_config(tmp_path / "run", train={"log_with": "tensorboard"})).path
     events = EventAccumulator(str(run / "trackers")).Reload()
     records = read_metrics(run / "metrics.jsonl")
     logged = events.Scalars("multiplier/class 2")

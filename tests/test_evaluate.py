@@ -13,6 +13,7 @@ import pytest
 import scipy.linalg
 import torch
 
+import condiff
 from condiff.config import ConfigError, EvaluateConfig, config_from_dict
 from condiff.data.datasets import gaussian_mixture_dataset, load_digits_dataset, split_per_class
 from condiff.evaluation import classifier as classifier_module

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import condiff
 from condiff.cli import main
-from condiff.lifecycle.training import train_run
 from condiff.training.loop import StopTraining
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,13 +58,13 @@ def faults_config(tiny_config):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, faults_config):
-    return train_run(faults_config(tmp_path_factory.mktemp("reference") / "run"))
+    return condiff.train(faults_config(tmp_path_factory.mktemp("reference") / "run")).path
 
 
 def test_divergence_stops_with_one_line_and_resume_continues_with_a_smaller_rate(tmp_path, capsys, faults_config):
     run = tmp_path / "run"
     with pytest.raises(StopTraining):
-        train_run(faults_config(run), on_step=crash_at(9))     # checkpoint step-8 is healthy
+        condiff.train(faults_config(run), on_step=crash_at(9)).path     # checkpoint step-8 is healthy
     assert main(["train", str(run), "--resume", "--set", "train.lr=1e30"]) == 2
     line = error_line(capsys)
     assert line.startswith("condiff: error: step 10: ") and "not finite" in line, line
@@ -97,16 +97,16 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, reference, faul
     run = tmp_path / "run"
     config = faults_config(run)
     with pytest.raises(StopTraining):
-        train_run(config, on_step=crash_at(10))
+        condiff.train(config, on_step=crash_at(10)).path
     with open(run / "metrics.jsonl", "a") as file:
         file.write('{"step": 11, "lr": 0.0')     # what a kill during the write leaves
-    train_run(config, resume=True)
+    condiff.train(config, resume=True).path
     assert_same_run(run, reference)
 
 
 def test_a_moved_run_resumes_from_its_own_config(tmp_path, reference, capsys, faults_config):
     with pytest.raises(StopTraining):
-        train_run(faults_config(tmp_path / "first"), on_step=crash_at(10))
+        condiff.train(faults_config(tmp_path / "first"), on_step=crash_at(10)).path
     moved = tmp_path / "elsewhere" / "moved"
     moved.parent.mkdir()
     shutil.move(tmp_path / "first", moved)
@@ -119,11 +119,11 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, referenc
     run = tmp_path / "run"
     config = faults_config(run, keep_checkpoints=2)
     with pytest.raises(StopTraining):
-        train_run(config, on_step=crash_at(10))
+        condiff.train(config, on_step=crash_at(10)).path
     state = run / "checkpoints" / "step-0000008" / "state.safetensors"
     state.write_bytes(state.read_bytes()[:100])           # half-written
     with pytest.warns(UserWarning, match="step-0000008: damaged checkpoint skipped"):
-        train_run(config, resume=True)
+        condiff.train(config, resume=True).path
     assert_same_run(run, reference)
 
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
+import condiff
 from condiff.config import ConfigError, config_from_dict
 from condiff.data.datasets import class_shares
 from condiff.lifecycle.build import build_data, check_inputs
-from condiff.lifecycle.training import train_run
 from condiff.models import build_model
 from condiff.sampling.generate import generate, sampling_scheduler
 from condiff.training.terms import PretrainedModelTerm, per_sample_loss
@@ -42,7 +42,7 @@ def gmm_config(tmp_path, name, counts, steps, finetune=None):
 
 
 def sampled_shares(config):
-    run_dir = train_run(config)
+    run_dir = condiff.train(config).path
     pipeline = DDPMPipeline.from_pretrained(run_dir / "model")
     out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), 4000, num_inference_steps=50,
                    batch_size=4000, seed=0, progress=False)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from diffusers import DDPMPipeline
 
+import condiff
 from condiff.config import config_from_dict
 from condiff.data.datasets import class_shares
 from condiff.evaluation.metrics import total_variation
 from condiff.lifecycle.build import build_data
-from condiff.lifecycle.training import train_run
 from condiff.sampling.generate import generate, sampling_scheduler
 
 pytestmark = pytest.mark.slow   # trains to Theorem 1's optimum
@@ -43,7 +43,7 @@ def gmm_config(tmp_path, name, estimator="stratified", constraints=None):
 
 def sampled_shares(config, num_samples=NUM_SAMPLES):
     """(sampled class shares, summary.json, run directory) of a freshly trained run."""
-    run_dir = train_run(config)
+    run_dir = condiff.train(config).path
     pipeline = DDPMPipeline.from_pretrained(run_dir / "model")
     out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), num_samples,
                    num_inference_steps=50, batch_size=num_samples, seed=0, progress=False)

@@ -15,12 +15,12 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
+import condiff
 from condiff.cli import main
 from condiff.config import ConfigError, config_from_dict
 from condiff.data.datasets import class_shares, gaussian_mixture_dataset
 from condiff.lifecycle.build import build_data
 from condiff.lifecycle.build import evaluation_classifier
-from condiff.lifecycle.training import train_run
 from condiff.gmm.guidance import guided_score
 from condiff.gmm.mixture import ExactNoisePredictor, GaussianMixture
 from condiff.sampling.generate import generate, sampling_scheduler
@@ -130,7 +130,7 @@ def gmm_config(tmp_path, name, **sections):
 def conditional_gmm_run(tmp_path_factory):
     """A class-conditional MLP, constrained (minority components 2 and 3) and trained with label dropout."""
     config = gmm_config(tmp_path_factory.mktemp("cfg"), "conditional", constraints={"classes": [2, 3], "gamma": 0.5})
-    return config, train_run(config)
+    return config, condiff.train(config).path
 
 
 def test_conditional_constrained_model_samples_each_class_and_theorem_1_without_a_label(conditional_gmm_run):
@@ -203,7 +203,7 @@ def test_guidance_raises_the_digit_classifiers_confidence_monotonically(tmp_path
              "train": {"steps": 400, "batch_size": 64, "lr": 2e-3, "warmup_steps": 40, "checkpoint_every": 400,
                        "label_dropout": 0.15}}
     config = config_from_dict(table)
-    run = train_run(config)
+    run = condiff.train(config).path
     pipeline = DDPMPipeline.from_pretrained(run / "model")
     classifier, _ = evaluation_classifier(config, build_data(config))
     labels = torch.arange(10).repeat_interleave(20)
@@ -229,9 +229,9 @@ def test_label_dropout_config_errors(tmp_path):
 
 
 def test_sample_command_with_class_and_guidance(tmp_path, capsys):
-    conditional = train_run(gmm_config(tmp_path, "c", train={"steps": 20, "checkpoint_every": 20}))
-    unconditional = train_run(gmm_config(tmp_path, "u", model={"class_conditional": False},
-                                         train={"steps": 20, "checkpoint_every": 20, "label_dropout": 0.0}))
+    conditional = condiff.train(gmm_config(tmp_path, "c", train={"steps": 20, "checkpoint_every": 20})).path
+    unconditional = condiff.train(gmm_config(tmp_path, "u", model={"class_conditional": False},
+                                         train={"steps": 20, "checkpoint_every": 20, "label_dropout": 0.0})).path
     assert main(["sample", str(conditional), "--class", "2", "--guidance", "1.5"]) == 0
     saved = np.load(conditional / "samples-class2-cfg1.5.npz")["samples"]
     assert saved.shape == (200, 2) and (conditional / "samples-class2-cfg1.5.png").is_file()

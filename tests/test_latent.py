@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+import condiff
 from condiff.data.datasets import load_digits_dataset, split_per_class
 from condiff.data.latent import (
     AutoencoderLoadError,
@@ -197,10 +198,9 @@ def test_latent_run_trains_on_latents_and_samples_decoded_images(saved_vae, vae,
     from condiff.lifecycle.build import build_data
     from condiff.lifecycle.build import evaluation_classifier
     from condiff.lifecycle.evaluation import evaluate_run
-    from condiff.lifecycle.training import train_run
 
     config = latent_config(tmp_path, saved_vae)
-    run = train_run(config)
+    run = condiff.train(config).path
     pipeline = DDPMPipeline.from_pretrained(run / "model")
     assert pipeline.unet.config.sample_size == 4 and pipeline.unet.config.in_channels == 4
     assert pipeline.scheduler.config.clip_sample is False
@@ -244,11 +244,10 @@ def test_latent_config_errors_name_the_field(saved_vae, tmp_path):
 
 def test_a_unet_preset_that_does_not_fit_the_latents_is_refused_before_anything_is_written(saved_vae, tmp_path):
     from condiff.config import ConfigError
-    from condiff.lifecycle.training import train_run
 
     config = latent_config(tmp_path, saved_vae, model={"kind": "unet8"})
     with pytest.raises(ConfigError, match=r"model\.kind: unet8 expects images of 8x8, not samples of shape \(4, 4, 4\)"):
-        train_run(config)
+        condiff.train(config).path
     assert not (tmp_path / "run").exists()
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import condiff
 from condiff.config import ConfigError
-from condiff.lifecycle.training import train_run
 from condiff.rundir import RunDirectoryError
 from condiff.training.loop import StopTraining
 
@@ -25,13 +25,13 @@ def crash_at(step):
 
 @pytest.mark.parametrize("estimator", ["stratified", "mixture"])
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, estimator, tiny_config):
-    reference = train_run(tiny_config(tmp_path / "reference", dual={"estimator": estimator}))
+    reference = condiff.train(tiny_config(tmp_path / "reference", dual={"estimator": estimator})).path
     config = tiny_config(tmp_path / "interrupted", dual={"estimator": estimator})
     # step 25 is mid-window (N = 3) and after the step-20 checkpoint: steps 21-25 are redone
     with pytest.raises(StopTraining):
-        train_run(config, on_step=crash_at(25))
+        condiff.train(config, on_step=crash_at(25)).path
     assert (tmp_path / "interrupted" / "checkpoints" / "latest").read_text() == "step-0000020"
-    resumed = train_run(config, resume=True)
+    resumed = condiff.train(config, resume=True).path
 
     ref_summary = json.loads((reference / "summary.json").read_text())
     res_summary = json.loads((resumed / "summary.json").read_text())
@@ -45,32 +45,32 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, estimator, ti
 def test_resume_refuses_a_changed_config(tmp_path, tiny_config):
     config = tiny_config(tmp_path / "run", dual={"estimator": "stratified"})
     with pytest.raises(StopTraining):
-        train_run(config, on_step=crash_at(12))
+        condiff.train(config, on_step=crash_at(12)).path
     config.train.batch_size = 32
     files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     with pytest.raises(ConfigError, match=r"cannot resume with a different config \(changed: train.batch_size\)"):
-        train_run(config, resume=True)
+        condiff.train(config, resume=True).path
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
 
 
 def test_existing_run_directory_is_never_overwritten_silently(tmp_path, tiny_config):
     config = tiny_config(tmp_path / "run", dual={"estimator": "stratified"})
     config.train.steps = 5
-    train_run(config)
+    condiff.train(config).path
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     with pytest.raises(RunDirectoryError, match="--overwrite"):
-        train_run(config)
+        condiff.train(config).path
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
-    train_run(config, overwrite=True)
+    condiff.train(config, overwrite=True).path
 
 
 def test_an_unfinished_checkpoint_write_leaves_the_previous_one_in_use(tmp_path, tiny_config):
     config = tiny_config(tmp_path / "run", dual={"estimator": "mixture"})
     with pytest.raises(StopTraining):
-        train_run(config, on_step=crash_at(15))
+        condiff.train(config, on_step=crash_at(15)).path
     # a crash while writing step 20 leaves a temporary folder, never a half-written step-0000020
     (tmp_path / "run" / "checkpoints" / ".step-0000020.x1y2z3.tmp").mkdir()
-    train_run(config, resume=True)
+    condiff.train(config, resume=True).path
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000040"
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+import condiff
 from condiff.cli import main
 from condiff.config import ExperimentConfig
-from condiff.lifecycle.training import train_run
 from condiff.rundir import (
     MARKER,
     PROJECT_ROOT,
@@ -69,17 +69,17 @@ def test_train_and_autoencoder_overwrite_refuse_a_users_folder(tmp_path, capsys,
 
 
 def test_a_config_built_in_python_never_empties_the_working_directory(tmp_path, monkeypatch):
-    """`c = ExperimentConfig(); c.train.steps = 2; train_run(c, overwrite=True)` once emptied the cwd."""
+    """`c = ExperimentConfig(); c.train.steps = 2; condiff.train(c, overwrite=True).path` once emptied the cwd."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "thesis.tex").write_text("precious")
     config = ExperimentConfig()
     config.train.steps, config.train.batch_size, config.data.per_class = 2, 8, 20
-    run = train_run(config, overwrite=True)
+    run = condiff.train(config, overwrite=True).path
     assert run == Path("runs") / config.name and (tmp_path / "runs" / config.name / "model").is_dir()
     assert (tmp_path / "thesis.tex").read_text() == "precious"
     config.output_dir = "."
     with pytest.raises(RunDirectoryError, match="current directory"):
-        train_run(config, overwrite=True)
+        condiff.train(config, overwrite=True).path
     assert (tmp_path / "thesis.tex").read_text() == "precious"
 
 

@@ -13,10 +13,10 @@ import torch
 from diffusers import DDPMPipeline
 from scipy.stats import binomtest
 
+import condiff
 from condiff.config import ConfigError, config_from_dict
 from condiff.data.datasets import class_shares
 from condiff.lifecycle.build import build_data
-from condiff.lifecycle.training import train_run
 from condiff.sampling.generate import generate, sampling_scheduler
 from condiff.training.control import ShareController, wilson_interval
 from condiff.training.dual import multipliers_for_target_shares, predicted_shares
@@ -88,15 +88,15 @@ def measured_tiny(output_dir, **train):
 
 
 def test_a_killed_run_under_measured_control_resumes_exactly(tmp_path):
-    reference = train_run(measured_tiny(tmp_path / "reference"))
+    reference = condiff.train(measured_tiny(tmp_path / "reference")).path
     config = measured_tiny(tmp_path / "interrupted")
 
     def crash(record):
         if record["step"] == 25:
             raise StopTraining("simulated crash after step 25")
     with pytest.raises(StopTraining):
-        train_run(config, on_step=crash)
-    resumed = train_run(config, resume=True)
+        condiff.train(config, on_step=crash).path
+    resumed = condiff.train(config, resume=True).path
     summaries = [json.loads((run / "summary.json").read_text()) for run in (reference, resumed)]
     assert all(s.pop("train_seconds") > 0 for s in summaries)    # wall-clock time: the one thing that differs
     assert summaries[0] == summaries[1]
@@ -129,7 +129,7 @@ def test_measured_control_reaches_the_shares_held_multipliers_miss_on_a_mixture(
     shares = {}
     for control in ("held", "measured"):
         config = mixture_run(tmp_path, control)
-        pipeline = DDPMPipeline.from_pretrained(train_run(config) / "model")
+        pipeline = DDPMPipeline.from_pretrained(condiff.train(config).path / "model")
         out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim"), 6000, num_inference_steps=50,
                        batch_size=6000, seed=0, progress=False)
         labels = build_data(config).mixture.classify(out.samples)

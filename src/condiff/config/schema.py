@@ -151,7 +151,7 @@ class ConstraintsConfig:
     kl_bounds: list[float] | None = None        # ... or by KL bounds via Theorem 2
     # target_shares: "held" keeps Theorem 1's multipliers; "measured" starts there and steers them by the shares
     # the model generates (docs/share-control.md): every control_every steps, control_samples samples of
-    # control_steps DDIM steps, labelled by the evaluation classifier, then log lambda += rate (log s - log s_hat)
+    # control_steps solver steps (control_method), labelled by the evaluation classifier, then log lambda += rate (log s - log s_hat)
     control: Literal["held", "measured"] = "held"
     control_every: int = positive(100)
     control_samples: int = positive(200)

@@ -3,7 +3,7 @@
 Theorem 1's multipliers make the requested mixture the Lagrangian's minimiser, which a finite model trained
 for finite steps does not reach. Measured control treats the request as a constraint on what the model
 generates, share_c(p_theta) >= s_c, and takes dual steps on a measurement of it: every `every` steps the
-model draws `samples` samples with a few DDIM steps (split across processes), a classifier labels them, and
+model draws `samples` samples with a few solver steps (split across processes), a classifier labels them, and
 log lambda_c += rate (log s_c - log s_hat_c), s_hat the share smoothed over control steps.
 """
 
