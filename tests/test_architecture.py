@@ -39,6 +39,7 @@ MODULE_ORDER = {
     "condiff.audit": ["results", "journey", "inputs", "report", "attribute"],
     "condiff.validation": ["counterfactual", "methods", "lds", "removal", "report", "reproduce"],
     "condiff.papers": ["demo", "reproduce"],
+    "condiff.cli": ["commands", "parser", "__main__"],
     "condiff.labs": [],
     "condiff.labs.guidance": ["settings", "measures", "reference", "sweep", "geometry", "phase_shift", "learned",
                               "lab"],
