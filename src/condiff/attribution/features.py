@@ -16,13 +16,13 @@ import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from torch.func import functional_call, grad, vmap
 
 from condiff.attribution.per_example import HookedGradients, has_rules_for
 from condiff.config import ConfigError
+from condiff.sampling.generate import sample_generators
 
 OUTPUT_FUNCTIONS = ("dtrak", "loss")
 
@@ -50,11 +50,6 @@ def output_value(name: str, prediction: torch.Tensor, noise: torch.Tensor) -> to
     return output_values(name, prediction[None], noise[None])[0]
 
 
-def example_generator(seed: int, index: int) -> torch.Generator:
-    """The noise of example `index`, whatever the batch it falls in."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]))
-
-
 def timestep_grid(count: int, num_train_timesteps: int = 1000) -> list[int]:
     """K evenly spread timesteps, the middles of K equal bins. (D-TRAK's range(0, T, T // K) starts at t = 0,
     where the noise is all but invisible in x_t: its loss there is noise, and it dominates a mean over t.)"""
@@ -70,7 +65,7 @@ def noised_batches(clean: torch.Tensor, timesteps: Sequence[int], alphas_cumprod
                    first_index: int = 0):
     """Per timestep: (x_t, t, noise) of every example, its noise drawn from (seed, example index) in
     timestep order, so that features and measured losses see the same noise whatever the batching."""
-    generators = [example_generator(seed, first_index + i) for i in range(len(clean))]
+    generators = sample_generators(seed, range(first_index, first_index + len(clean)))   # per example, any batch
     for t in timesteps:
         noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in generators]).to(clean.device)
         abar = alphas_cumprod[t].to(clean.device, torch.float32)
