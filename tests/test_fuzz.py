@@ -28,7 +28,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from condiff.cli import main, parse_override
+from condiff.cli import main
+from condiff.cli.commands import parse_override
 from condiff.config import ConfigError, ExperimentConfig, config_from_dict
 from condiff.sampling.generate import load_samples
 
