@@ -185,6 +185,12 @@ def test_a_variant_is_a_new_config_and_leaves_its_argument_as_it_was(variant, tm
     (held / "metrics.jsonl").write_text(json.dumps({"step": 1, "constraint_losses": {"class 4": 0.2}}) + "\n")
     made = variant_config(variant, config, tmp_path)
     moved = with_seed_offset(config, 3)
-    assert config.to_dict() == before and made is not config and made.to_dict() != {} and moved is not config
+    assert config.to_dict() == before and made is not config and moved is not config
     assert (moved.train.seed, moved.sample.seed) == (config.train.seed + 3, config.sample.seed + 3)
     assert made.constraints.classes == ([] if variant == "unconstrained" else [4, 5, 7])
+    if variant in ("held", "measured"):
+        assert made.constraints.control == variant
+    for copy in (made, moved):   # copies all the way down: changing one leaves the argument as it was
+        copy.train.steps += 1
+        copy.data.class_counts[0] = 1
+    assert config.to_dict() == before

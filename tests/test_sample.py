@@ -72,3 +72,15 @@ def test_a_trajectory_resumed_from_its_own_midpoint_ends_where_it_did():
     assert (moved.samples - full.samples).abs().max() > 0.1
     with pytest.raises(ValueError, match="resume_from"):
         generate(model, sampling_scheduler(scheduler, "ddim"), 5, progress=False, resume_from=(step, state))
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm", "dpm++"])
+def test_a_seed_gives_the_same_samples_whatever_the_batch_size(method):
+    """DPM-Solver++ keeps its earlier outputs between steps: each batch must start it afresh, or the second batch
+    would continue the first one's solver state (measured share control samples with it)."""
+    torch.manual_seed(0)
+    model, scheduler = MLPDenoiser(dim=2, hidden=16, layers=1), DDPMScheduler(num_train_timesteps=100)
+    def draw(batch_size):
+        return generate(model, sampling_scheduler(scheduler, method), 12, num_inference_steps=6, seed=5,
+                        batch_size=batch_size, progress=False).samples
+    torch.testing.assert_close(draw(5), draw(12))

@@ -29,6 +29,8 @@ from condiff.cli.parser import build_parser
 FLAGS = {"sample": {"class_label": "--class"}, "reproduce": {"name": "EXPERIMENT"},
          "attribute": {"target_class": "--class", "num_targets": "--samples", "output": "--output-function",
                        "steps": "--timesteps"}}
+
+
 def check_device(name: str) -> None:
     """Refuse a --device this machine cannot compute on: torch knows more names (meta, mps, xla...) than it has."""
     import torch

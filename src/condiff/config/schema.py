@@ -68,8 +68,6 @@ def seed_value(default):
     return field(default=default, metadata={"check": "seed"})
 
 
-
-
 @dataclass
 class DataConfig:
     dataset: Literal["digits", "gmm", "mnist", "fashion-mnist", "idx", "image-folder", "image-csv"] = "digits"

@@ -1,8 +1,8 @@
 """Evaluating a trained run: class frequencies, TV to uniform and to Theorem 1's prediction, Frechet
 distance, precision and recall against the data the run keeps, RUN/evaluation.json and RUN/report.md.
 
-Samples are reused only when RUN/samples.npz records exactly the drawing evaluation would make;
-otherwise they are redrawn, and the run says so. Under several processes the sampling is shared and
+Samples are reused only when RUN/samples.npz records exactly the drawing evaluation would make; samples of
+another drawing are redrawn (and the run says so) only when the caller allows it (`resample`). Under several processes the sampling is shared and
 only the main process evaluates and writes.
 """
 

@@ -9,6 +9,7 @@ model, a copy of its autoencoder (latent runs) and the data evaluation compares 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
@@ -125,8 +126,10 @@ def save_evaluation_data(run: RunDirectory, data: ExperimentData) -> None:
 
 def with_seed_offset(config: ExperimentConfig, offset: int) -> ExperimentConfig:
     """A copy of `config` with its training and sampling seeds moved by `offset` (the data stay the same)."""
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, seed=config.train.seed + offset),
-                               sample=dataclasses.replace(config.sample, seed=config.sample.seed + offset))
+    config = copy.deepcopy(config)
+    config.train.seed += offset
+    config.sample.seed += offset
+    return config
 
 
 @dataclasses.dataclass
@@ -237,7 +240,7 @@ def finish_run(config: ExperimentConfig, *, resume: bool = True, keep: np.ndarra
         recorded = run.read_json(run.train_subset) if run.train_subset.is_file() else None
         if recorded != training_subset(keep, coupled, 0 if keep is None else len(keep)):
             raise RunDirectoryError(f"{run.path}: trained on other examples than asked for (settings changed "
-                                    "since); start it afresh (--overwrite)")
+                                    "since); start it afresh (overwrite it)")
         return run.path
     continuing = resume and (run.checkpoints / "latest").is_file()
     if announce:
@@ -330,7 +333,7 @@ Class shares of the data -> the shares Theorem 1 predicts for the constrained op
 ## Load it
 
 ```python
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMPipeline
 
 pipeline = DDPMPipeline.from_pretrained("{Path(config.output_dir).resolve() / 'model'}")
 ```

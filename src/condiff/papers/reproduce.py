@@ -17,7 +17,6 @@ configs/paper/ (the authors' settings, for GPUs).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +78,9 @@ PAPER_PEAK_DUAL_LR = 0.1     # the authors' dual step: 1000 x their peak primal 
 
 def unconstrained_variant(config: ExperimentConfig) -> ExperimentConfig:
     """A copy of the run with its constraints dropped: the baseline with an equal budget."""
-    return dataclasses.replace(config, constraints=ConstraintsConfig(),
-                               finetune=dataclasses.replace(config.finetune, threshold=None))
+    config = copy.deepcopy(config)
+    config.constraints, config.finetune.threshold = ConstraintsConfig(), None
+    return config
 
 
 def resilient_variant(config: ExperimentConfig, held_run: Path) -> ExperimentConfig:
@@ -108,9 +108,10 @@ def variant_config(variant: str, config: ExperimentConfig, output: Path) -> Expe
         return unconstrained_variant(config)
     if variant == "resilient":
         return resilient_variant(config, output / "held")
+    config = copy.deepcopy(config)
     if variant in ("held", "measured"):
-        return dataclasses.replace(config, constraints=dataclasses.replace(config.constraints, control=variant))
-    return copy.deepcopy(config)
+        config.constraints.control = variant
+    return config
 
 
 def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> RunEvaluation:
