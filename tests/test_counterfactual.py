@@ -147,7 +147,7 @@ MIXTURE = {"constraints": None,
            "data": {"means": [[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]], "std": 0.5, "per_class": 50,
                     "class_counts": {}},
            "model": {"hidden": 64, "layers": 2},
-           "train": {"steps": 400, "batch_size": 64, "lr": 2e-3, "warmup_steps": 40, "checkpoint_every": 400,
+           "train": {"steps": 250, "batch_size": 64, "lr": 2e-3, "warmup_steps": 25, "checkpoint_every": 250,
                      "ema_decay": 0.0}}
 
 

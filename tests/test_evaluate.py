@@ -261,8 +261,10 @@ def test_cache_round_trip_does_not_retrain(tmp_path, digits_split, count_trainin
     assert loaded_accuracy == accuracy and not loaded.training
     np.testing.assert_array_equal(predict_labels(loaded, held_out.data), predict_labels(trained, held_out.data))
     np.testing.assert_array_equal(extract_features(loaded, held_out.data), extract_features(trained, held_out.data))
-    assert sorted(p.name for p in entry.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
-                                                       "training.json"]
+    # The entry is a diffusers folder in safetensors (nothing to unpickle), and no temporary is left beside it.
+    reopened = Classifier.from_pretrained(entry, use_safetensors=True).eval()
+    np.testing.assert_array_equal(predict_labels(reopened, held_out.data), predict_labels(trained, held_out.data))
+    assert not [p for p in entry.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     assert [p.name for p in entry.parent.iterdir()] == ["digits"]
 
 
@@ -459,10 +461,22 @@ def test_precision_recall_rejects_bad_input():
         in_manifold(features, features, np.zeros(4))
 
 
-def test_default_blocks_bound_memory_at_paper_scale():
-    # 15,000 x 15,000 (the paper's sample count) must go in blocks of at most 2**24 float64 distances.
-    rows = metrics_module._block_rows(15_000, None)
-    assert 1 <= rows < 15_000 and rows * 15_000 <= 2**24
+def test_default_blocks_bound_memory_at_paper_scale(monkeypatch):
+    """Points against a 15,000-sample manifold (the paper's sample count): no distance matrix of more than 2**24
+    float64 entries (128 MiB) is ever held, and the answer is that of smaller blocks."""
+    largest, cdist = [0], torch.cdist
+
+    def recording_cdist(a, b, *args, **kwargs):
+        out = cdist(a, b, *args, **kwargs)
+        largest[0] = max(largest[0], out.numel())
+        return out
+
+    points, manifold = np.random.default_rng(0).normal(size=(2, 15_000, 2))
+    radii = np.full(15_000, 0.01)
+    monkeypatch.setattr(torch, "cdist", recording_cdist)
+    inside = metrics_module.in_manifold(points[:3000], manifold, radii)
+    assert 0 < largest[0] <= 2**24 and 0 < inside.mean() < 1
+    assert np.array_equal(inside[:500], metrics_module.in_manifold(points[:500], manifold, radii, block_rows=500))
 
 
 # Inception FID: error paths, the wiring (with a stand-in network) and, given weights, the real thing

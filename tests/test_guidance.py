@@ -200,7 +200,7 @@ def test_guidance_raises_the_digit_classifiers_confidence_monotonically(tmp_path
     table = {"name": "digits-cfg", "output_dir": str(tmp_path / "digits"),
              "data": {"dataset": "digits", "held_out_per_class": 30},
              "model": {"kind": "unet8", "class_conditional": True},
-             "train": {"steps": 400, "batch_size": 64, "lr": 2e-3, "warmup_steps": 40, "checkpoint_every": 400,
+             "train": {"steps": 250, "batch_size": 64, "lr": 2e-3, "warmup_steps": 25, "checkpoint_every": 250,
                        "label_dropout": 0.15}}
     config = config_from_dict(table)
     run = condiff.train(config).path
