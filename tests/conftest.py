@@ -23,6 +23,17 @@ settings.register_profile("explore", settings.get_profile("condiff"), derandomiz
 settings.load_profile("condiff")
 
 
+def pytest_collection_modifyitems(config, items):
+    """A run that includes the slow tests draws every property test's deep tier (three times the examples of its
+    fast tier, marked slow): its fast tier would only repeat a part of that work."""
+    if "not slow" in (config.getoption("markexpr") or "") or "fast" in (config.getoption("keyword") or ""):
+        return
+    repeated = [item for item in items if item.get_closest_marker("fast_tier")]
+    if repeated:
+        config.hook.pytest_deselected(items=repeated)
+        items[:] = [item for item in items if not item.get_closest_marker("fast_tier")]
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules of tiny models (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): extra

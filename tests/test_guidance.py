@@ -200,7 +200,7 @@ def test_guidance_raises_the_digit_classifiers_confidence_monotonically(tmp_path
     table = {"name": "digits-cfg", "output_dir": str(tmp_path / "digits"),
              "data": {"dataset": "digits", "held_out_per_class": 30},
              "model": {"kind": "unet8", "class_conditional": True},
-             "train": {"steps": 250, "batch_size": 64, "lr": 2e-3, "warmup_steps": 25, "checkpoint_every": 250,
+             "train": {"steps": 250, "batch_size": 32, "lr": 2e-3, "warmup_steps": 25, "checkpoint_every": 250,
                        "label_dropout": 0.15}}
     config = config_from_dict(table)
     run = condiff.train(config).path
@@ -210,7 +210,7 @@ def test_guidance_raises_the_digit_classifiers_confidence_monotonically(tmp_path
     confidence = []
     for eta in (0.0, 0.5, 1.5, 4.0):
         out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim", guided=True), 200,
-                       num_inference_steps=15, batch_size=200, seed=0, class_labels=labels,
+                       num_inference_steps=10, batch_size=200, seed=0, class_labels=labels,
                        guidance=ClassifierFreeGuidance(eta), progress=False).samples.clamp(-1, 1)
         with torch.no_grad():
             probs = torch.softmax(classifier(out), dim=1)
