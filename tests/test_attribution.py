@@ -272,8 +272,8 @@ def test_library_errors_name_arguments_and_the_command_line_its_flags(tiny_run, 
     from condiff.config import ArgumentError
 
     with pytest.raises(ArgumentError, match=r"^num_targets: 0 is not allowed$"):
-        AttributionSettings(num_targets=0).validate()
+        AttributionSettings(num_targets=0).validated()
     with pytest.raises(ArgumentError, match=r"^output: 'x' is not allowed$"):
-        AttributionSettings(output="x").validate()
+        AttributionSettings(output="x").validated()
     assert main(["attribute", str(tiny_run), "--samples", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "condiff: error: --samples: 0 is not allowed"

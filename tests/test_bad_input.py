@@ -540,7 +540,7 @@ def library_calls():
         "sample_run steps=0": (lambda run: sample_run(run, steps=0, progress=False), "^steps: 0 inference steps"),
         "sample_run seed=-5": (lambda run: sample_run(run, seed=-5, progress=False), "seed: "),
         "evaluate_run num_samples=3": (lambda run: evaluate_run(run, num_samples=3, progress=False), "num_samples 3"),
-        "AttributionSettings seed=-1": (lambda run: AttributionSettings(seed=-1).validate(), "^seed: -1 is not allowed$"),
+        "AttributionSettings seed=-1": (lambda run: AttributionSettings(seed=-1).validated(), "^seed: -1 is not allowed$"),
     }
 
 

@@ -140,7 +140,7 @@ def test_settings_the_protocol_cannot_honour_are_refused_naming_them():
                       (dict(outputs=("margin",)), "outputs"), (dict(steps=(1200,)), "steps"),
                       (dict(removal_steps=(500,)), "removal_steps")):
         with pytest.raises(ConfigError, match=f"^{name}:"):
-            ValidationSettings(**bad).check(500)
+            ValidationSettings(**bad).validated(500)
 
 
 MIXTURE = {"constraints": None,

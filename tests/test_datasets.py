@@ -20,12 +20,11 @@ from condiff.data.datasets import (
     DataNotFound,
     load_fashion_mnist,
     load_idx,
-    load_image_csv,
-    load_image_folder,
     load_mnist_5k,
     mnist_5k_path,
     resize_images,
 )
+from condiff.data.images import load_image_csv, load_image_folder
 from condiff.lifecycle.build import check_inputs, dataset_num_classes
 
 

@@ -207,7 +207,7 @@ def attribute_run(run_dir: Path, settings: AttributionSettings | None = None, *,
     visited steps; writes RUN/attribution/ (see the module docstring). Bad input is refused before anything
     is written. Under torchrun every process featurizes its share of the training set and only the main one
     goes on (the others return None)."""
-    settings = (settings or AttributionSettings()).validate()
+    settings = (settings or AttributionSettings()).validated()
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     device = resolve_device(device)

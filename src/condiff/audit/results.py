@@ -10,7 +10,7 @@ from pathlib import Path
 
 from condiff.attribution.features import OUTPUT_FUNCTIONS
 from condiff.attribution.projector import PROJECTORS
-from condiff.config import SEED_LIMIT, ArgumentError
+from condiff.config import SEED_LIMIT, ArgumentError, refuse_first_problem
 
 # The defaults of AttributionSettings that a counterfactual validation chose, and which validation that was:
 # the one place to change them (report.md says which were overridden).
@@ -50,18 +50,17 @@ class AttributionSettings:
         """The validated settings given other values: name -> (value, validated value)."""
         return {name: (getattr(self, name), value) for name, value in VALIDATED.items() if getattr(self, name) != value}
 
-    def validate(self) -> AttributionSettings:
-        checks = {"output": self.output in OUTPUT_FUNCTIONS, "projection": self.projection in PROJECTORS,
-                  "steps": bool(self.steps) and all(0 <= t < 1000 for t in self.steps),
-                  "target_class": self.target_class is None or self.target_class >= 0,
-                  "seed": 0 <= self.seed < SEED_LIMIT,
-                  "journey_every": self.journey_every >= 0}
-        checks.update({name: getattr(self, name) > 0 for name in (
+    def validated(self) -> AttributionSettings:
+        """These settings, or ArgumentError naming the first one refused."""
+        problems = {"output": self.output not in OUTPUT_FUNCTIONS, "projection": self.projection not in PROJECTORS,
+                    "steps": not self.steps or not all(0 <= t < 1000 for t in self.steps),
+                    "target_class": self.target_class is not None and self.target_class < 0,
+                    "seed": not 0 <= self.seed < SEED_LIMIT,
+                    "journey_every": self.journey_every < 0}
+        problems.update({name: getattr(self, name) <= 0 for name in (
             "num_targets", "top", "train_timesteps", "resamplings", "dimension", "ridge", "sampling_steps",
             "batch_size", "checkpoints")})
-        for name, ok in checks.items():
-            if not ok:
-                raise ArgumentError(name, f"{getattr(self, name)!r} is not allowed")
+        refuse_first_problem(self, problems, lambda name, value: ArgumentError(name, f"{value!r} is not allowed"))
         return self
 
 

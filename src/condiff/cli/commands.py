@@ -55,7 +55,7 @@ def cmd_train(args) -> None:
     if source.is_dir():   # a run directory: resume it from its own stored config, wherever it now lies
         if not args.resume:
             raise RunDirectoryError(f"{source}: a directory; give a config file, or --resume to continue this run")
-        source, overrides = source / "config.toml", {**overrides, "output_dir": str(source)}
+        source, overrides = RunDirectory(source).config_file, {**overrides, "output_dir": str(source)}
         if not source.is_file():
             raise RunDirectoryError(f"{args.config}: not a condiff run directory (config.toml missing)")
     config = load_config(source, overrides)

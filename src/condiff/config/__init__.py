@@ -30,6 +30,7 @@ from condiff.config.schema import (
     TrainConfig,
     check_kl_feasibility,
     check_seed,
+    refuse_first_problem,
 )
 from condiff.config.validation import (
     CONFIG_DIR,
@@ -39,7 +40,6 @@ from condiff.config.validation import (
     describe_constraints,
     image_channels,
     known_num_classes,
-    load_config,
-    read_config_table,
     resolve_input_paths,
 )
+from condiff.config.files import load_config, read_config_table

@@ -27,6 +27,14 @@ class ArgumentError(ConfigError):
         return f"{spell(self.argument)}: " + re.sub(r"\{([a-z_]+)\}", lambda m: spell(m.group(1)), self.message)
 
 
+def refuse_first_problem(settings, problems: dict[str, bool], error: Callable[[str, object], Exception]) -> None:
+    """How a settings object checks itself (`validated`): `problems` maps each field's name to whether its value
+    is refused; the first refused field raises `error(name, value)`."""
+    for name, refused in problems.items():
+        if refused:
+            raise error(name, getattr(settings, name))
+
+
 class InfeasibleConstraints(ValueError):
     """The requested constraints cannot all hold at once."""
 

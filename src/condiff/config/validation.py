@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 import types
 import typing
 import unicodedata
@@ -379,33 +378,3 @@ def config_from_dict(table: dict, source: str = "config") -> ExperimentConfig:
     if not config.output_dir:
         config.output_dir = str(Path("runs") / config.name)
     return config
-
-
-def read_config_table(path: str | Path, overrides: dict | None = None) -> dict:
-    """The TOML table of a config file with dotted `overrides` applied, not yet validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        table = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    try:
-        resolve_input_paths(table, path.resolve().parent)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    for dotted, value in (overrides or {}).items():
-        *parents, leaf = dotted.split(".")
-        node = table
-        for depth, key in enumerate(parents):
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{path}: --set {dotted}: {'.'.join(parents[:depth + 1])} is not a table")
-        node[leaf] = value
-    return table
-
-
-def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
-    """Read and validate a TOML experiment config (optionally with nested overrides applied). The files
-    it names are checked where they are used (`condiff.lifecycle.build.check_inputs`)."""
-    return config_from_dict(read_config_table(path, overrides), str(path))

@@ -32,18 +32,16 @@ from condiff.data.datasets import (
     LabelledDataset,
     balanced_counts,
     gaussian_mixture_dataset,
-    image_folder_classes,
     load_digits_dataset,
     load_fashion_mnist,
     load_idx,
     load_idx_labels,
-    load_image_csv,
-    load_image_folder,
     load_mnist_5k,
     resize_images,
     split_per_class,
     take_per_class,
 )
+from condiff.data.images import image_folder_classes, load_image_csv, load_image_folder
 from condiff.data.latent import AutoencoderLoadError, decode_latents, load_autoencoder
 from condiff.evaluation.classifier import MixtureBayesClassifier, load_or_train_classifier, predict_labels
 from condiff.gmm.mixture import GaussianMixture
@@ -145,7 +143,7 @@ def check_inputs(config: ExperimentConfig, source: str = "config") -> None:
         if known_num_classes(config.data) is None:
             check_classes(config, dataset_num_classes(config.data))
         pretrained = config.finetune.pretrained
-        if pretrained and not (Path(pretrained) / "model" / "model_index.json").is_file():
+        if pretrained and not (RunDirectory(pretrained).model / "model_index.json").is_file():
             raise ConfigError(f"finetune.pretrained: {pretrained} is not a trained condiff run "
                               "(model/model_index.json missing)")
         _check_autoencoder_file(config)

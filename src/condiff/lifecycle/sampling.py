@@ -12,7 +12,7 @@ import torch
 from accelerate.utils import gather_object
 from diffusers import DDPMPipeline
 
-from condiff.config import ArgumentError, ConfigError, ExperimentConfig, check_seed
+from condiff.config import ArgumentError, ExperimentConfig, check_seed
 from condiff.data.latent import decode_latents, encode_dataset
 from condiff.models import null_class_label
 from condiff.report import save_sample_grid
@@ -128,7 +128,7 @@ def run_guidance(run_dir: Path, pipeline: DDPMPipeline, class_label: int | None,
     if class_label is None:
         if scale or kind:
             raise ArgumentError("guidance", "needs {class_label}, the class to guide towards")
-        return None, None, run_dir / "samples.npz", "samples", None
+        return None, None, RunDirectory(run_dir).samples_file, "samples", None
     if not 0 <= scale < math.inf:   # a NaN scale fails both comparisons
         raise ArgumentError("guidance", f"must be finite and non-negative, got {scale}")
     null = null_class_label(pipeline.unet)

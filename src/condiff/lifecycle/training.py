@@ -277,7 +277,7 @@ def training_summary(config: ExperimentConfig, data: ExperimentData, constraints
     lam = {label: result.multipliers[c.name] for label, c in zip(classes, constraints)}
     reference = {}
     if config.finetune.threshold is not None:  # the pretrained model's own predicted shares join the mixture
-        pretrained_summary = json.loads((Path(config.finetune.pretrained) / "summary.json").read_text())
+        pretrained_summary = json.loads(RunDirectory(config.finetune.pretrained).summary_file.read_text())
         reference = {"reference_shares": pretrained_summary["predicted_class_shares"],
                      "reference_multiplier": result.multipliers[constraints[len(classes)].name]}
     predicted = predicted_shares(shares, lam, **reference)

@@ -27,7 +27,7 @@ import torch
 
 from condiff.config import CONFIG_DIR, ArgumentError, ConstraintsConfig, ExperimentConfig, describe_constraints, load_config
 from condiff.report import image_md, markdown_table, write_report
-from condiff.rundir import create_or_resume_directory, read_metrics, write_json_atomic
+from condiff.rundir import RunDirectory, create_or_resume_directory, read_metrics, write_json_atomic
 from condiff.lifecycle.evaluation import RunEvaluation, describe_multipliers, evaluate_run, plot_runs_side_by_side
 from condiff.lifecycle.training import finish_run, with_seed_offset
 from condiff.runtime import process_state
@@ -91,11 +91,12 @@ def resilient_variant(config: ExperimentConfig, held_run: Path) -> ExperimentCon
     the constraint losses of the held run's last quarter (the calibration of docs/constrained-training.md).
     `config` itself is left as it was."""
     config = copy.deepcopy(config)
-    held = json.loads((held_run / "summary.json").read_text())["constraints"]
-    records = [r for r in read_metrics(held_run / "metrics.jsonl") if r["constraint_losses"]]
+    held = RunDirectory(held_run)
+    constraints = json.loads(held.summary_file.read_text())["constraints"]
+    records = [r for r in read_metrics(held.metrics_file) if r["constraint_losses"]]
     late = records[len(records) * 3 // 4:]
     config.constraints.gamma = fmean(fmean(r["constraint_losses"][c["name"]] for r in late) / (2 * c["multiplier"])
-                                     for c in held)
+                                     for c in constraints)
     config.constraints.target_shares, config.constraints.control = None, "held"
     config.dual.estimator, config.dual.primal_steps_per_dual = "stratified", 2
     config.dual.lr, config.dual.lr_relative = PAPER_PEAK_DUAL_LR / config.train.lr, True
@@ -117,7 +118,7 @@ def variant_config(variant: str, config: ExperimentConfig, output: Path) -> Expe
 def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> RunEvaluation:
     """Train (or continue, or keep a finished) run, then evaluate it unless already evaluated."""
     run_dir = finish_run(config, resume=resume, announce=True)
-    evaluation = run_dir / "evaluation.json"
+    evaluation = RunDirectory(run_dir).evaluation_file
     if resume and evaluation.is_file():
         return RunEvaluation.from_dict(json.loads(evaluation.read_text()))
     print(f"== {run_dir.name}: evaluating")
@@ -188,7 +189,7 @@ def result_rows(experiment: Experiment, output: Path, configs: dict[str, Experim
         headers[1:1] = [f"share of class {c} [95%]" for c in classes]
     rows, summary = [], {}
     for n, r in results.items():
-        seconds = json.loads((output / n / "summary.json").read_text()).get("train_seconds")
+        seconds = json.loads(RunDirectory(output / n).summary_file.read_text()).get("train_seconds")
         summary[n] = {k: getattr(r, k) for k in ("tv_to_uniform", "frechet_distance", "precision", "recall",
                                                  "classifier_accuracy", "class_frequencies", "multipliers")}
         summary[n]["train_seconds"] = seconds

@@ -24,7 +24,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
 from condiff.config import DualConfig, TrainConfig
-from condiff.rundir import RunDirectoryError, read_metrics, write_text_atomic
+from condiff.rundir import RunDirectory, RunDirectoryError, read_metrics, write_text_atomic
 from condiff.runtime import progress_bar
 from condiff.training.checkpoint import load_checkpoint, optimizer_state_from_json, save_checkpoint
 from condiff.training.control import MeasuredShareControl
@@ -211,7 +211,8 @@ def train(model: torch.nn.Module, objective: DatasetTerm, constraints: list[Cons
     `control` steers the multipliers of the first constraints by the shares the model generates."""
     accelerator = accelerator or make_accelerator(config)
     state = TrainingState(model, objective, constraints, config, dual_config, accelerator, control)
-    checkpoints_dir, metrics_path = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    run = RunDirectory(run_dir)
+    checkpoints_dir, metrics_path = run.checkpoints, run.metrics_file
     start, earlier_seconds = state.restore(checkpoints_dir, metrics_path) if resume else (0, 0.0)
     started = time.perf_counter()
 

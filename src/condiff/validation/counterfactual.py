@@ -27,7 +27,7 @@ import torch
 from condiff.attribution.features import denoising_losses, timestep_grid
 from condiff.attribution.projector import PROJECTORS
 from condiff.attribution.validation import random_subsets
-from condiff.config import ConfigError, ExperimentConfig
+from condiff.config import ConfigError, ExperimentConfig, refuse_first_problem
 from condiff.lifecycle.build import load_pipeline
 from condiff.lifecycle.training import finish_run
 from condiff.runtime import IndependentWorkers, progress_bar
@@ -68,8 +68,8 @@ class ValidationSettings:
     seed: int = 0
     batch_size: int = 32
 
-    def check(self, num_train: int) -> ValidationSettings:
-        """Refuse settings the protocol cannot honour, naming the setting."""
+    def validated(self, num_train: int) -> ValidationSettings:
+        """These settings, or ConfigError naming the first one the protocol cannot honour on `num_train` examples."""
         problems = {
             "fraction": not 0 < self.fraction < 1,
             "num_subsets": self.num_subsets < 4, "num_targets": self.num_targets < 2,
@@ -84,9 +84,8 @@ class ValidationSettings:
         }
         for name in ("train_timesteps", "dimensions", "ridges"):
             problems[name] = not getattr(self, name) or min(getattr(self, name)) <= 0
-        for name, bad in problems.items():
-            if bad:
-                raise ConfigError(f"{name}: {getattr(self, name)!r} is not allowed in a counterfactual validation")
+        refuse_first_problem(self, problems, lambda name, value: ConfigError(
+            f"{name}: {value!r} is not allowed in a counterfactual validation"))
         return self
 
     @property

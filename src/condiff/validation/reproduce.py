@@ -57,7 +57,7 @@ def reproduce_attribution(output: Path, *, scale: str = "cpu", overwrite: bool =
     settings = replace(settings or scale_settings, coupled=coupled or (settings or scale_settings).coupled)
     config = config or load_config(CONFIG_DIR / "digits-attribution.toml", overrides)
     data = build_data(config)
-    settings.check(len(data.train))
+    settings.validated(len(data.train))
     output = create_or_resume_directory(output, "reproduce", resume=resume, overwrite=overwrite, create=workers.is_main)
     workers.barrier("created")   # nobody writes into the output before the main worker has made it
     device = resolve_device(device)
