@@ -91,22 +91,23 @@ def test_classifier_free_guidance_needs_a_class_conditional_model():
 
 
 def test_exact_conditional_sampling_returns_the_class_gaussian_and_guidance_sharpens_it():
-    """eta = 0 with a class label samples N(mu_y, s^2 I); guidance with shared noise moves the samples
-    towards confident regions: confidence up, spread down."""
+    """eta = 0 with a class label samples N(mu_y, s^2 I) (DDIM on the exact scores); guidance from the same initial
+    noise moves the samples towards confident regions: the other classes' posterior down, the spread down."""
     scheduler = training_scheduler()
     exact = ExactNoisePredictor(MIXTURE, scheduler.alphas_cumprod)
     labels = torch.full((4000,), 3)
-    confidences, spreads = [], []
+    doubts, spreads = [], []
     for eta in (0.0, 1.0, 3.0):
-        out = generate(exact, sampling_scheduler(scheduler, "ddpm"), 4000, num_inference_steps=250, batch_size=4000,
+        out = generate(exact, sampling_scheduler(scheduler, "ddim"), 4000, num_inference_steps=250, batch_size=4000,
                        seed=0, class_labels=labels, guidance=ClassifierFreeGuidance(eta) if eta else None,
                        progress=False).samples.double()
         if eta == 0:
-            torch.testing.assert_close(out.mean(0), MIXTURE.means[3], atol=0.03, rtol=0)
-            torch.testing.assert_close(out.T.cov(), 0.25 * torch.eye(2, dtype=torch.float64), atol=0.03, rtol=0)
-        confidences.append(MIXTURE.log_posterior(out).exp()[:, 3].mean().item())
+            torch.testing.assert_close(out.mean(0), MIXTURE.means[3], atol=0.02, rtol=0)
+            torch.testing.assert_close(out.T.cov(), 0.25 * torch.eye(2, dtype=torch.float64), atol=0.02, rtol=0)
+        # The class's posterior is within 1e-4 of 1 already; the log posterior of the others still tells apart.
+        doubts.append(MIXTURE.log_posterior(out)[:, :3].logsumexp(1).mean().item())
         spreads.append(out.T.cov().trace().item())
-    assert confidences[0] < confidences[1] < confidences[2], confidences
+    assert doubts[0] > doubts[1] + 1 > doubts[2] + 2, doubts
     assert spreads[0] > spreads[1] > spreads[2], spreads
 
 
