@@ -154,7 +154,7 @@ MIXTURE = {"constraints": None,
 @pytest.mark.slow
 def test_independent_protocol_on_a_mixture_ranks_trak_above_random_and_no_choice_reads_a_reported_target(
         tiny_config, tmp_path):
-    """The whole protocol on four 2-D components (200 points; 12 fresh half-subset models x 2 seeds; TRAK's
+    """The whole protocol on four 2-D components (200 points; 8 fresh half-subset models x 2 seeds; TRAK's
     2-model ensemble): the chosen TRAK's LDS on samples beats random scores by a paired interval above 0; the
     removal table has every kind; and re-scoring with the reported targets' outcomes replaced by noise
     chooses exactly the same configurations and ridges (and replacing the held-out ones does not)."""
@@ -165,7 +165,7 @@ def test_independent_protocol_on_a_mixture_ranks_trak_above_random_and_no_choice
     from condiff.validation.methods import RANDOM, FeatureBank
     from condiff.validation.lds import score_quantities
 
-    settings = ValidationSettings(num_subsets=12, seeds=2, ensemble=2, num_targets=24, held_out_targets=12,
+    settings = ValidationSettings(num_subsets=8, seeds=2, ensemble=2, num_targets=24, held_out_targets=12,
                                   steps=(700, 300), train_timesteps=(10,), dimensions=(512,), checkpoints=2,
                                   projection="gaussian", removal_targets=4, removal_draws=2, resamples=300)
     config = tiny_config(tmp_path / "validation" / "full", **MIXTURE)
