@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What measured share control costs: the time of a control step (sampling with a few DDIM steps,
+"""What measured share control costs: the time of a control step (sampling with a few solver steps,
 labelling, the dual step) against the training steps it steers, measured inside one training run.
 
 Per config, one run with `constraints.control = "measured"` trains `periods x control_every + 2` steps with
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--periods", type=int, default=4)
     args = parser.parse_args()
-    print("| config | control (samples x DDIM steps, every) | median step (s) | control step (s) "
+    print("| config | control (samples x solver steps, every) | median step (s) | control step (s) "
           "| per period | per run |")
     print("|---|---|---|---|---|---|")
     for name in args.configs:
@@ -70,7 +70,7 @@ def main() -> None:
         control_steps = {i: s for i, s in enumerate(seconds) if (i + 2) % every == 0}
         median_step = statistics.median(s for i, s in enumerate(seconds) if i not in control_steps)
         cost = statistics.median(control_steps.values()) - median_step
-        print(f"| {name} | {cons.control_samples} x {cons.control_steps}, every {every} | {median_step:.3f} | "
+        print(f"| {name} | {cons.control_samples} x {cons.control_steps} {cons.control_method}, every {every} | {median_step:.3f} | "
               f"{cost:.2f} | {cost / (every * median_step):.3f} | "
               f"{controls_per_run * cost / (steps * median_step):.3f} |", flush=True)
 
