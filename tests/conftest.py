@@ -24,7 +24,7 @@ settings.load_profile("condiff")
 
 
 def pytest_collection_modifyitems(config, items):
-    """A run that includes the slow tests draws every property test's deep tier (three times the examples of its
+    """A run that includes the slow tests draws every property test's deep tier (twice the examples of its
     fast tier, marked slow): its fast tier would only repeat a part of that work."""
     if "not slow" in (config.getoption("markexpr") or "") or "fast" in (config.getoption("keyword") or ""):
         return

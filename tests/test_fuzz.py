@@ -3,7 +3,7 @@ files of a run directory. Whatever they hold, a command either succeeds (exit 0,
 finite) or refuses as every row of tests/test_bad_input.py does: exit 2, one line `condiff: error: ...`, no
 traceback, and every file as it was.
 
-Each property runs in two tiers: `fast` (make test-fast) and `deep` (more examples, marked slow; make test runs
+Each property runs in two tiers: `fast` (make test-fast) and `deep` (twice the examples, marked slow; make test runs
 it alone). Both draw the same examples on every run (tests/conftest.py's hypothesis profile);
 `pytest --hypothesis-profile=explore` draws new ones. Examples are kept cheap: valid sizes are tiny, so that a command that goes ahead takes well
 under a second; the sizes between those and the absurd ones (2**63 and up) are left out, as a command would
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see con
 
 # Examples per property are its base count times the tier's factor.
 # The fast tier runs where the slow tests do not (make test-fast); where they do, the deep tier alone (conftest.py).
-TIERS = [pytest.param(1, id="fast", marks=pytest.mark.fast_tier), pytest.param(3, id="deep", marks=pytest.mark.slow)]
+TIERS = [pytest.param(1, id="fast", marks=pytest.mark.fast_tier), pytest.param(2, id="deep", marks=pytest.mark.slow)]
 
 ABSURD_INTS = [2**63, -(2**63) - 1, 2**64, 10**400, -(10**400)]   # beyond TOML's 64-bit integers
 SPECIAL_NUMBERS = [0, -1, 1, 2**31, *ABSURD_INTS, math.nan, math.inf, -math.inf, -0.0, 1e308, -1e308, 5e-324]

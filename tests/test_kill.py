@@ -76,10 +76,12 @@ def last_logged_step(run_dir) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, config_file):
+def reference(tmp_path_factory, config_file, one_torch_thread):
+    """The uninterrupted run, trained in this process (one thread, like the subprocesses: the same float sums)."""
+    from condiff.cli import main
+
     tmp_path = tmp_path_factory.mktemp("kill-reference")
-    code, err = finish(train(config_file(tmp_path, "run")))
-    assert code == 0, err[-2000:]
+    assert main(["train", str(config_file(tmp_path, "run"))]) == 0
     return outcome(tmp_path / "run")
 
 
