@@ -166,25 +166,32 @@ def class_frequency_intervals(labels: np.ndarray | torch.Tensor, num_classes: in
 
 
 @dataclass
-class SampleEvaluation:
-    """What a learned classifier says about a set of generated samples."""
+class SampleMeasures:
+    """What a classifier says of generated samples against a reference, in its feature space: the measures that
+    a set of samples' evaluation and a run's evaluation (condiff.lifecycle.evaluation.RunEvaluation) share."""
 
     class_frequencies: list[float]
-    class_frequencies_low: list[float]     # Wilson interval of each frequency at `confidence`
+    class_frequencies_low: list[float]     # Wilson interval of each frequency (95% in a run's evaluation)
     class_frequencies_high: list[float]
-    class_counts: list[int]
-    tv_to_target: float
     frechet_distance: float                # FD in the classifier's feature space (not Inception FID)
-    precision: float                       # k-NN manifold precision and recall in the same space
+    precision: float                       # k-NN manifold precision and recall (Kynkaanniemi et al. 2019)
     recall: float
     nearest_neighbours: int                # the k of precision and recall
-    classifier_accuracy: float
+    classifier_accuracy: float             # the classifier's held-out accuracy on real data
     num_samples: int
     num_reference: int
-    confidence: float
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class SampleEvaluation(SampleMeasures):
+    """What a learned classifier says about a set of generated samples."""
+
+    class_counts: list[int]
+    tv_to_target: float
+    confidence: float                      # of the frequencies' intervals
 
 
 def evaluate_samples(samples: torch.Tensor, classifier: Classifier, classifier_accuracy: float,

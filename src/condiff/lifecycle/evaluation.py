@@ -9,7 +9,7 @@ only the main process evaluates and writes.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from condiff.data.datasets import LabelledDataset, take_per_class
 from condiff.evaluation.classifier import features_and_labels
 from condiff.evaluation.evaluation_data import load_evaluation_sets
 from condiff.evaluation.inception import InceptionFIDUnavailable, check_inception_fid, inception_fid
-from condiff.evaluation.metrics import evaluate_samples, total_variation
+from condiff.evaluation.metrics import SampleMeasures, evaluate_samples, total_variation
 from condiff.models import sample_shape_of
 from condiff.report import image_md, markdown_table, plot_class_frequencies, plot_training_curves, write_report
 from condiff.rundir import RunDirectory, RunDirectoryError, read_metrics, write_json_atomic
@@ -110,30 +110,18 @@ def evaluate_run(run_dir: Path, *, num_samples: int | None = None, device: str |
 
 
 @dataclass
-class RunEvaluation:
-    """What `evaluate` measured of a run's samples (RUN/evaluation.json), in the feature space of
-    condiff's classifier (the exact Bayes classifier for Gaussian mixtures)."""
+class RunEvaluation(SampleMeasures):
+    """What `evaluate` measured of a run's samples (RUN/evaluation.json): the measures of any set of samples
+    (`SampleMeasures`, in the feature space of condiff's classifier, or the exact Bayes classifier of a Gaussian
+    mixture; FD against a class-balanced reference) and the run's own below."""
 
-    num_samples: int
     samples: dict                      # how the samples were drawn (their provenance)
-    classifier_accuracy: float         # the classifier's held-out accuracy on real data
     tv_to_uniform: float               # total variation of the class frequencies to uniform
     tv_to_predicted: float             # ... and to the shares Theorem 1 predicts from the multipliers
-    frechet_distance: float            # FD against a class-balanced reference (not Inception FID)
-    num_reference: int
-    precision: float                   # k-NN manifold precision and recall (Kynkaanniemi et al. 2019)
-    recall: float
-    nearest_neighbours: int
-    class_frequencies: list[float]
-    class_frequencies_low: list[float]     # 95% Wilson interval of each frequency
-    class_frequencies_high: list[float]
     predicted_class_shares: list[float]
     data_class_shares: list[float]
     multipliers: dict[str, float]      # the run's final multipliers, by constraint name
     inception_fid: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunEvaluation":
@@ -201,13 +189,9 @@ def measure(run_dir: Path, config: ExperimentConfig, samples: torch.Tensor, prov
     measured = evaluate_samples(samples, classifier, accuracy, reference_features, np.full(num_classes, 1 / num_classes),
                                 num_classes, nearest_neighbours=evaluation.nearest_neighbours)
     result = RunEvaluation(
-        num_samples=measured.num_samples, samples=provenance, classifier_accuracy=accuracy,
+        **{f.name: getattr(measured, f.name) for f in fields(SampleMeasures)}, samples=provenance,
         tv_to_uniform=measured.tv_to_target,
         tv_to_predicted=total_variation(measured.class_frequencies, summary["predicted_class_shares"]),
-        frechet_distance=measured.frechet_distance, num_reference=len(reference), precision=measured.precision,
-        recall=measured.recall, nearest_neighbours=measured.nearest_neighbours,
-        class_frequencies=measured.class_frequencies, class_frequencies_low=measured.class_frequencies_low,
-        class_frequencies_high=measured.class_frequencies_high,
         predicted_class_shares=summary["predicted_class_shares"], data_class_shares=summary["data_class_shares"],
         multipliers={c["name"]: c["multiplier"] for c in summary["constraints"]})
     if evaluation.inception_weights:
