@@ -190,6 +190,7 @@ def test_a_checkpoint_equal_to_the_final_model_is_not_counted(run_without_ema, t
     assert not (copy / "attribution").exists()
 
 
+@pytest.mark.slow   # featurizes an ensemble twice, killed between
 def test_a_killed_ensemble_resumes_each_checkpoints_features(tiny_run, monkeypatch):
     """Killed while featurizing the first checkpoint: the resumed run redoes none of the final model's
     batches nor the checkpoint's finished one, and scores as an uninterrupted run."""
