@@ -70,8 +70,8 @@ def main() -> None:
         control_steps = {i: s for i, s in enumerate(seconds) if (i + 2) % every == 0}
         median_step = statistics.median(s for i, s in enumerate(seconds) if i not in control_steps)
         cost = statistics.median(control_steps.values()) - median_step
-        print(f"| {name} | {cons.control_samples} x {cons.control_steps} {cons.control_method}, every {every} | {median_step:.3f} | "
-              f"{cost:.2f} | {cost / (every * median_step):.3f} | "
+        print(f"| {name} | {cons.control_samples} x {cons.control_steps} {cons.control_method}, every {every} | "
+              f"{median_step:.3f} | {cost:.2f} | {cost / (every * median_step):.3f} | "
               f"{controls_per_run * cost / (steps * median_step):.3f} |", flush=True)
 
 

@@ -26,6 +26,7 @@ from condiff.evaluation.metrics import frechet_distance
 from condiff.lifecycle.build import evaluation_classifier, load_run_config
 from condiff.lifecycle.evaluation import load_evaluation_data, reference_set
 from condiff.rundir import RunDirectory
+from condiff.sampling.generate import load_samples
 
 
 def fd_by_class(run: Path, per_class: int, draws: int, seed: int = 0) -> dict:
@@ -34,16 +35,16 @@ def fd_by_class(run: Path, per_class: int, draws: int, seed: int = 0) -> dict:
     data = load_evaluation_data(config, run)
     reference = reference_set(config, data)
     classifier, _ = evaluation_classifier(config, data)
-    samples = torch.from_numpy(np.load(RunDirectory(run).samples_file)["samples"])
+    samples = torch.from_numpy(load_samples(RunDirectory(run).samples_file)[0])
     features, labels = features_and_labels(classifier, samples)
     reference_features, _ = features_and_labels(classifier, reference.data)
     counts = np.bincount(labels, minlength=reference.num_classes)
     if counts.min() < per_class:
-        raise SystemExit(f"{run}: class {counts.argmin()} has {counts.min()} samples, fewer than --per-class {per_class}")
-    rng = np.random.default_rng(seed)
-    balanced = [frechet_distance(features[np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
-                                                          for c in range(len(counts))])], reference_features)
-                for _ in range(draws)]
+        raise SystemExit(f"{run}: class {counts.argmin()} has {counts.min()} samples, fewer than --per-class "
+                         f"{per_class}")
+    rng, by_class = np.random.default_rng(seed), [np.flatnonzero(labels == c) for c in range(len(counts))]
+    balanced = [frechet_distance(features[np.concatenate([rng.choice(i, per_class, replace=False) for i in by_class])],
+                                 reference_features) for _ in range(draws)]
     return {"fd": frechet_distance(features, reference_features), "balanced": float(np.mean(balanced)),
             "balanced_se": float(np.std(balanced) / np.sqrt(draws)), "counts": counts.tolist()}
 

@@ -27,7 +27,8 @@ def pytest_collection_modifyitems(config, items):
     """Files with slow tests first: `make test`'s two workers take whole files in this order, so the run ends on
     short files, not with one worker idle while the other trains (collection order otherwise). And a run that
     includes the slow tests draws every property test's deep tier (twice the examples of its fast tier, marked
-    slow): its fast tier would only repeat a part of that work."""
+    slow): its fast tier would only repeat a part of that work (kept where the run leaves out the slow tests or
+    asks for it with -k fast)."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)   # stable: each file's tests keep their order
     if "not slow" in (config.getoption("markexpr") or "") or "fast" in (config.getoption("keyword") or ""):

@@ -3,11 +3,11 @@ files of a run directory. Whatever they hold, a command either succeeds (exit 0,
 finite) or refuses as every row of tests/test_bad_input.py does: exit 2, one line `condiff: error: ...`, no
 traceback, and every file as it was.
 
-Each property runs in two tiers: `fast` (make test-fast) and `deep` (twice the examples, marked slow; make test runs
-it alone). Both draw the same examples on every run (tests/conftest.py's hypothesis profile);
-`pytest --hypothesis-profile=explore` draws new ones. Examples are kept cheap: valid sizes are tiny, so that a command that goes ahead takes well
-under a second; the sizes between those and the absurd ones (2**63 and up) are left out, as a command would
-honestly spend minutes or gigabytes on them."""
+Each property runs in two tiers: `fast` (make test-fast) and `deep` (twice the examples, marked slow; make test
+runs it alone). Both draw the same examples on every run (tests/conftest.py's hypothesis profile);
+`pytest --hypothesis-profile=explore` draws new ones. Examples are kept cheap: valid sizes are tiny, so that a
+command that goes ahead takes well under a second; the sizes between those and the absurd ones (2**63 and up)
+are left out, as a command would honestly spend minutes or gigabytes on them."""
 
 import contextlib
 import copy

@@ -2,8 +2,8 @@
 distance, precision and recall against the data the run keeps, RUN/evaluation.json and RUN/report.md.
 
 Samples are reused only when RUN/samples.npz records exactly the drawing evaluation would make; samples of
-another drawing are redrawn (and the run says so) only when the caller allows it (`resample`). Under several processes the sampling is shared and
-only the main process evaluates and writes.
+another drawing are redrawn (and the run says so) only when the caller allows it (`resample`). Under several
+processes the sampling is shared and only the main process evaluates and writes.
 """
 
 from __future__ import annotations
