@@ -147,13 +147,13 @@ MIXTURE = {"constraints": None,
            "data": {"means": [[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]], "std": 0.5, "per_class": 50,
                     "class_counts": {}},
            "model": {"hidden": 64, "layers": 2},
-           "train": {"steps": 250, "batch_size": 64, "lr": 2e-3, "warmup_steps": 25, "checkpoint_every": 250,
+           "train": {"steps": 150, "batch_size": 64, "lr": 2e-3, "warmup_steps": 15, "checkpoint_every": 150,
                      "ema_decay": 0.0}}
 
 
 @pytest.mark.slow
 def test_independent_protocol_on_a_mixture_ranks_trak_above_random_and_no_choice_reads_a_reported_target(
-        tiny_config, tmp_path):
+        tiny_config, tmp_path, monkeypatch):
     """The whole protocol on four 2-D components (200 points; 8 fresh half-subset models x 2 seeds; TRAK's
     2-model ensemble): the chosen TRAK's LDS on samples beats random scores by a paired interval above 0; the
     removal table has every kind; and re-scoring with the reported targets' outcomes replaced by noise
@@ -163,11 +163,18 @@ def test_independent_protocol_on_a_mixture_ranks_trak_above_random_and_no_choice
     from condiff.lifecycle.build import build_data
     from condiff.validation.counterfactual import ValidationSettings
     from condiff.validation.methods import RANDOM, FeatureBank
-    from condiff.validation.lds import score_quantities
+    from condiff.validation import reproduce
+    from condiff.validation.lds import linear_datamodeling_scores, score_quantities
 
+    validations = []   # the validation the report was written from, recorded rather than computed again
+
+    def recording(*args, **kwargs):
+        validations.append(linear_datamodeling_scores(*args, **kwargs))
+        return validations[-1]
+    monkeypatch.setattr(reproduce, "linear_datamodeling_scores", recording)
     settings = ValidationSettings(num_subsets=8, seeds=2, ensemble=2, num_targets=24, held_out_targets=12,
                                   steps=(700, 300), train_timesteps=(10,), dimensions=(512,), checkpoints=2,
-                                  projection="gaussian", removal_targets=4, removal_draws=2, resamples=300)
+                                  projection="gaussian", removal_targets=4, removal_draws=2, resamples=200)
     config = tiny_config(tmp_path / "validation" / "full", **MIXTURE)
     report = reproduce_attribution(tmp_path / "validation", config=config, settings=settings, progress=False)
     saved = json.loads((tmp_path / "validation" / "lds.json").read_text())
@@ -179,18 +186,14 @@ def test_independent_protocol_on_a_mixture_ranks_trak_above_random_and_no_choice
     text = report.read_text()
     assert "## Headline" in text and "lds-curves.png" in text and "journey-0.png" in text
 
-    from condiff.validation.lds import linear_datamodeling_scores
-    from condiff.runtime import independent_workers
-
     data = build_data(config)
-    validation = linear_datamodeling_scores(config, data, tmp_path / "validation", settings, independent_workers(),
-                                            progress=False)
+    [validation] = validations
     choice = validation.choices["sample"]
     outcomes = validation.measured["sample"].mean(0)
     part = validation.targets.reported_slice
     random = choice.per_method[RANDOM].scores
     assert paired_difference(choice.trak.scores[:, part], random[:, part], validation.models.subsets,
-                             outcomes[:, part], resamples=300).low > 0
+                             outcomes[:, part], resamples=200).low > 0
 
     def choices_with(columns):
         measured = {q: m.copy() for q, m in validation.measured.items()}

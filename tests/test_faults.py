@@ -68,7 +68,7 @@ def test_divergence_stops_with_one_line_and_resume_continues_with_a_smaller_rate
     assert main(["train", str(run), "--resume", "--set", "train.lr=1e30"]) == 2
     line = error_line(capsys)
     assert line.startswith("condiff: error: step 10: ") and "not finite" in line, line
-    assert "step-0000008" in line and "--set train.lr=" in line
+    assert "step-0000008" in line and "resume its training (--resume) with a smaller train.lr" in line, line
     assert (run / "checkpoints" / "latest").read_text() == "step-0000008"
     checkpoint = load_file(run / "checkpoints" / "step-0000008" / "model" / "diffusion_pytorch_model.safetensors")
     assert all(torch.isfinite(t).all() for t in checkpoint.values())
@@ -138,5 +138,5 @@ def test_the_reported_diverging_digits_run_stops_with_one_line(tmp_path, capsys,
     monkeypatch.chdir(tmp_path)
     assert main(["train", str(config), "--set", "train.lr=50.0", "--set", "train.steps=12"]) == 2
     line = error_line(capsys)
-    assert "not finite" in line and "--overwrite --set train.lr=" in line, line
+    assert "not finite" in line and "train again (--overwrite) with a smaller train.lr" in line, line
     strict_records(tmp_path / "runs" / "digits-minority" / "metrics.jsonl")

@@ -94,10 +94,12 @@ def test_both_estimators_settle_at_the_resilient_fixed_point(constrained):
     assert np.allclose(lam, losses / (2 * 0.5), rtol=0.15), (estimator, lam, losses)
 
 
-@pytest.mark.parametrize("targets", [[0.25, 0.25], [0.15, 0.35]])
-def test_requested_target_shares_are_reached_without_a_reference_loss(tmp_path, targets):
+def test_requested_target_shares_are_reached_without_a_reference_loss(tmp_path):
     """Theorem 1's multipliers for the requested shares, held fixed, give exactly those shares; the other
-    components keep their data proportions, pi_c / (1 + sum lambda)."""
+    components keep their data proportions, pi_c / (1 + sum lambda). Unequal requests for two components of
+    equal data share (an equal request, 0.25 each, was retired to keep `make test` within its budget: it
+    asks less of the multipliers than this one)."""
+    targets = [0.15, 0.35]
     config = gmm_config(tmp_path, "targets", "mixture", {"classes": [2, 3], "target_shares": targets})
     shares, summary, _ = sampled_shares(config, num_samples=20000)
     rest = 1 - sum(targets)

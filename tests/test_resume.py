@@ -58,7 +58,7 @@ def test_existing_run_directory_is_never_overwritten_silently(tmp_path, tiny_con
     config.train.steps = 5
     condiff.train(config).path
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    with pytest.raises(RunDirectoryError, match="--overwrite"):
+    with pytest.raises(RunDirectoryError, match="overwrite=True"):
         condiff.train(config).path
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
     condiff.train(config, overwrite=True).path

@@ -111,7 +111,7 @@ def test_overwrite_replaces_empty_and_condiff_directories_only(tmp_path):
     empty.mkdir()
     assert (create_output_directory(empty, "test") / MARKER).is_file()
     (empty / "old-result.txt").write_text("made by condiff's earlier run")
-    with pytest.raises(RunDirectoryError, match="--overwrite"):
+    with pytest.raises(RunDirectoryError, match="overwrite=True"):
         create_output_directory(empty, "test")
     create_output_directory(empty, "test", overwrite=True)
     assert sorted(p.name for p in empty.iterdir()) == [MARKER]
@@ -121,6 +121,21 @@ def test_overwrite_replaces_empty_and_condiff_directories_only(tmp_path):
     with pytest.raises(RunDirectoryError, match="not a directory condiff created"):
         create_output_directory(unmarked, "test", overwrite=True)
     assert (unmarked / "data.csv").read_text() == "1,2"
+
+
+def test_refusals_name_the_switch_as_python_and_the_command_line_spell_it(tmp_path, tiny_toml, capsys):
+    """From Python a refusal says `resume=True` / `overwrite=True`, from the command line `--resume` /
+    `--overwrite`; a path in braces is written as it is either way."""
+    run = tmp_path / "{date}" / "run"
+    config = tiny_toml(tmp_path / "c.toml", run, train={"steps": 2, "checkpoint_every": 2}, constraints=None)
+    assert main(["train", config]) == 0
+    with pytest.raises(RunDirectoryError) as refused:
+        condiff.train(condiff.load_config(config))
+    assert str(refused.value) == f"{run}: exists; pass resume=True to continue it or overwrite=True to replace it"
+    capsys.readouterr()
+    assert main(["train", config]) == 2
+    assert error_line(capsys) == f"condiff: error: {run}: exists; pass --resume to continue it or --overwrite to " \
+                                 "replace it"
 
 
 def test_concurrent_atomic_writers_never_collide(tmp_path):

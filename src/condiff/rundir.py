@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from condiff.errors import SwitchError
 from condiff.journal import UNDO, open_transaction, recover, transaction
 
 MARKER = ".condiff"
@@ -30,8 +31,9 @@ LOCK = ".condiff.lock"   # held by the command writing into a directory; gone ag
 PROJECT_ROOT = Path(__file__).resolve().parents[2]   # the checkout, when condiff runs from one
 
 
-class RunDirectoryError(RuntimeError):
-    """A directory is missing, is not condiff's, or exists where condiff would overwrite it."""
+class RunDirectoryError(SwitchError, RuntimeError):
+    """A directory is missing, is not condiff's, or exists where condiff would overwrite it; `{resume}` or
+    `{overwrite}` in the message name the switch that would let the call go ahead."""
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, directory: bool = False) -> Path:
@@ -157,10 +159,10 @@ def check_output_directory(path: str | os.PathLike, *, overwrite: bool, resumabl
         raise RunDirectoryError(f"{path}: exists and is not a directory")
     if path.is_dir() and contents(path):
         if not overwrite:
-            resume = "--resume to continue it or " if resumable else ""
-            raise RunDirectoryError(f"{path}: exists; pass {resume}--overwrite to replace it")
+            resume = "{resume} to continue it or " if resumable else ""
+            raise RunDirectoryError(f"{path}: exists; pass {resume}{{overwrite}} to replace it")
         if not is_condiff_directory(path):
-            raise RunDirectoryError(f"{path}: not a directory condiff created (no {MARKER} marker); --overwrite "
+            raise RunDirectoryError(f"{path}: not a directory condiff created (no {MARKER} marker); {{overwrite}} "
                                     "replaces only those, so move your files or choose another output")
     return path
 
@@ -374,7 +376,7 @@ class RunDirectory:
     def require_model(self) -> "RunDirectory":
         if not (self.model / "model_index.json").is_file():
             raise RunDirectoryError(f"{self.path}: no trained model (model/model_index.json missing); "
-                                    "train it first or resume it with condiff train --resume")
+                                    "train it first or resume its training ({resume})")
         return self
 
     def read_summary(self) -> dict:
@@ -383,14 +385,14 @@ class RunDirectory:
         problem = summary_problem(summary)
         if problem is not None:
             raise RunDirectoryError(f"{self.summary_file}: not a training summary ({problem}); train the run again, "
-                                    "or resume it with condiff train --resume")
+                                    "or resume its training ({resume})")
         return summary
 
     def read_json(self, path: Path):
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:
-            raise RunDirectoryError(f"{path}: missing; the run is unfinished (resume it with condiff train "
-                                    "--resume)") from None
+            raise RunDirectoryError(f"{path}: missing; the run is unfinished (resume its training with "
+                                    "{resume})") from None
         except (OSError, ValueError) as err:
             raise RunDirectoryError(f"{path}: unreadable ({err})") from None

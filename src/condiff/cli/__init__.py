@@ -17,15 +17,16 @@ import sys
 import traceback
 import warnings
 
-from condiff.config import ArgumentError, ConfigError, InfeasibleConstraints, check_seed
+from condiff.config import ConfigError, InfeasibleConstraints, check_seed
+from condiff.errors import NamesArguments
 from condiff.rundir import RunDirectoryError
 from condiff.runtime import close_progress_bars, end_processes, resolve_device
 from condiff.training.metrics_log import TrainingDiverged
 
 from condiff.cli.parser import build_parser
 
-# Per command, the flag of each library argument whose flag is not its name with dashes (ArgumentError names
-# arguments): the library never speaks of flags.
+# Per command, the flag of each library argument whose flag is not its name with dashes (condiff.errors: the
+# library's refusals name arguments, never flags).
 FLAGS = {"sample": {"class_label": "--class"}, "reproduce": {"name": "EXPERIMENT"},
          "attribute": {"target_class": "--class", "num_targets": "--samples", "output": "--output-function",
                        "steps": "--timesteps"}}
@@ -71,7 +72,7 @@ def one_line(err: BaseException, command: str | None = None) -> str:
     elif isinstance(err, OSError) and err.filename is not None:
         files = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
         text = f"error: {files}: {err.strerror or err}"
-    elif isinstance(err, ArgumentError):
+    elif isinstance(err, NamesArguments):
         text = "error: " + err.spelled(lambda argument: flag(argument, command))
     else:
         text = f"error: {err}"

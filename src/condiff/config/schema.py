@@ -5,27 +5,24 @@ sections together (`ExperimentConfig`) and turns TOML tables into them."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+from condiff.errors import NamesArguments
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
-class ArgumentError(ConfigError):
+class ArgumentError(NamesArguments, ConfigError):
     """An argument of a condiff function is refused: `argument` names it, and `{other}` in the message names
     another argument. str() says Python's names; the command line says its flags instead (`spelled`)."""
 
     def __init__(self, argument: str, message: str):
-        self.argument, self.message = argument, message
-        super().__init__(self.spelled(str))
-
-    def spelled(self, spell: Callable[[str], str]) -> str:
-        """The message with every argument's name written by `spell`."""
-        return f"{spell(self.argument)}: " + re.sub(r"\{([a-z_]+)\}", lambda m: spell(m.group(1)), self.message)
+        self.argument = argument
+        super().__init__("{%s}: %s" % (argument, message))
 
 
 def refuse_first_problem(settings, problems: dict[str, bool], error: Callable[[str, object], Exception]) -> None:

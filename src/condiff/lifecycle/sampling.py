@@ -169,7 +169,7 @@ def train_noise_classifier_run(run_dir: Path, *, steps: int = 2000, overwrite: b
     pipeline = load_pipeline(run_dir)
     path = RunDirectory(run_dir).noise_classifier
     if path.exists() and not overwrite:
-        raise RunDirectoryError(f"{path}: exists; pass --overwrite to retrain it")
+        raise RunDirectoryError(f"{path}: exists; pass {{overwrite}} to retrain it")
     device = resolve_device(device)
     data = build_data(config)
     held_out = data.held_out if data.held_out is not None else data.reference

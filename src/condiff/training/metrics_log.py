@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from condiff.errors import SwitchError
 
-class TrainingDiverged(RuntimeError):
+
+class TrainingDiverged(SwitchError, RuntimeError):
     """A loss, gradient norm, multiplier or weight became NaN or infinite; nothing of that step was saved."""
 
 
@@ -26,12 +28,12 @@ def check_finite(step: int, quantities: dict[str, float | torch.Tensor], checkpo
     if not bad:
         return
     latest = checkpoints_dir / "latest"
-    advice = (f"the last finite checkpoint, {latest.read_text().strip()}, is kept: continue with `condiff train "
-              f"--resume {checkpoints_dir.parent} --set train.lr=...`" if latest.is_file() else
-              "no checkpoint was written yet: start again with `--overwrite --set train.lr=...`")
+    advice = (f"the last finite checkpoint of {checkpoints_dir.parent}, {latest.read_text().strip()}, is kept: resume "
+              "its training ({resume})" if latest.is_file() else
+              "no checkpoint was written yet: train again ({overwrite})")
     name, value = bad[0]
-    raise TrainingDiverged(f"step {step}: {name} is not finite ({value:.4g}); training stopped and {advice} "
-                           "(a smaller rate)")
+    raise TrainingDiverged(f"step {step}: {name} is not finite ({value:.4g}); training stopped and {advice} with a "
+                           "smaller train.lr")
 
 
 @dataclass
