@@ -22,5 +22,6 @@ MIXTURE = {"name": "mixture", "output_dir": str(output / "full"),
 SETTINGS = ValidationSettings(num_subsets=4, seeds=2, ensemble=2, num_targets=4, held_out_targets=2, steps=(300,),
                               train_timesteps=(4,), dimensions=(64,), checkpoints=2, measured_timesteps=2,
                               resamplings=2, ridges=(0.1, 1.0), sampling_steps=5, removal_targets=1,
-                              removal_steps=(300,), removal_draws=1, resamples=50, projection="gaussian")
+                              removal_steps=(300,), removal_draws=1, resamples=50, projection="gaussian",
+                              journeys=1)
 reproduce_attribution(output, config=config_from_dict(MIXTURE), settings=SETTINGS, progress=False)

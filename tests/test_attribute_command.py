@@ -19,7 +19,7 @@ from condiff.audit.results import AttributionSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SMALL = {"num_targets": 3, "steps": (900, 100), "top": 4, "train_timesteps": 4, "resamplings": 5, "dimension": 128,
+SMALL = {"num_targets": 2, "steps": (900, 100), "top": 4, "train_timesteps": 4, "resamplings": 5, "dimension": 128,
          "batch_size": 16}
 FEATURES = f"features-{AttributionSettings().output}-K4-k128-sparse"   # under the validated output
 
@@ -71,7 +71,7 @@ def test_targets_from_a_samples_file_score_as_the_same_samples_generated(tiny_ru
     saved = json.loads((from_file.directory / "attribution.json").read_text())
     assert saved["settings"]["samples_file"] == str(recorded_samples)
     assert str(recorded_samples) in (from_file.directory / "report.md").read_text()
-    assert all((from_file.directory / f"journey-{t}.png").is_file() for t in range(3))
+    assert all((from_file.directory / f"journey-{t}.png").is_file() for t in range(SMALL["num_targets"]))
 
 
 def test_only_the_first_samples_of_a_file_are_targets(tiny_run, recorded_samples):
@@ -129,7 +129,7 @@ def test_attribution_json_and_the_report_sum_the_scores_per_class_and_constraint
     assert saved["constraint_classes"] == [2]
     np.testing.assert_allclose(saved["training_class_shares"], [40 / 90, 40 / 90, 10 / 90])
     for column, step in enumerate(saved["steps"]):
-        for target in range(3):
+        for target in range(SMALL["num_targets"]):
             per_class = [scores[labels == c, target, column].sum() for c in range(3)]
             np.testing.assert_allclose(step["class_sums"][target], per_class, rtol=1e-4, atol=1e-6)
             positive = [np.clip(scores[labels == c, target, column], 0, None).sum() for c in range(3)]
@@ -171,7 +171,7 @@ def test_checkpoint_ensemble_averages_each_models_own_trak_scores(tiny_run, monk
     for (phi, _), file in zip(models, files):
         np.testing.assert_array_equal(phi.numpy(), np.load(file))
     mean = torch.stack([trak_scores(phi, targets, result.settings.ridge) for phi, targets in models]).mean(0)
-    per_step = mean.float().numpy().reshape(90, -1, 3)   # examples x visited steps x targets
+    per_step = mean.float().numpy().reshape(90, -1, SMALL["num_targets"])   # examples x visited steps x targets
     columns = [result.journeys[0].timesteps.index(step.timestep) for step in result.steps]
     np.testing.assert_allclose(np.load(folder / "scores.npy"), per_step[:, columns].transpose(0, 2, 1),
                                rtol=1e-5, atol=1e-7)
@@ -259,7 +259,7 @@ def test_journeys_follow_every_step_with_the_exact_posterior_and_the_top_example
                        seed=0, record_x0=True, progress=False)
     scores = np.load(result.directory / "scores.npy")
     saved = json.loads((result.directory / "attribution.json").read_text())
-    assert len(result.journeys) == 3 and result.posterior_source == "the exact posterior of the mixture"
+    assert len(result.journeys) == SMALL["num_targets"] and result.posterior_source == "the exact posterior of the mixture"
     for target, journey in enumerate(result.journeys):
         assert journey.timesteps == targets.timesteps.tolist()
         exact = data.mixture.log_posterior(targets.x0_predictions[:, target].double()).exp().numpy()

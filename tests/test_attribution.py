@@ -186,7 +186,7 @@ def test_late_steps_are_guided_by_the_samples_own_component_and_the_noisiest_by_
     assert low <= purity <= high, purity
 
 
-SMALL = dict(num_targets=3, steps=(900, 100), top=4, train_timesteps=4, resamplings=5, dimension=128,
+SMALL = dict(num_targets=2, steps=(900, 100), top=4, train_timesteps=4, resamplings=5, dimension=128,
              batch_size=16)
 
 
@@ -203,14 +203,14 @@ def test_attribute_writes_scores_tops_journeys_and_a_report(tiny_run):
     result = attribute_run(tiny_run, AttributionSettings(**SMALL), overwrite=True, progress=False)
     folder = tiny_run / "attribution"
     scores = np.load(folder / "scores.npy", mmap_mode="r")
-    assert scores.shape == (90, 3, 2)                   # 40 + 40 + 10 training points, 3 targets, 2 steps
+    assert scores.shape == (90, 2, 2)                   # 40 + 40 + 10 training points, 2 targets, 2 steps
     saved = json.loads((folder / "attribution.json").read_text())
-    assert saved["settings"]["steps"] == [900, 100] and len(saved["target_classes"]) == 3
+    assert saved["settings"]["steps"] == [900, 100] and len(saved["target_classes"]) == 2
     for column, step in enumerate(result.steps):
-        for target in range(3):   # the listed examples are the highest and lowest scores, in order
+        for target in range(2):   # the listed examples are the highest and lowest scores, in order
             order = np.argsort(-scores[:, target, column])
             assert step.helpful[target] == order[:4].tolist() and step.harmful[target] == order[::-1][:4].tolist()
-    assert all((folder / f"journey-{t}.png").is_file() for t in range(3))
+    assert all((folder / f"journey-{t}.png").is_file() for t in range(2))
     assert "## Journeys" in (folder / "report.md").read_text()
 
 

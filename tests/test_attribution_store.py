@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attribution_store_worker import BATCH_SIZE, stored_tiny_features
+from attribution_store_worker import BATCH_SIZE, DAMAGED, FINISHED, stored_tiny_features
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]   # two torchrun processes
 
 
-def run_two_processes(features_path: Path, mode: str, batches: list[int]) -> list[np.ndarray]:
-    """The worker under torchrun with 2 CPU processes; the arrays the two processes returned, once checked
-    that each featurized some of `batches` and that together they featurized each exactly once."""
+def run_two_processes(features_path: Path) -> None:
+    """The worker under torchrun with 2 CPU processes: a fresh featurization, then a resumed one."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     with socket.socket() as probe:           # torchrun's static rendezvous hangs on port 0: pick a free one
         probe.bind(("127.0.0.1", 0))
@@ -27,11 +26,16 @@ def run_two_processes(features_path: Path, mode: str, batches: list[int]) -> lis
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     worker = Path(__file__).with_name("attribution_store_worker.py")
     done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", port, str(worker),
-                           str(features_path), mode], env=env, capture_output=True, text=True, timeout=240)
+                           str(features_path)], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    shares = [np.load(features_path.with_name(f"starts-rank{rank}.npy")).tolist() for rank in (0, 1)]
+
+
+def returned(features_path: Path, mode: str, batches: list[int]) -> list[np.ndarray]:
+    """The arrays the two processes got back in `mode`, once checked that each featurized some of `batches`
+    and that together they featurized each exactly once."""
+    shares = [np.load(features_path.with_name(f"starts-{mode}-rank{rank}.npy")).tolist() for rank in (0, 1)]
     assert all(shares) and sorted(shares[0] + shares[1]) == [index * BATCH_SIZE for index in batches], shares
-    return [np.load(features_path.with_name(f"returned-rank{rank}.npy")) for rank in (0, 1)]
+    return [np.load(features_path.with_name(f"returned-{mode}-rank{rank}.npy")) for rank in (0, 1)]
 
 
 def test_two_processes_store_the_features_of_one_and_resume(tmp_path):
@@ -40,23 +44,16 @@ def test_two_processes_store_the_features_of_one_and_resume(tmp_path):
 
     (tmp_path / "two").mkdir()
     two = tmp_path / "two" / "features-tiny.npy"
-    for returned in run_two_processes(two, "fresh", list(range(8))):
-        np.testing.assert_array_equal(returned, expected)
-    np.testing.assert_array_equal(np.load(two), expected)
-    assert np.load(tmp_path / "two" / "done-tiny.npy").all()
+    run_two_processes(two)
+    for array in returned(two, "fresh", list(range(8))):
+        np.testing.assert_array_equal(array, expected)
+    np.testing.assert_array_equal(np.load(tmp_path / "two" / "after-fresh.npy"), expected)
+    assert np.load(tmp_path / "two" / "done-after-fresh.npy").all()
 
-    # A killed run: batches 0, 3 and 4 done (their rows marked with a value no featurization gives), the rest not.
-    features, done = np.load(two), np.zeros(8, dtype=bool)
-    finished = [0, 3, 4]
-    done[finished] = True
-    for index in range(8):
-        rows = slice(index * BATCH_SIZE, (index + 1) * BATCH_SIZE)
-        features[rows] = 7.0 if done[index] else 0.0
-    np.save(two, features)
-    np.save(tmp_path / "two" / "done-tiny.npy", done)
-    resumed = run_two_processes(two, "resume", [1, 2, 5, 6, 7])
+    # Resumed from a killed run's file (`damage`): batches FINISHED kept as they were, the others featurized.
+    resumed = returned(two, "resume", [i for i in range(8) if i not in FINISHED])
     for index in range(8):
         rows = slice(index * BATCH_SIZE, (index + 1) * BATCH_SIZE)
         for array in resumed + [np.load(two)]:
-            np.testing.assert_array_equal(array[rows], 7.0 if index in finished else expected[rows])
+            np.testing.assert_array_equal(array[rows], DAMAGED if index in FINISHED else expected[rows])
     assert np.load(tmp_path / "two" / "done-tiny.npy").all()

@@ -138,7 +138,7 @@ def test_settings_the_protocol_cannot_honour_are_refused_naming_them():
     for bad, name in ((dict(fraction=1.0), "fraction"), (dict(ensemble=1000), "ensemble"),
                       (dict(removal_share=0.0), "removal_share"), (dict(train_timesteps=()), "train_timesteps"),
                       (dict(outputs=("margin",)), "outputs"), (dict(steps=(1200,)), "steps"),
-                      (dict(removal_steps=(500,)), "removal_steps")):
+                      (dict(removal_steps=(500,)), "removal_steps"), (dict(journeys=0), "journeys")):
         with pytest.raises(ConfigError, match=f"^{name}:"):
             ValidationSettings(**bad).validated(500)
 
@@ -174,7 +174,8 @@ def test_independent_protocol_on_a_mixture_ranks_trak_above_random_and_no_choice
     monkeypatch.setattr(reproduce, "linear_datamodeling_scores", recording)
     settings = ValidationSettings(num_subsets=8, seeds=2, ensemble=2, num_targets=24, held_out_targets=12,
                                   steps=(700, 300), train_timesteps=(10,), dimensions=(512,), checkpoints=2,
-                                  projection="gaussian", removal_targets=4, removal_draws=2, resamples=200)
+                                  projection="gaussian", removal_targets=4, removal_draws=2, resamples=200,
+                                  journeys=1)
     config = tiny_config(tmp_path / "validation" / "full", **MIXTURE)
     report = reproduce_attribution(tmp_path / "validation", config=config, settings=settings, progress=False)
     saved = json.loads((tmp_path / "validation" / "lds.json").read_text())

@@ -65,6 +65,7 @@ class ValidationSettings:
     removal_share: float = 0.02           # remove-top-k: k as a share of the training set
     removal_draws: int = 3                # remove-top-k: random removals (each compared with every target)
     resamples: int = 1000                 # two-way bootstrap resamples
+    journeys: int = 4                     # targets whose journeys the report pictures (the chosen TRAK, full run)
     seed: int = 0
     batch_size: int = 32
 
@@ -78,6 +79,7 @@ class ValidationSettings:
             "removal_targets": not 0 <= self.removal_targets <= self.num_targets,
             "removal_share": not 1 <= round(self.removal_share * num_train) < num_train,
             "removal_draws": self.removal_draws < 1, "projection": self.projection not in PROJECTORS,
+            "journeys": self.journeys < 1,
             "steps": not all(0 <= t < 1000 for t in self.steps),
             "removal_steps": not set(self.removal_steps) <= set(self.steps),   # removals use a step's scores
             "outputs": not self.outputs or not set(self.outputs) <= {"dtrak", "loss"},

@@ -195,7 +195,7 @@ def write_validation_report(output: Path, config: ExperimentConfig, scale: str, 
         for r in results for lever, points in r.curves.items() if points)
     journeys = "\n\n".join(image_md(f"full/attribution/journey-{t}.png", f"journey of target {t}") + "\n\n"
                            + image_md(f"full/attribution/journey-steps-{t}.png", f"target {t} over every step")
-                           for t in range(4))
+                           for t in range(validation.settings.journeys))
     title = f"Attribution validated by retraining: {config.name} (--scale {scale}{', coupled' if validation.settings.coupled else ''})"
     return write_report(output / "report.md", title, [
         ("Protocol", protocol(config, scale, num_train, validation)),

@@ -75,8 +75,9 @@ def reproduce_attribution(output: Path, *, scale: str = "cpu", overwrite: bool =
                               progress=progress)
     sample = next(r for r in validation.results if r.quantity == "sample")
     chosen = validation.choices["sample"].trak.config
-    journeys = AttributionSettings(num_targets=4, output=chosen.output, train_timesteps=chosen.train_timesteps,
-                                   dimension=chosen.dimension, projection=settings.projection,
+    journeys = AttributionSettings(num_targets=settings.journeys, output=chosen.output,
+                                   train_timesteps=chosen.train_timesteps, dimension=chosen.dimension,
+                                   projection=settings.projection,
                                    sampling_steps=settings.sampling_steps, seed=settings.seed,
                                    ridge=sample.trak.ridge, checkpoints=1,
                                    models=tuple(str(p) for p in validation.models.full[1:chosen.models]))
