@@ -259,7 +259,8 @@ def test_journeys_follow_every_step_with_the_exact_posterior_and_the_top_example
                        seed=0, record_x0=True, progress=False)
     scores = np.load(result.directory / "scores.npy")
     saved = json.loads((result.directory / "attribution.json").read_text())
-    assert len(result.journeys) == SMALL["num_targets"] and result.posterior_source == "the exact posterior of the mixture"
+    assert len(result.journeys) == SMALL["num_targets"]
+    assert result.posterior_source == "the exact posterior of the mixture"
     for target, journey in enumerate(result.journeys):
         assert journey.timesteps == targets.timesteps.tolist()
         exact = data.mixture.log_posterior(targets.x0_predictions[:, target].double()).exp().numpy()

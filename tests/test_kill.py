@@ -50,12 +50,12 @@ def train(*argv, kill_at: tuple[str, int] | None = None):
                             stderr=subprocess.PIPE, text=True)
 
 
-def resume(run_dir) -> None:
-    """`condiff train RUN --resume`, in this process: what a kill left on disk is all it reads (one thread, like
-    the killed subprocesses: the same float sums)."""
+def train_here(*argv) -> None:
+    """`condiff train ARGV` in this process (one thread, like the killed subprocesses: the same float sums); a
+    resume reads nothing but what the kill left on disk."""
     from condiff.cli import main
 
-    assert main(["train", str(run_dir), "--resume"]) == 0
+    assert main(["train", *map(str, argv)]) == 0
 
 
 @pytest.fixture(scope="session")
@@ -80,11 +80,9 @@ def last_logged_step(run_dir) -> int:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, config_file, one_torch_thread):
-    """The uninterrupted run, trained in this process (one thread, like the subprocesses: the same float sums)."""
-    from condiff.cli import main
-
+    """The uninterrupted run, trained in this process."""
     tmp_path = tmp_path_factory.mktemp("kill-reference")
-    assert main(["train", str(config_file(tmp_path, "run"))]) == 0
+    train_here(config_file(tmp_path, "run"))
     return outcome(tmp_path / "run")
 
 
@@ -109,7 +107,7 @@ def test_killed_during_a_step(tmp_path, reference, config_file, one_torch_thread
     assert process.returncode == -signal.SIGKILL
     killed_at = last_logged_step(tmp_path / "run")
     assert 120 <= killed_at < 400
-    resume(tmp_path / "run")
+    train_here(tmp_path / "run", "--resume")
     assert_same(outcome(tmp_path / "run"), reference)
 
 
@@ -122,6 +120,6 @@ def test_killed_while_writing_a_checkpoint(tmp_path, reference, point, config_fi
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step-0000150"
     assert (checkpoints / "step-0000200").is_dir() == (point == "before-latest")
-    resume(tmp_path / "run")
+    train_here(tmp_path / "run", "--resume")
     assert_same(outcome(tmp_path / "run"), reference)
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]   # no temporary folder left behind
