@@ -45,7 +45,7 @@ def test_controller_finds_the_multipliers_a_distorted_model_needs():
     pi = np.array([0.4, 0.4, 0.1, 0.1])
     classes, targets, distortion = [2, 3], [0.25, 0.2], np.array([0.5, 2.0])
     closed_form = multipliers_for_target_shares(pi, classes, targets)
-    controller = ShareController(targets, closed_form, rate=0.5, smoothing=0.5)
+    controller = ShareController(targets, closed_form, pi[classes], rate=0.5, smoothing=0.5, bound=4.0)
     rng = np.random.default_rng(0)
     assert np.abs(simulated_model_shares(closed_form, pi, classes, distortion)[classes] - targets).max() > 0.05
     for step in range(40):
@@ -55,14 +55,31 @@ def test_controller_finds_the_multipliers_a_distorted_model_needs():
     reached = simulated_model_shares(controller.multipliers, pi, classes, distortion)[classes]
     assert np.abs(reached - targets).max() < 0.01, reached
     np.testing.assert_allclose(controller.multipliers, closed_form / distortion, rtol=0.1)
+    assert controller.at_bound == [False, False]
+
+
+def test_the_bound_keeps_every_class_weight_within_its_factor_of_theorem_1():
+    """A model that needs more than the bound allows (distortion 0.2 and 5): the multipliers stop exactly where
+    pi + lambda is Theorem 1's weight times or over the bound, the steered shares as close as that allows."""
+    pi = np.array([0.4, 0.4, 0.1, 0.1])
+    classes, targets, distortion = [2, 3], [0.25, 0.2], np.array([0.2, 5.0])
+    closed_form = multipliers_for_target_shares(pi, classes, targets)
+    controller = ShareController(targets, closed_form, pi[classes], rate=0.5, smoothing=0.5, bound=1.5)
+    for step in range(40):
+        shares = simulated_model_shares(controller.multipliers, pi, classes, distortion)
+        controller.update(step, np.round(1000 * shares[classes]), 1000)
+    weights, theorem_1 = pi[classes] + controller.multipliers, pi[classes] + closed_form
+    np.testing.assert_allclose(weights, [theorem_1[0] * 1.5, theorem_1[1] / 1.5], rtol=1e-9)
+    assert max(m.multipliers[0] for m in controller.history) <= weights[0] - pi[2] + 1e-12
+    assert controller.at_bound == [True, True]
 
 
 def test_controller_state_resumes_exactly_and_keeps_multipliers_positive():
-    controller = ShareController([0.3], [0.2], rate=0.5, smoothing=0.5)
+    controller = ShareController([0.3], [0.2], [0.1], rate=0.5, smoothing=0.5, bound=1e6)
     for step, count in enumerate([90, 95, 100]):
         controller.update(step, [count], 100)   # a share of ~1 pushes the multiplier down, never below 0
     assert controller.multipliers[0] > 0 and controller.history[-1].multipliers == controller.multipliers.tolist()
-    restored = ShareController([0.3], [0.2], rate=0.5, smoothing=0.5)
+    restored = ShareController([0.3], [0.2], [0.1], rate=0.5, smoothing=0.5, bound=1e6)
     restored.load_state_dict(json.loads(json.dumps(controller.state_dict())))
     assert restored.update(3, [10], 100) == controller.update(3, [10], 100)
 
@@ -71,6 +88,7 @@ def test_controller_state_resumes_exactly_and_keeps_multipliers_positive():
     ({"control": "measured", "target_shares": None, "gamma": 0.3}, "constraints.control"),
     ({"control": "measured", "control_smoothing": 1.0}, "constraints.control_smoothing"),
     ({"control": "measured", "control_start": 1.5}, "constraints.control_start"),
+    ({"control": "measured", "control_bound": 0.9}, "constraints.control_bound"),
     ({"control": "steered"}, "constraints.control"),
     ({"control_every": 0}, "constraints.control_every")])
 def test_control_settings_that_cannot_work_are_refused_naming_the_field(tmp_path, change, field):

@@ -164,6 +164,7 @@ class ConstraintsConfig:
     control_rate: float = positive(0.25)
     control_smoothing: float = non_negative(0.5)   # weight of the earlier counts in the smoothed share
     control_start: float = non_negative(0.2)    # share of training before the first control step
+    control_bound: float = positive(1.5)   # each class's weight pi + lambda stays within this factor of Theorem 1's
 
     @property
     def mode(self) -> str:

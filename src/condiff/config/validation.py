@@ -260,6 +260,9 @@ def _check_consistency(config: ExperimentConfig) -> None:
     for key in ("control_smoothing", "control_start"):
         if not getattr(cons, key) < 1:
             raise ConfigError(f"constraints.{key}: must be below 1, got {getattr(cons, key)}")
+    if cons.control_bound < 1:
+        raise ConfigError(f"constraints.control_bound: must be at least 1 (1 holds Theorem 1's multipliers), "
+                          f"got {cons.control_bound}")
     if cons.kl_bounds is not None:
         try:
             check_kl_feasibility(cons.kl_bounds)

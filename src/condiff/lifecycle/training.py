@@ -288,7 +288,7 @@ def training_summary(config: ExperimentConfig, data: ExperimentData, constraints
                     "targets": list(config.constraints.target_shares), "shares": last.shares,
                     "smoothed": last.smoothed, "interval_95": [list(p) for p in zip(last.low, last.high)],
                     "predicted_by_theorem_1": [float(predicted[c]) for c in classes],
-                    "control_steps": len(control.controller.history)}
+                    "control_steps": len(control.controller.history), "at_bound": control.controller.at_bound}
     return {"steps": result.step, "train_seconds": result.seconds, "constraint_mode": config.constraints.mode,
             "control": measured,
             "data_class_shares": shares.tolist(), "multipliers": result.multipliers,
@@ -312,7 +312,9 @@ def model_card(config: ExperimentConfig, summary: dict, num_train: int) -> str:
             f"{measured['step']}, " + ", ".join(
                 f"class {c} {share:.3f} [{lo:.3f}, {hi:.3f}] for a target of {target:g}" for c, share, (lo, hi), target
                 in zip(measured["classes"], measured["shares"], measured["interval_95"], measured["targets"])) + \
-            f" ({measured['samples']} samples, 95% Wilson intervals)."
+            f" ({measured['samples']} samples, 95% Wilson intervals)." + "".join(
+                f" Class {c}'s multiplier ended on the edge of its bound (constraints.control_bound)."
+                for c, edge in zip(measured["classes"], measured.get("at_bound", [])) if edge)
     return f"""---
 library_name: diffusers
 tags: [condiff, diffusion, constrained-training]

@@ -4,7 +4,9 @@ Theorem 1's multipliers make the requested mixture the Lagrangian's minimiser, w
 for finite steps does not reach. Measured control treats the request as a constraint on what the model
 generates, share_c(p_theta) >= s_c, and takes dual steps on a measurement of it: every `every` steps the
 model draws `samples` samples with a few solver steps (split across processes), a classifier labels them, and
-log lambda_c += rate (log s_c - log s_hat_c), s_hat the share smoothed over control steps.
+log lambda_c += rate (log s_c - log s_hat_c), s_hat the share smoothed over control steps, with each class's
+weight pi_c + lambda_c kept within a factor `bound` of Theorem 1's (anti-windup: a minority class the model
+learns late reads low early at any multiplier, and an unbounded integral of those readings overshoots).
 """
 
 from __future__ import annotations
@@ -55,11 +57,18 @@ class ShareController:
     """The dual rule on measured shares, pure arithmetic on counts. The smoothed share is (counts + w *
     earlier counts) / (samples + w * earlier samples), w = `smoothing`, so its effective sample size grows
     to samples / (1 - w) while an old model's draws fade; half a count is added to every class, so that a
-    class absent from one draw gives a finite log share."""
+    class absent from one draw gives a finite log share. `initial` are Theorem 1's multipliers for the
+    classes' data shares `data_shares`: every class's Theorem 1 weight pi + lambda (its share is proportional
+    to it) stays within [w / bound, w * bound] of theirs, so the step is an ascent projected on a box."""
 
-    def __init__(self, targets: Sequence[float], initial: Sequence[float], *, rate: float, smoothing: float):
+    def __init__(self, targets: Sequence[float], initial: Sequence[float], data_shares: Sequence[float], *,
+                 rate: float, smoothing: float, bound: float):
         self.targets = np.asarray(targets, dtype=float)
         self.log_multipliers = np.log(np.maximum(np.asarray(initial, dtype=float), FLOOR))
+        pi = np.asarray(data_shares, dtype=float)
+        weight = pi + np.exp(self.log_multipliers)
+        self.log_low = np.log(np.maximum(weight / bound - pi, FLOOR))
+        self.log_high = np.log(np.maximum(weight * bound - pi, FLOOR))
         self.rate, self.smoothing = rate, smoothing
         self.counts, self.total = np.zeros(len(self.targets)), 0.0
         self.history: list[ShareMeasurement] = []
@@ -68,13 +77,19 @@ class ShareController:
     def multipliers(self) -> np.ndarray:
         return np.exp(self.log_multipliers)
 
+    @property
+    def at_bound(self) -> list[bool]:
+        """Per class, whether its multiplier sits on the edge of its box (the bound, not the shares, stopped it)."""
+        edges = np.isclose(self.log_multipliers, self.log_low) | np.isclose(self.log_multipliers, self.log_high)
+        return edges.tolist()
+
     def update(self, step: int, counts: Sequence[int], samples: int) -> ShareMeasurement:
         counts = np.asarray(counts, dtype=float)
         self.counts = counts + self.smoothing * self.counts
         self.total = samples + self.smoothing * self.total
         smoothed = (self.counts + 0.5) / (self.total + 1.0)
         change = np.clip(self.rate * (np.log(self.targets) - np.log(smoothed)), -MAX_STEP, MAX_STEP)
-        self.log_multipliers = np.maximum(self.log_multipliers + change, math.log(FLOOR))
+        self.log_multipliers = np.clip(self.log_multipliers + change, self.log_low, self.log_high)
         intervals = [wilson_interval(c, samples) for c in counts]
         measurement = ShareMeasurement(step, samples, [int(c) for c in counts], smoothed.tolist(),
                                        [lo for lo, _ in intervals], [hi for _, hi in intervals],
