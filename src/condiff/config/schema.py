@@ -155,12 +155,14 @@ class ConstraintsConfig:
     kl_bounds: list[float] | None = None        # ... or by KL bounds via Theorem 2
     # target_shares: "held" keeps Theorem 1's multipliers; "measured" starts there and steers them by the shares
     # the model generates (docs/share-control.md): every control_every steps, control_samples samples of
-    # control_steps solver steps (control_method), labelled by the evaluation classifier, then log lambda += rate (log s - log s_hat)
+    # control_steps solver steps (control_method), labelled by the evaluation classifier, then
+    # log lambda += rate (log s - log s_hat)
     control: Literal["held", "measured"] = "held"
     control_every: int = positive(100)
     control_samples: int = positive(200)
     control_steps: int = positive(10)
-    control_method: Literal["dpm++", "ddim"] = "dpm++"   # the control samples' sampler (DPM-Solver++ is closer to DDIM-50)
+    # the control samples' sampler: closer to DDIM-50 than DDIM on digits, not on Fashion-MNIST (docs/share-control.md)
+    control_method: Literal["dpm++", "ddim"] = "dpm++"
     control_rate: float = positive(0.25)
     control_smoothing: float = non_negative(0.5)   # weight of the earlier counts in the smoothed share
     control_start: float = non_negative(0.2)    # share of training before the first control step
