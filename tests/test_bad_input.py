@@ -322,6 +322,17 @@ def damaged_file(command: str, name: str, content: bytes, names: tuple[str, ...]
     return setup
 
 
+def summary_with_control(control):
+    """`condiff evaluate RUN` on a copy of the hidden=16 run whose summary.json records `control` as its last
+    measured-control step."""
+    def setup(row):
+        run = row.copy_run()
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "control": control}))
+        return ["evaluate", str(run)], [str(run / "summary.json")]
+    return setup
+
+
 def edited_config(command: str, changes: dict):
     """`condiff COMMAND RUN` on a copy of the hidden=16 run whose config.toml has the dotted `changes`."""
     def setup(row):
@@ -498,6 +509,10 @@ ROWS = {
     "resume a run whose config.toml's [model] was edited": resume_an_edited_model,
     "sample a run whose summary.json is null": damaged_file("sample", "summary.json", b"null"),
     "evaluate a run whose summary.json lacks its steps": damaged_file("evaluate", "summary.json", b"{}"),
+    "evaluate a run whose control record names a class beyond the data": summary_with_control(
+        {"classes": [99], "targets": [0.1], "smoothed": [0.1], "interval_95": [[0.0, 0.2]]}),
+    "evaluate a run whose control record lacks its intervals": summary_with_control(
+        {"classes": [2], "targets": [0.1], "smoothed": [0.1]}),
     "evaluate a run whose metrics.jsonl holds a list": damaged_file("evaluate", "metrics.jsonl", b"[]\n"),
     "resume a run whose metrics.jsonl has a record without step": damaged_file("train", "metrics.jsonl",
                                                                               b'{"lr": 0.001}\n'),

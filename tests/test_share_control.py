@@ -123,6 +123,10 @@ def test_a_killed_run_under_measured_control_resumes_exactly(tmp_path):
     assert (resumed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
     card = (resumed / "model" / "README.md").read_text()
     assert "measured share control" in card and "for a target of 0.3" in card
+    result = condiff.Run(resumed).evaluate()
+    row = f"| 2 | 0.3 | {summaries[0]['control']['smoothed'][0]:.4g} | "   # the control's last reading ...
+    report = (resumed / "report.md").read_text()
+    assert row in report and report.split(row)[1].split("\n")[0].endswith(f"| {result.class_frequencies[2]:.4g} |")
 
 
 MEANS = [[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]]

@@ -266,6 +266,22 @@ def summary_problem(summary) -> str | None:
     if not isinstance(constraints, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str)
                                                     and is_number(c.get("multiplier")) for c in constraints):
         return "constraints are not a list of names and multipliers"
+    if summary.get("control") is not None:
+        return control_problem(summary["control"], len(summary["data_class_shares"]))
+    return None
+
+
+def control_problem(control, num_classes: int) -> str | None:
+    """What makes summary.json's record of the last measured-control step unusable to the run's report, or None."""
+    classes = control.get("classes") if isinstance(control, dict) else None
+    if not isinstance(classes, list) or not all(is_integer(c) and 0 <= c < num_classes for c in classes):
+        return "control.classes are not class indices"
+    per_class = {"targets": is_number, "smoothed": is_number,
+                 "interval_95": lambda pair: isinstance(pair, list) and len(pair) == 2 and all(map(is_number, pair))}
+    for key, valid in per_class.items():
+        values = control.get(key)
+        if not isinstance(values, list) or len(values) != len(classes) or not all(map(valid, values)):
+            return f"control.{key} do not give one value per class"
     return None
 
 

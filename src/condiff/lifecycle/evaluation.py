@@ -199,7 +199,7 @@ def measure(run_dir: Path, config: ExperimentConfig, samples: torch.Tensor, prov
             raise ConfigError("evaluate.inception_weights: Inception FID needs image samples")
         result.inception_fid = inception_fid(samples, reference.data, evaluation.inception_weights, device=device)
     write_json_atomic(run.evaluation_file, result.to_dict())
-    write_run_report(run_dir, config, result, metrics)
+    write_run_report(run_dir, config, result, metrics, control=summary.get("control"))
     return result
 
 
@@ -209,13 +209,30 @@ def class_share_rows(result: RunEvaluation) -> list[list]:
             for c in range(len(result.class_frequencies))]
 
 
+def control_reading_md(config: ExperimentConfig, control: dict, result: RunEvaluation) -> str:
+    """The last control step's readings beside the evaluated shares: a gap beyond the readings' noise is the
+    control sampler's bias or the model's drift since, which a user of measured control needs to see."""
+    cons = config.constraints
+    rows = [[c, target, smoothed, f"[{low:.3f}, {high:.3f}]", result.class_frequencies[c]]
+            for c, target, smoothed, (low, high) in zip(control["classes"], control["targets"], control["smoothed"],
+                                                        control["interval_95"])]
+    return (f"The last control step (training step {control.get('step')}) read these shares from "
+            f"{cons.control_samples} samples of {cons.control_method}-{cons.control_steps}, against the evaluated "
+            f"{config.sample.method}-{config.sample.steps} shares: a gap beyond the interval is the control "
+            "sampler's bias or the model's change since that step (docs/share-control.md; "
+            "benchmarks/control_sampler_bias.py measures the bias).\n\n"
+            + markdown_table(["class", "target", "control reading (smoothed)", "last reading's 95% interval",
+                              "evaluated share"], rows))
+
+
 def describe_multipliers(multipliers: dict[str, float]) -> str:
     return ", ".join(f"{name}: {value:.4f}" for name, value in multipliers.items())
 
 
-def write_run_report(run_dir: Path, config: ExperimentConfig, result: RunEvaluation, metrics: list[dict]) -> Path:
-    """RUN/report.md with the samples, class frequencies, training curves (of the `metrics` records) and a
-    table of metrics."""
+def write_run_report(run_dir: Path, config: ExperimentConfig, result: RunEvaluation, metrics: list[dict],
+                     control: dict | None = None) -> Path:
+    """RUN/report.md with the samples, class frequencies, training curves (of the `metrics` records), a
+    table of metrics and, under measured control, its last readings (`control`, summary.json's record)."""
     num_classes = len(result.class_frequencies)
     plot_class_frequencies({config.name: result.class_frequencies}, run_dir / "class_frequencies.png",
                            target=[1.0 / num_classes] * num_classes,
@@ -239,6 +256,7 @@ def write_run_report(run_dir: Path, config: ExperimentConfig, result: RunEvaluat
          "precision and recall (k-nearest-neighbour manifolds, Kynkaanniemi et al. 2019) are measured in the "
          "same feature space."),
         ("Class shares", per_class + (f"\n\nFinal multipliers: {multipliers}." if multipliers else "")
+         + ("" if control is None else "\n\n" + control_reading_md(config, control, result))
          + "\n\n" + image_md("class_frequencies.png", "class frequencies")),
         ("Samples", image_md("samples.png", "samples")),
         ("Training", image_md("training_curves.png", "training curves")),
