@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "condiff"
 # sampling sits below training: a fine-tuning constraint samples the pretrained model's own paths.
 # audit attributes a run the lifecycle layer trained; run.py's Run attributes too, so it sits above audit.
 LAYERS = [
-    ["condiff.errors", "condiff.config", "condiff.rundir", "condiff.journal", "condiff.runtime", "condiff.fit"],
+    ["condiff.errors", "condiff.config", "condiff.runrecords", "condiff.rundir", "condiff.journal", "condiff.runtime", "condiff.fit"],
     ["condiff.data"],
     ["condiff.models", "condiff.gmm"],
     ["condiff.sampling"],
