@@ -23,11 +23,12 @@ import torch
 from condiff.lifecycle.build import build_data, evaluation_classifier, load_pipeline, load_run_config
 from condiff.sampling.generate import generate, sampling_scheduler
 
-SAMPLERS = [("ddim", 50), ("ddim", 10), ("ddim", 20), ("dpm++", 10), ("dpm++", 5)]
+SAMPLERS = [("ddim", 50), ("ddim", 10), ("ddim", 20), ("dpm++", 10), ("dpm++", 5), ("dpm++", 20)]
 
 
-def shares(run: Path, num_samples: int) -> dict[str, np.ndarray]:
-    """Per sampler, the constrained classes' shares among `num_samples` samples from the same noises."""
+def labels(run: Path, num_samples: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """The constrained classes, and per sampler the classifier's labels of `num_samples` samples from the same
+    noises."""
     config = load_run_config(run)
     classifier, _ = evaluation_classifier(config, build_data(config))
     classifier.eval()
@@ -38,9 +39,8 @@ def shares(run: Path, num_samples: int) -> dict[str, np.ndarray]:
         samples = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, method), num_samples,
                            num_inference_steps=steps, seed=123, batch_size=num_samples, progress=False).samples
         with torch.no_grad():
-            labels = classifier(samples.clamp(-1, 1)).argmax(1)
-        found[f"{method}-{steps}"] = np.array([(labels == c).float().mean().item() for c in classes])
-    return found
+            found[f"{method}-{steps}"] = classifier(samples.clamp(-1, 1)).argmax(1)
+    return classes, found
 
 
 def main() -> None:
@@ -49,15 +49,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
     differences = {f"{m}-{s}": [] for m, s in SAMPLERS[1:]}
+    changed = {name: [] for name in differences}
     for run in args.runs:
-        found = shares(run, args.samples)
-        print(f"{run}: " + "; ".join(f"{name} {', '.join(f'{v:.3f}' for v in values)}" for name, values in found.items()))
+        classes, found = labels(run, args.samples)
+        shares = {name: np.array([(found_labels == c).float().mean().item() for c in classes])
+                  for name, found_labels in found.items()}
+        print(f"{run}: " + "; ".join(f"{name} {', '.join(f'{v:.3f}' for v in values)}" for name, values in shares.items()))
         for name in differences:
-            differences[name].append(found[name] - found["ddim-50"])
-    print("\n| sampler | mean (share - DDIM-50's) | mean abs |\n|---|---|---|")
+            differences[name].append(shares[name] - shares["ddim-50"])
+            changed[name].append((found[name] != found["ddim-50"]).float().mean().item())
+    print("\n| sampler | mean (share - DDIM-50's) | mean abs | samples of another class than DDIM-50's |\n|---|---|---|---|")
     for name, values in differences.items():
         values = np.concatenate(values)
-        print(f"| {name} | {values.mean():+.4f} | {np.abs(values).mean():.4f} |")
+        print(f"| {name} | {values.mean():+.4f} | {np.abs(values).mean():.4f} | {np.mean(changed[name]):.3f} |")
 
 
 if __name__ == "__main__":

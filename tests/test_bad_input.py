@@ -82,6 +82,7 @@ class Row:
         import condiff.papers.demo
         import condiff.lifecycle.training
         self.monkeypatch.setattr(condiff.papers.demo, "train_run", refuse, raising=False)
+        self.monkeypatch.setattr(condiff.papers.demo, "train_side_by_side", refuse, raising=False)
         self.monkeypatch.setattr(condiff.lifecycle.training, "train_run", refuse)
 
 

@@ -311,3 +311,25 @@ def test_resume_refuses_a_different_config(trained_run, capsys):
     assert main(["train", config, "--resume", "--set", "train.batch_size=7"]) == 2
     line = error_line(capsys)
     assert "cannot resume with a different config" in line and "train.batch_size" in line
+
+
+@pytest.mark.parametrize("error", ["argument", "switch", "config", "run directory"])
+def test_condiffs_errors_cross_from_a_worker_process_whole(error):
+    """`condiff demo` trains in worker processes: an error raised there is pickled to the parent, which must
+    still spell the arguments it names as flags (ArgumentError's __init__ takes other arguments than its args)."""
+    import pickle
+
+    from condiff.config import ArgumentError, ConfigError
+    from condiff.errors import SwitchError
+    from condiff.rundir import RunDirectoryError
+
+    made = {"argument": lambda: ArgumentError("num_samples", "must be positive, not {overwrite}"),
+            "switch": lambda: SwitchError("runs/demo exists; pass {overwrite}"),
+            "config": lambda: ConfigError("train.steps: must be positive"),
+            "run directory": lambda: RunDirectoryError("runs/x: not finished; pass {resume}")}[error]()
+    crossed = pickle.loads(pickle.dumps(made))
+    assert type(crossed) is type(made) and str(crossed) == str(made) and crossed.args == made.args
+    assert vars(crossed) == vars(made)
+    if hasattr(made, "spelled"):
+        flags = lambda name: "--" + name.replace("_", "-")   # noqa: E731
+        assert crossed.spelled(flags) == made.spelled(flags) and "--" in crossed.spelled(flags)

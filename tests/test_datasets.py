@@ -15,7 +15,7 @@ import condiff.data.datasets
 from condiff.cli import main
 from condiff.config import ConfigError, config_from_dict
 from condiff.data.datasets import (
-    FASHION_MNIST_DIR,
+    fashion_mnist_dir,
     DataError,
     DataNotFound,
     load_fashion_mnist,
@@ -315,7 +315,7 @@ def test_missing_mlxtend_says_how_to_install_it(monkeypatch):
 
 
 def test_fashion_mnist_from_the_debian_package():
-    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+    if not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (make data)")
     fashion = load_fashion_mnist()
     assert fashion.data.shape == (70000, 1, 28, 28)
@@ -338,7 +338,7 @@ def test_fashion_mnist_from_a_directory_is_train_then_test(tmp_path):
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(DataNotFound, match="train-images-idx3-ubyte.gz not found"):
         load_fashion_mnist(tmp_path)
-    monkeypatch.setattr(condiff.data.datasets, "FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setenv("CONDIFF_FASHION_MNIST", str(tmp_path / "nowhere"))
     with pytest.raises(DataNotFound, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist()
 

@@ -175,23 +175,45 @@ def test_atomic_writes_get_the_modes_a_plain_write_would(tmp_path):
     assert os.stat(folder).st_mode == os.stat(tmp_path / "plain-folder").st_mode
 
 
+@pytest.mark.slow
+def test_the_demo_trains_its_models_side_by_side_in_worker_processes(tmp_path, tiny_config):
+    """`condiff demo` trains and evaluates its two models in two worker processes: both runs are written and
+    evaluated, the results come back in the configs' order, and the workers are gone after. (An error raised in a
+    worker crosses back whole: test_cli.py's test_condiffs_errors_cross_from_a_worker_process_whole.)"""
+    import multiprocessing
+
+    from condiff.papers.demo import DEMO_SAMPLES, train_side_by_side
+
+    configs = {"constrained": tiny_config(tmp_path / "constrained"),
+               "unconstrained": tiny_config(tmp_path / "unconstrained", constraints=None)}
+    results = train_side_by_side(configs, None, False)
+    assert list(results) == ["constrained", "unconstrained"]
+    for name, result in results.items():
+        assert result.num_samples == DEMO_SAMPLES and (tmp_path / name / "evaluation.json").is_file()
+    assert results["constrained"].multipliers and not results["unconstrained"].multipliers
+    assert not multiprocessing.active_children()
+
+
 def test_demo_seed_offsets_both_models_training_and_sampling_seeds(tmp_path, monkeypatch):
-    """`condiff demo --seed 2`: both runs train and sample with their configs' seeds + 2, on the same data."""
+    """`condiff demo --seed 2`: both runs train and sample with their configs' seeds + 2, on the same data, each
+    in its own folder, side by side (in two worker processes) when condiff runs as one process."""
     import condiff.papers.demo as demo
     from condiff.cli import main
     from condiff.config import CONFIG_DIR, load_config
 
-    seen = []
+    seen = {}
 
     class Stop(Exception):
         pass
 
-    def record(config, **kwargs):
-        seen.append((config.train.seed, config.sample.seed, config.data.seed))
+    def record(configs, device, progress):
+        seen.update({name: (c.train.seed, c.sample.seed, c.data.seed, c.output_dir) for name, c in configs.items()})
         raise Stop
 
-    monkeypatch.setattr(demo, "train_run", record)
+    monkeypatch.setattr(demo, "train_side_by_side", record)
     with pytest.raises(Stop):
         main(["demo", "--output", str(tmp_path / "demo"), "--seed", "2"])
-    defaults = load_config(CONFIG_DIR / demo.DEMO_CONFIGS["unconstrained"])
-    assert seen == [(defaults.train.seed + 2, defaults.sample.seed + 2, defaults.data.seed)]
+    for name, file in demo.DEMO_CONFIGS.items():
+        defaults = load_config(CONFIG_DIR / file)
+        assert seen[name] == (defaults.train.seed + 2, defaults.sample.seed + 2, defaults.data.seed,
+                              str(tmp_path / "demo" / name))

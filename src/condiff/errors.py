@@ -22,6 +22,11 @@ class NamesArguments(Exception):
         self.message = message
         super().__init__(self.spelled(self.in_python))
 
+    def __reduce__(self):
+        # rebuilt from its fields (a subclass's __init__ takes other arguments than its message), so that it
+        # crosses from a worker process to the parent (`condiff demo` trains its models side by side)
+        return rebuild_error, (type(self), self.__dict__, self.args)
+
     def spelled(self, spell: Callable[[str], str]) -> str:
         """The message with every argument's name written by `spell`."""
         return ARGUMENT.sub(lambda match: spell(match.group(1)) if self.names is None or match.group(1) in self.names
@@ -35,3 +40,11 @@ class SwitchError(NamesArguments):
     @staticmethod
     def in_python(argument: str) -> str:
         return f"{argument}=True"
+
+
+def rebuild_error(cls: type[NamesArguments], fields: dict, args: tuple) -> NamesArguments:
+    """A NamesArguments error unpickled: its fields and its args as they were."""
+    error = cls.__new__(cls)
+    error.__dict__.update(fields)
+    error.args = args
+    return error

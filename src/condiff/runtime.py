@@ -46,12 +46,14 @@ def progress_bar(iterable=None, *, desc: str, enabled: bool = True, **options) -
     """A tqdm bar that redraws freely on a terminal but writes a line at most every 30 s into a log
     file or pipe (a carriage-return redraw per step would flood it)."""
     interactive = sys.stderr.isatty()
+    options.setdefault("position", BAR_ROW)
     bar = tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=interactive,
                mininterval=0.1 if interactive else 30.0, **options)
     OPEN_BARS.add(bar)
     return bar
 
 
+BAR_ROW: int | None = None   # the terminal row of this process's bars: a worker of a side-by-side job sets its own
 OPEN_BARS: "weakref.WeakSet[tqdm]" = weakref.WeakSet()   # every bar progress_bar made that is still referenced
 
 

@@ -167,6 +167,10 @@ class ConstraintsConfig:
     control_smoothing: float = non_negative(0.5)   # weight of the earlier counts in the smoothed share
     control_start: float = non_negative(0.2)    # share of training before the first control step
     control_bound: float = positive(1.5)   # each class's weight pi + lambda stays within this factor of Theorem 1's
+    # a proportional term (PI in velocity form): + control_proportional * (change of the error log s - log s_hat since
+    # the last step), so a share still rising towards its target moves its multiplier less (the PID Lagrangian of
+    # Stooke et al. 2020 damps the integral rule's overshoot; 0: the integral rule alone)
+    control_proportional: float = non_negative(0.0)
 
     @property
     def mode(self) -> str:

@@ -77,8 +77,12 @@ class DataNotFound(DataError):
     """A dataset's files (or a field in them) are missing; the message says how to get them."""
 
 
-# Where Debian's dataset-fashion-mnist puts it; CONDIFF_FASHION_MNIST points elsewhere.
-FASHION_MNIST_DIR = Path(os.environ.get("CONDIFF_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+def fashion_mnist_dir() -> Path:
+    """Where Debian's dataset-fashion-mnist puts it, or CONDIFF_FASHION_MNIST as it is set now (read at each call,
+    so that a test or a caller that sets it after import is heard)."""
+    return Path(os.environ.get("CONDIFF_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
 
@@ -167,7 +171,7 @@ def load_fashion_mnist(directory: str | Path | None = None) -> LabelledDataset:
 
     `directory` holds the four files train-/t10k-images-idx3-ubyte(.gz) and -labels-idx1-ubyte(.gz);
     the default is Debian's package `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist)."""
-    root = Path(directory).expanduser() if directory is not None else FASHION_MNIST_DIR
+    root = Path(directory).expanduser() if directory is not None else fashion_mnist_dir()
     hint = ("install it with `apt-get install dataset-fashion-mnist` (or `make data`)" if directory is None
             else "the directory must hold Fashion-MNIST's train-/t10k-{images-idx3,labels-idx1}-ubyte[.gz]")
     paths = {}

@@ -227,7 +227,7 @@ def build_share_control(config: ExperimentConfig, data: ExperimentData, constrai
     data_shares = np.asarray(data.train.class_counts())[cons.classes] / len(data.train)
     controller = ShareController(cons.target_shares, [c.fixed_multiplier for c in constraints[:len(cons.classes)]],
                                  data_shares, rate=cons.control_rate, smoothing=cons.control_smoothing,
-                                 bound=cons.control_bound)
+                                 bound=cons.control_bound, proportional=cons.control_proportional)
     return MeasuredShareControl(controller, cons.classes, label, sampling_scheduler(noise_scheduler, cons.control_method),
                                 every=cons.control_every, first_step=math.ceil(cons.control_start * config.train.steps),
                                 samples=cons.control_samples, steps=cons.control_steps, seed=config.train.seed,

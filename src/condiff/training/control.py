@@ -59,17 +59,22 @@ class ShareController:
     to samples / (1 - w) while an old model's draws fade; half a count is added to every class, so that a
     class absent from one draw gives a finite log share. `initial` are Theorem 1's multipliers for the
     classes' data shares `data_shares`: every class's Theorem 1 weight pi + lambda (its share is proportional
-    to it) stays within [w / bound, w * bound] of theirs, so the step is an ascent projected on a box."""
+    to it) stays within [w / bound, w * bound] of theirs, so the step is an ascent projected on a box.
+    `proportional` > 0 makes the rule a PI controller in velocity form, step = rate * e_k + proportional *
+    (e_k - e_(k-1)), e = log s - log s_hat: a share still rising towards its target (a class the model is still
+    learning) moves its multiplier less, the damping that the PID Lagrangian (Stooke et al. 2020) adds to the
+    integral rule; summed over steps, the term is proportional * (e_k - e_1), so measurement noise does not
+    accumulate in it. The last step's s_hat is in `history`, so a resumed run steps the same."""
 
     def __init__(self, targets: Sequence[float], initial: Sequence[float], data_shares: Sequence[float], *,
-                 rate: float, smoothing: float, bound: float):
+                 rate: float, smoothing: float, bound: float, proportional: float = 0.0):
         self.targets = np.asarray(targets, dtype=float)
         self.log_multipliers = np.log(np.maximum(np.asarray(initial, dtype=float), FLOOR))
         pi = np.asarray(data_shares, dtype=float)
         weight = pi + np.exp(self.log_multipliers)
         self.log_low = np.log(np.maximum(weight / bound - pi, FLOOR))
         self.log_high = np.log(np.maximum(weight * bound - pi, FLOOR))
-        self.rate, self.smoothing = rate, smoothing
+        self.rate, self.smoothing, self.proportional = rate, smoothing, proportional
         self.counts, self.total = np.zeros(len(self.targets)), 0.0
         self.history: list[ShareMeasurement] = []
 
@@ -88,7 +93,10 @@ class ShareController:
         self.counts = counts + self.smoothing * self.counts
         self.total = samples + self.smoothing * self.total
         smoothed = (self.counts + 0.5) / (self.total + 1.0)
-        change = np.clip(self.rate * (np.log(self.targets) - np.log(smoothed)), -MAX_STEP, MAX_STEP)
+        change = self.rate * (np.log(self.targets) - np.log(smoothed))
+        if self.history:
+            change -= self.proportional * (np.log(smoothed) - np.log(self.history[-1].smoothed))   # e_k - e_(k-1)
+        change = np.clip(change, -MAX_STEP, MAX_STEP)
         self.log_multipliers = np.clip(self.log_multipliers + change, self.log_low, self.log_high)
         intervals = [wilson_interval(c, samples) for c in counts]
         measurement = ShareMeasurement(step, samples, [int(c) for c in counts], smoothed.tolist(),
