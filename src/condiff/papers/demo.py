@@ -9,7 +9,6 @@ classifier, and runs/demo/report.md puts them side by side.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
 import sys
 from pathlib import Path
@@ -44,8 +43,8 @@ def demo_configs(output: Path, seed: int = 0, steps: int | None = None) -> dict[
 
 def train_and_evaluate(config: ExperimentConfig, device, progress: bool, row: int | None = None) -> RunEvaluation:
     """One model of the demo trained and evaluated; `row`: this worker's row of progress bars (side by side)."""
-    if row is not None:   # each of two workers takes half of the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    if row is not None:   # each of two workers takes half of the threads torch would use (OMP_NUM_THREADS is heard)
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
         runtime.BAR_ROW = row
     print(f"== {Path(config.output_dir).name}: {config.train.steps} steps", flush=True)
     run_dir = train_run(config)
