@@ -9,6 +9,7 @@ import pytest
 
 from condiff.cli import main
 from condiff.config import CONFIG_DIR, ExperimentConfig, load_config
+import condiff.papers.reproduce as reproduce_module
 from condiff.papers.reproduce import EXPERIMENTS, SCALES, old_class_coverage, reproduce
 from condiff.rundir import RunDirectoryError, read_metrics
 from condiff.lifecycle import training
@@ -56,7 +57,13 @@ def tiny_configs(tmp_path, monkeypatch):
                        "mnist-finetune.toml": FINETUNE}.items():
         (folder / file).write_text(text)
     monkeypatch.setitem(SCALES, "cpu", folder)
+    # in this process, so that the tests' patches reach the models (test_demo's side-by-side test runs real workers)
+    monkeypatch.setattr(reproduce_module, "run_side_by_side", run_one_after_the_other)
     return folder
+
+
+def run_one_after_the_other(job, arguments):
+    return {name: job(*args) for name, args in arguments.items()}
 
 
 @pytest.mark.parametrize("scale", sorted(SCALES))
@@ -98,9 +105,18 @@ def test_minority_experiment_trains_evaluates_and_reports(tiny_configs, tmp_path
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
 
 
-def test_a_share_request_reproduces_four_models_the_papers_calibrated_on_the_held_run(tiny_configs, tmp_path):
-    out = tmp_path / "shares"
+def test_a_share_request_reproduces_four_models_the_papers_calibrated_on_the_held_run(tiny_configs, tmp_path,
+                                                                                      monkeypatch):
+    """Four models, two at a time on one process (side by side): the paper's resilient model, calibrated on the
+    held run, starts only once held has finished."""
+    out, stages = tmp_path / "shares", []
+
+    def record(job, arguments):
+        stages.append({name: (out / "held" / "summary.json").is_file() for name in arguments})
+        return run_one_after_the_other(job, arguments)
+    monkeypatch.setattr(reproduce_module, "run_side_by_side", record)
     text = reproduce("fashion-minority", out, progress=False).read_text()
+    assert stages == [{"unconstrained": False, "held": False}, {"resilient": True, "measured": True}]
     summary = json.loads((out / "summary.json").read_text())
     models = ["unconstrained", "resilient", "held", "measured"]
     assert [n for n in summary if n in models] == models and summary["paper_model"] == "resilient"

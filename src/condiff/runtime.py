@@ -7,7 +7,9 @@ else the CPU; `ACCELERATE_USE_CPU=true` forces the CPU), so that nothing is hard
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -109,3 +111,35 @@ def independent_workers() -> IndependentWorkers:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE"):
         os.environ.pop(name, None)
     return IndependentWorkers(rank, world, f"{os.getppid()}-{os.environ.get('MASTER_PORT', '')}")
+
+
+def quiet_worker() -> None:
+    """Ctrl-C is the parent's to handle; the parent's terminate() makes a worker exit rather than die, so that its
+    exit handlers run (else multiprocessing warns of the semaphores, e.g. tqdm's lock, a killed worker leaves)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+
+
+def run_in_worker(job, arguments: tuple, row: int, workers: int):
+    """`job(*arguments)` in one of `workers` side-by-side processes: its share of the threads torch would use
+    (OMP_NUM_THREADS is heard) and its own row of progress bars."""
+    global BAR_ROW
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    BAR_ROW = row
+    return job(*arguments)
+
+
+def run_side_by_side(job, arguments: dict[str, tuple]) -> dict:
+    """`job(*arguments[name])` for every name at once, a process each; the results in `arguments`' order. On a
+    2-core CPU a second thread speeds a small UNet's step up by a fifth only, so two one-thread processes finish two
+    trainings about a quarter sooner than one two-thread process in turn. Ctrl-C reaches this process only:
+    leaving the pool terminates the workers (the caller restores its output). `job` must be importable by name."""
+    workers = len(arguments)
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=quiet_worker)
+    try:
+        pending = {name: pool.apply_async(run_in_worker, (job, args, row, workers))
+                   for row, (name, args) in enumerate(arguments.items())}
+        return {name: result.get() for name, result in pending.items()}
+    finally:
+        pool.terminate()   # at once on Ctrl-C or a failed job; after every result it has nothing left to stop
+        pool.join()

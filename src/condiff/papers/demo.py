@@ -8,9 +8,6 @@ classifier, and runs/demo/report.md puts them side by side.
 
 from __future__ import annotations
 
-import multiprocessing
-import signal
-import sys
 from pathlib import Path
 
 import torch
@@ -41,35 +38,17 @@ def demo_configs(output: Path, seed: int = 0, steps: int | None = None) -> dict[
     return configs
 
 
-def train_and_evaluate(config: ExperimentConfig, device, progress: bool, row: int | None = None) -> RunEvaluation:
-    """One model of the demo trained and evaluated; `row`: this worker's row of progress bars (side by side)."""
-    if row is not None:   # each of two workers takes half of the threads torch would use (OMP_NUM_THREADS is heard)
-        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
-        runtime.BAR_ROW = row
+def train_and_evaluate(config: ExperimentConfig, device, progress: bool) -> RunEvaluation:
+    """One model of the demo trained and evaluated."""
     print(f"== {Path(config.output_dir).name}: {config.train.steps} steps", flush=True)
     run_dir = train_run(config)
     return evaluate_run(run_dir, num_samples=DEMO_SAMPLES, device=device, progress=progress, resample=True)
 
 
-def quiet_worker() -> None:
-    """Ctrl-C is the parent's to handle; the parent's terminate() makes a worker exit rather than die, so that its
-    exit handlers run (else multiprocessing warns of the semaphores, e.g. tqdm's lock, a killed worker leaves)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-
-
 def train_side_by_side(configs: dict[str, ExperimentConfig], device, progress: bool) -> dict[str, RunEvaluation]:
-    """Both models at once, a process each. On a 2-core CPU a second thread speeds a unet8 step up by a fifth only,
-    so two one-thread processes finish both models about a quarter sooner than one two-thread process in turn.
-    Ctrl-C reaches this process only: leaving the pool terminates the workers, and the caller restores the output."""
-    pool = multiprocessing.get_context("spawn").Pool(len(configs), initializer=quiet_worker)
-    try:
-        pending = {name: pool.apply_async(train_and_evaluate, (config, device, progress, row))
-                   for row, (name, config) in enumerate(configs.items())}
-        return {name: result.get() for name, result in pending.items()}
-    finally:
-        pool.terminate()   # at once on Ctrl-C or a failed model; after both results it has nothing left to stop
-        pool.join()
+    """Both models at once, a worker process each (runtime.run_side_by_side)."""
+    return runtime.run_side_by_side(train_and_evaluate, {name: (config, device, progress)
+                                                         for name, config in configs.items()})
 
 
 def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None, seed: int = 0,
