@@ -18,12 +18,15 @@ import condiff
 pytestmark = pytest.mark.slow   # torchrun processes
 
 
-def torchrun(*arguments: str, processes: int = 2) -> None:
+def torchrun(*arguments: str, processes: int = 2, temporary: Path | None = None) -> None:
+    """`torchrun` on this machine; `temporary`: the processes' temporary folder (TMPDIR)."""
     launcher = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     with socket.socket() as probe:           # torchrun's static rendezvous hangs on port 0: pick a free one
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    if temporary is not None:
+        env["TMPDIR"] = str(temporary)
     done = subprocess.run([launcher, "--nproc_per_node", str(processes), "--master_port", port, *arguments],
                           env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -47,7 +50,10 @@ def test_validation_under_two_workers_reports_what_one_reports(tmp_path, monkeyp
     worker = str(Path(__file__).with_name("attribution_workers_worker.py"))
     monkeypatch.setattr(sys, "argv", [worker, str(tmp_path / "one")])
     runpy.run_path(worker, run_name="__main__")   # one worker: this process
-    torchrun(worker, str(tmp_path / "two"))
+    (tmp_path / "temporary").mkdir()
+    torchrun(worker, str(tmp_path / "two"), temporary=tmp_path / "temporary")
     one, two = (json.loads((tmp_path / name / "lds.json").read_text()) for name in ("one", "two"))
     assert one["results"] == two["results"] and one["removals"] == two["removals"]
     assert len(list((tmp_path / "two" / "subsets").glob("subset-*"))) == 4 * 2
+    # the workers' barrier marks are gone: nothing of condiff's is left in the temporary folder
+    assert not [p.name for p in (tmp_path / "temporary").iterdir() if p.name.startswith("condiff")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -91,15 +92,29 @@ class IndependentWorkers:
         """This process's jobs: every world-th, from its rank."""
         return jobs[self.rank::self.world]
 
+    @property
+    def marks(self) -> Path:
+        return Path(tempfile.gettempdir()) / f"condiff-workers-{self.token}"
+
     def barrier(self, name: str, poll_seconds: float = 1.0) -> None:
         """Wait until every worker has reached `name` (a worker that fails makes torchrun stop them all)."""
         if self.world == 1:
             return
-        marks = Path(tempfile.gettempdir()) / f"condiff-workers-{self.token}"
-        marks.mkdir(parents=True, exist_ok=True)
-        (marks / f"{name}-{self.rank}").touch()
-        while not all((marks / f"{name}-{rank}").exists() for rank in range(self.world)):
+        self.marks.mkdir(parents=True, exist_ok=True)
+        (self.marks / f"{name}-{self.rank}").touch()
+        while not all((self.marks / f"{name}-{rank}").exists() for rank in range(self.world)):
             time.sleep(poll_seconds)
+
+    def leave(self, poll_seconds: float = 1.0) -> None:
+        """This worker meets no more barriers; the main worker, once every worker has said so, removes the marks
+        (a barrier still polling them would wait forever if they went earlier)."""
+        if self.world == 1:
+            return
+        (self.marks / f"left-{self.rank}").touch()
+        if self.is_main:
+            while not all((self.marks / f"left-{rank}").exists() for rank in range(self.world)):
+                time.sleep(poll_seconds)
+            shutil.rmtree(self.marks, ignore_errors=True)
 
 
 def independent_workers() -> IndependentWorkers:

@@ -69,6 +69,7 @@ def reproduce_attribution(output: Path, *, scale: str = "cpu", overwrite: bool =
     workers.barrier("plan")
     plan = [Removal(**r) for r in json.loads(plan_file.read_text())]
     train_removals(config, output, plan, len(data.train), workers, progress)
+    workers.leave()
     if not workers.is_main:
         return output / "report.md"
     effects = removal_effects(validation.models.full, output, plan, validation.targets, settings, device=device,
