@@ -27,12 +27,14 @@ COUNTS = {"0": 1000, "1": 1000, "2": 200, "3": 200}
 NUM_SAMPLES = 6000
 
 
-def gmm_config(tmp_path, name, estimator="stratified", constraints=None):
+def gmm_config(tmp_path, name, estimator="stratified", constraints=None, steps=1000):
+    """1,000 steps leave the shares within half of the tests' tolerance of 0.03 (largest errors 0.016 unconstrained,
+    0.016 and 0.010 against Theorem 1, 2026-12-07); the target-shares test's 0.02 needs 1,500."""
     table = {
         "name": name, "output_dir": str(tmp_path / name),
         "data": {"dataset": "gmm", "means": MEANS, "std": 0.3, "per_class": 1000, "class_counts": COUNTS},
         "model": {"kind": "mlp", "hidden": 128, "layers": 3},
-        "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "checkpoint_every": 1500},
+        "train": {"steps": steps, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "checkpoint_every": steps},
         "dual": {"estimator": estimator, "batch_size": 64, "primal_steps_per_dual": 2, "lr": 250.0,
                  "lr_relative": True},
     }
@@ -100,7 +102,7 @@ def test_requested_target_shares_are_reached_without_a_reference_loss(tmp_path):
     equal data share (an equal request, 0.25 each, was retired to keep `make test` within its budget: it
     asks less of the multipliers than this one)."""
     targets = [0.15, 0.35]
-    config = gmm_config(tmp_path, "targets", "mixture", {"classes": [2, 3], "target_shares": targets})
+    config = gmm_config(tmp_path, "targets", "mixture", {"classes": [2, 3], "target_shares": targets}, steps=1500)
     shares, summary, _ = sampled_shares(config, num_samples=20000)
     rest = 1 - sum(targets)
     expected = np.array([rest / 2, rest / 2, *targets])
