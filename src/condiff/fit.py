@@ -33,7 +33,7 @@ def fit(model: torch.nn.Module, step_loss: StepLoss, *, steps: int, lr: float, w
         desc: str, progress: bool = True) -> torch.nn.Module:
     """Take `steps` optimiser steps on `step_loss()` (which draws its own batch) and return the model in
     eval mode."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)   # as training's
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
     model.train()
