@@ -154,7 +154,11 @@ def run_side_by_side(job, arguments: dict[str, tuple]) -> dict:
     try:
         pending = {name: pool.apply_async(run_in_worker, (job, args, row, workers))
                    for row, (name, args) in enumerate(arguments.items())}
-        return {name: result.get() for name, result in pending.items()}
-    finally:
-        pool.terminate()   # at once on Ctrl-C or a failed job; after every result it has nothing left to stop
+        results = {name: result.get() for name, result in pending.items()}
+    except BaseException:
+        pool.terminate()   # at once on Ctrl-C or a failed job
         pool.join()
+        raise
+    pool.close()   # the workers leave on their own: a SIGTERM could land in their exit handlers
+    pool.join()
+    return results
