@@ -57,7 +57,8 @@ def tiny_configs(tmp_path, monkeypatch):
                        "mnist-finetune.toml": FINETUNE}.items():
         (folder / file).write_text(text)
     monkeypatch.setitem(SCALES, "cpu", folder)
-    # in this process, so that the tests' patches reach the models (test_demo's side-by-side test runs real workers)
+    # in this process, so that the tests' patches reach the models (test_run_directories.py's side-by-side test
+    # runs real workers)
     monkeypatch.setattr(reproduce_module, "run_side_by_side", run_one_after_the_other)
     return folder
 

@@ -147,9 +147,13 @@ def run_in_worker(job, arguments: tuple, row: int, workers: int):
 def run_side_by_side(job, arguments: dict[str, tuple]) -> dict:
     """`job(*arguments[name])` for every name at once, a process each; the results in `arguments`' order. On a
     2-core CPU a second thread speeds a small UNet's step up by a fifth only, so two one-thread processes finish two
-    trainings about a quarter sooner than one two-thread process in turn. Ctrl-C reaches this process only:
-    leaving the pool terminates the workers (the caller restores its output). `job` must be importable by name."""
+    trainings about a quarter sooner than one two-thread process in turn. Ctrl-C reaches this process only: the
+    workers are terminated (the caller restores its output). `job` must be importable by name. Under a
+    multi-process launch, or for one job, the jobs run here one after the other (every process of a launch takes
+    part in each job)."""
     workers = len(arguments)
+    if workers < 2 or process_state().num_processes > 1:
+        return {name: job(*args) for name, args in arguments.items()}
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=quiet_worker)
     try:
         pending = {name: pool.apply_async(run_in_worker, (job, args, row, workers))

@@ -46,7 +46,7 @@ def train_and_evaluate(config: ExperimentConfig, device, progress: bool) -> RunE
 
 
 def train_side_by_side(configs: dict[str, ExperimentConfig], device, progress: bool) -> dict[str, RunEvaluation]:
-    """Both models at once, a worker process each (runtime.run_side_by_side)."""
+    """Both models at once, a worker process each (one after the other under a multi-process launch)."""
     return runtime.run_side_by_side(train_and_evaluate, {name: (config, device, progress)
                                                          for name, config in configs.items()})
 
@@ -59,10 +59,7 @@ def run_demo(output: Path, *, overwrite: bool = False, steps: int | None = None,
     trains the two models side by side in two worker processes; under a multi-process launch, one after the other."""
     configs = demo_configs(Path(output), seed, steps)
     output = create_output_directory(output, "demo", overwrite=overwrite)
-    if runtime.process_state().num_processes == 1:
-        results = train_side_by_side(configs, device, progress)
-    else:
-        results = {name: train_and_evaluate(config, device, progress) for name, config in configs.items()}
+    results = train_side_by_side(configs, device, progress)
     if not runtime.process_state().is_main_process:
         return output / "report.md"
 

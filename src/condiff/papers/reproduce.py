@@ -125,14 +125,6 @@ def run_once(config: ExperimentConfig, resume: bool, device, progress: bool) -> 
     return evaluate_run(run_dir, device=device, progress=progress, resample=True)
 
 
-def run_stage(configs: dict[str, ExperimentConfig], resume: bool, device, progress: bool) -> dict[str, RunEvaluation]:
-    """Models that do not depend on each other: side by side in worker processes when condiff runs as one process,
-    else one after the other (every process of a multi-process launch trains each model together)."""
-    if process_state().num_processes == 1 and len(configs) > 1:
-        return run_side_by_side(run_once, {name: (config, resume, device, progress) for name, config in configs.items()})
-    return {name: run_once(config, resume, device, progress) for name, config in configs.items()}
-
-
 def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = False, resume: bool = False,
               device: str | torch.device | None = None, progress: bool = True, seed: int = 0,
               coupled: bool = False) -> Path:
@@ -173,7 +165,8 @@ def reproduce(name: str, output: Path, *, scale: str = "cpu", overwrite: bool = 
     for stage in SHARE_STAGES if requests_shares else (("unconstrained", "constrained"),):
         staged = {variant: variant_config(variant, load(variant), output) for variant in stage}
         configs.update(staged)
-        results.update(run_stage(staged, resume, device, progress))
+        results.update(run_side_by_side(run_once, {variant: (config, resume, device, progress)
+                                                   for variant, config in staged.items()}))
     if not process_state().is_main_process:
         return output / "report.md"
     return write_reproduction_report(experiment, scale, output, configs, results)
