@@ -283,17 +283,17 @@ def test_a_run_of_other_data_or_architecture_is_refused_from_the_ensemble(ensemb
 @pytest.mark.slow
 def test_targets_of_a_class_are_guided_late_by_that_class_and_end_in_it(tmp_path, tiny_config):
     """Trained well enough to generate each class: targets drawn as class 2 end in component 2 by the exact
-    posterior, and their top-20 training examples at t = 100 come from class 2 (measured: 0.975)."""
+    posterior, and their top-20 training examples at t = 100 come from class 2 (measured: 0.95)."""
     config = tiny_config(tmp_path / "run", constraints=None,
                          data={"means": [[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]], "std": 0.5,
                                "per_class": 100, "class_counts": {}},
                          model={"hidden": 64, "layers": 2, "class_conditional": True},
-                         train={"steps": 2000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50,
-                                "checkpoint_every": 2000, "ema_decay": 0.0, "label_dropout": 0.2})
+                         train={"steps": 1000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50,
+                                "checkpoint_every": 1000, "ema_decay": 0.0, "label_dropout": 0.2})
     result = attribute_run(condiff.train(config).path, AttributionSettings(
-        num_targets=8, steps=(100,), top=20, resamplings=10, dimension=512, target_class=2, journey_every=5),
+        num_targets=4, steps=(100,), top=20, resamplings=10, dimension=512, target_class=2, journey_every=5),
         progress=False)
-    assert result.target_classes == [2] * 8
+    assert result.target_classes == [2] * 4
     labels = build_data(config).train.labels
     purity = float((labels[torch.tensor(result.steps[0].helpful)] == 2).float().mean())
     assert purity >= 0.8, purity

@@ -207,15 +207,15 @@ def test_guidance_raises_the_digit_classifiers_confidence_monotonically(tmp_path
     run = condiff.train(config).path
     pipeline = DDPMPipeline.from_pretrained(run / "model")
     classifier, _ = evaluation_classifier(config, build_data(config))
-    labels = torch.arange(10).repeat_interleave(20)
+    labels = torch.arange(10).repeat_interleave(10)   # the same noises at every eta: measured 0.60, 0.74, 0.84, 0.88
     confidence = []
     for eta in (0.0, 0.5, 1.5, 4.0):
-        out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim", guided=True), 200,
-                       num_inference_steps=10, batch_size=200, seed=0, class_labels=labels,
+        out = generate(pipeline.unet, sampling_scheduler(pipeline.scheduler, "ddim", guided=True), 100,
+                       num_inference_steps=10, batch_size=100, seed=0, class_labels=labels,
                        guidance=ClassifierFreeGuidance(eta), progress=False).samples.clamp(-1, 1)
         with torch.no_grad():
             probs = torch.softmax(classifier(out), dim=1)
-        confidence.append(probs[torch.arange(200), labels].mean().item())
+        confidence.append(probs[torch.arange(100), labels].mean().item())
     assert all(a < b for a, b in zip(confidence, confidence[1:])), confidence
     assert confidence[0] > 0.5, confidence   # the conditional model already draws the requested digit
 
