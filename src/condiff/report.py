@@ -78,7 +78,7 @@ def save_sample_grid(samples: ArrayLike, path: PathLike, nrow: int | None = None
     return save_figure(figure, path)
 
 
-def _tile_images(images: np.ndarray, per_row: int) -> np.ndarray:
+def tile_images(images: np.ndarray, per_row: int) -> np.ndarray:
     """(N, C, H, W) in [0, 1] -> one (rows*H + pads, per_row*W + pads, C) array on a white background."""
     count, channels, height, width = images.shape
     rows = math.ceil(count / per_row)
@@ -97,7 +97,7 @@ def _image_grid_figure(images: np.ndarray, per_row: int, title: str | None) -> F
         raise ValueError(f"images must have 1 or 3 channels, got {channels}")
     if per_row < 1:
         raise ValueError(f"nrow must be positive, got {per_row}")
-    grid = _tile_images((np.clip(images, -1.0, 1.0) + 1.0) / 2.0, min(per_row, len(images)))
+    grid = tile_images((np.clip(images, -1.0, 1.0) + 1.0) / 2.0, min(per_row, len(images)))
     grid_height, grid_width = grid.shape[:2]
     # About 1/16 inch per source pixel: an 8x8 digit gets ~60 screen pixels, a 16-wide row of 32x32
     # images hits the 16-inch cap.

@@ -16,7 +16,7 @@ import torch
 from matplotlib import colormaps
 
 from condiff.audit.results import TargetJourney
-from condiff.report import new_figure, save_figure
+from condiff.report import GRID_PADDING_PX, new_figure, save_figure, tile_images
 
 JOURNEY_EXAMPLES = 3     # per attributed step and target: its top helpful examples are followed over every step
 STRIP_IMAGES = 8         # x0_hat(t) pictured at this many steps, evenly spread
@@ -121,22 +121,13 @@ def picture_strip(figure, journey: TargetJourney, train: torch.Tensor, train_lab
         axes.set_axis_off()
         if not images:
             continue
-        picture = image_row(images, columns)
-        width = picture.shape[1] / columns
+        pictures = (torch.stack(images).clamp(-1, 1).numpy() + 1) / 2
+        picture = tile_images(pictures, columns).squeeze(-1)   # `columns` places, even where fewer images
         axes.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
+        width = images[0].shape[-1]
         for column, (caption, colour) in enumerate(zip(captions, caption_colours)):
-            axes.text((column + 0.5) * width - 0.5, -0.8, caption, ha="center", va="bottom", fontsize=7, color=colour)
-
-
-def image_row(images: list[torch.Tensor], columns: int, gap: int = 2) -> np.ndarray:
-    """Images in [-1, 1] (C, H, W) side by side in [0, 1], `columns` places of width W + `gap`, white between them
-    and after the last image."""
-    height, width = images[0].shape[-2:]
-    pictures = [((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).numpy() for image in images]
-    row = np.ones((height, columns * (width + gap), *pictures[0].shape[2:]), dtype=np.float32)
-    for column, picture in enumerate(pictures):
-        row[:, column * (width + gap):column * (width + gap) + width] = picture
-    return row
+            centre = GRID_PADDING_PX + column * (width + GRID_PADDING_PX) + (width - 1) / 2   # pixel i spans i +- 0.5
+            axes.text(centre, -0.8, caption, ha="center", va="bottom", fontsize=7, color=colour)
 
 
 def picture_points(axes, journey: TargetJourney, train: torch.Tensor, x0: torch.Tensor, colours: list) -> None:

@@ -88,7 +88,7 @@ class TrainingState:
                  control: MeasuredShareControl | None):
         self.config, self.dual_config, self.accelerator, self.control = config, dual_config, accelerator, control
         self.generator = torch.Generator().manual_seed(config.seed * 7919 + accelerator.process_index)
-        # foreach: CUDA's default; on a CPU the per-tensor loop's very numbers, 10-15% faster for a small MLP
+        # foreach: CUDA's default; on a CPU the same numbers as the per-tensor loop, 10-15% faster for a small MLP
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
         self.lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
         if config.channels_last:
