@@ -194,6 +194,27 @@ def test_the_demo_trains_its_models_side_by_side_in_worker_processes(tmp_path, t
     assert not multiprocessing.active_children()
 
 
+def test_a_terminated_worker_leaves_once_and_not_from_inside_its_exit_handlers(monkeypatch):
+    """A side-by-side worker's SIGTERM (the parent's terminate() after a failed job) raises SystemExit once; a
+    worker already leaving ignores it, as it ignores a second one: raised in exit handlers, SystemExit printed a
+    traceback under the parent's one-line error (seen on a failed `condiff reproduce --resume`)."""
+    import multiprocessing.util
+    import signal
+
+    from condiff.runtime import leave_on_terminate
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        monkeypatch.setattr(multiprocessing.util, "_exiting", True)
+        assert leave_on_terminate(signal.SIGTERM, None) is None
+        monkeypatch.setattr(multiprocessing.util, "_exiting", False)
+        with pytest.raises(SystemExit):
+            leave_on_terminate(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_demo_seed_offsets_both_models_training_and_sampling_seeds(tmp_path, monkeypatch):
     """`condiff demo --seed 2`: both runs train and sample with their configs' seeds + 2, on the same data, each
     in its own folder, side by side (in two worker processes) when condiff runs as one process."""

@@ -8,6 +8,7 @@ else the CPU; `ACCELERATE_USE_CPU=true` forces the CPU), so that nothing is hard
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import shutil
 import signal
@@ -132,7 +133,15 @@ def quiet_worker() -> None:
     """Ctrl-C is the parent's to handle; the parent's terminate() makes a worker exit rather than die, so that its
     exit handlers run (else multiprocessing warns of the semaphores, e.g. tqdm's lock, a killed worker leaves)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    signal.signal(signal.SIGTERM, leave_on_terminate)
+
+
+def leave_on_terminate(*_) -> None:
+    # Once, and not in a worker already leaving (multiprocessing's exit flag): the parent terminates its workers
+    # again as it exits, and a SystemExit raised inside exit handlers prints a traceback under its one-line error.
+    if not multiprocessing.util._exiting:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(1)
 
 
 def run_in_worker(job, arguments: tuple, row: int, workers: int):
