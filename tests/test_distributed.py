@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow   # two torchrun processes
 
 # The mixture estimator's run is under measured share control: each process draws half the control samples.
 MEASURED = {"classes": [1, 2], "gamma": None, "target_shares": [0.45, 0.3], "control": "measured",
-            "control_every": 4, "control_samples": 16, "control_steps": 3, "control_start": 0.0}
+            "control_every": 4, "control_samples": 16, "control_steps": 3, "control_start": 0.0,
+            "control_reference_samples": 5}
 
 
 @pytest.mark.parametrize("estimator", ["stratified", "mixture"])

@@ -65,6 +65,48 @@ def test_controller_finds_the_multipliers_a_distorted_model_needs(proportional):
     np.testing.assert_allclose(np.median(multipliers, axis=0), closed_form / distortion, rtol=0.05)
 
 
+def biased_reading(rng, shares, bias, samples, paired):
+    """Control counts of a few-step sampler that reads each class `bias` above the evaluation's `shares`, and
+    the paired difference on its first `paired` noises: per class, the evaluation's label, changed by the few-step
+    sampler into or out of the class at the rate that makes the bias (one class at a time, as the controller
+    sees them)."""
+    counts, difference = [], []
+    for share, b in zip(shares, bias):
+        reference = rng.random(samples) < share
+        into, out_of = max(b, 0) / (1 - share), max(-b, 0) / share
+        flip = rng.random(samples) < np.where(reference, out_of, into)
+        fast = reference ^ flip
+        counts.append(int(fast.sum()))
+        difference.append(int(reference[:paired].sum()) - int(fast[:paired].sum()))
+    return counts, difference
+
+
+@pytest.mark.parametrize("paired", [0, 200])
+def test_paired_reference_draws_remove_the_control_samplers_bias(paired):
+    """Ground truth: the model generates Theorem 1's mixture of its multipliers (the evaluation's reading), the
+    control sampler reads the two classes 0.03 high and 0.02 low. Steered by its own reading the controller
+    lands that far off; with 200 of its 1,000 samples also drawn by the evaluation's sampler it lands on the
+    targets (20 noise seeds)."""
+    pi = np.array([0.4, 0.4, 0.1, 0.1])
+    classes, targets, bias = [2, 3], np.array([0.25, 0.2]), np.array([0.03, -0.02])
+    closed_form = multipliers_for_target_shares(pi, classes, targets)
+    errors = []
+    for seed in range(20):
+        controller = ShareController(targets, 0.5 * closed_form, pi[classes], rate=0.5, smoothing=0.5, bound=4.0)
+        rng = np.random.default_rng(seed)
+        for step in range(40):
+            shares = predicted_shares(pi, dict(zip(classes, controller.multipliers)))[classes]
+            counts, difference = biased_reading(rng, shares, bias, 1000, paired)
+            controller.update(step, counts, 1000, difference, paired)
+        errors.append(predicted_shares(pi, dict(zip(classes, controller.multipliers)))[classes] - targets)
+    errors = np.asarray(errors)
+    if paired:
+        assert np.abs(errors.mean(axis=0)).max() < 0.004 and np.quantile(np.abs(errors), 0.9) < 0.015, errors
+        assert controller.history[-1].paired == paired and len(controller.history[-1].difference) == 2
+    else:
+        np.testing.assert_allclose(errors.mean(axis=0), -bias, atol=0.005)
+
+
 def test_the_bound_keeps_every_class_weight_within_its_factor_of_theorem_1():
     """A model that needs more than the bound allows (distortion 0.2 and 5): the multipliers stop exactly where
     pi + lambda is Theorem 1's weight times or over the bound, the steered shares as close as that allows."""
@@ -112,6 +154,7 @@ def test_controller_state_resumes_exactly_and_keeps_multipliers_positive():
     ({"control": "measured", "control_start": 1.5}, "constraints.control_start"),
     ({"control": "measured", "control_bound": 0.9}, "constraints.control_bound"),
     ({"control": "measured", "control_proportional": -0.1}, "constraints.control_proportional"),
+    ({"control": "measured", "control_reference_samples": 300}, "constraints.control_reference_samples"),
     ({"control": "steered"}, "constraints.control"),
     ({"control_every": 0}, "constraints.control_every")])
 def test_control_settings_that_cannot_work_are_refused_naming_the_field(tmp_path, change, field):
@@ -121,7 +164,7 @@ def test_control_settings_that_cannot_work_are_refused_naming_the_field(tmp_path
 
 
 MEASURED = {"classes": [2], "target_shares": [0.3], "gamma": None, "control": "measured", "control_every": 10,
-            "control_samples": 20, "control_steps": 3, "control_start": 0.0}
+            "control_samples": 20, "control_steps": 3, "control_start": 0.0, "control_reference_samples": 5}
 
 
 def measured_tiny(output_dir, **train):
@@ -143,12 +186,14 @@ def test_a_killed_run_under_measured_control_resumes_exactly(tmp_path):
     assert summaries[0] == summaries[1]
     assert summaries[0]["constraint_mode"] == "measured share control"
     assert summaries[0]["control"]["control_steps"] == 4 and summaries[0]["control"]["samples"] == 20
+    assert summaries[0]["control"]["paired_reference_samples"] == 5
     assert (resumed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
     card = (resumed / "model" / "README.md").read_text()
     assert "measured share control" in card and "for a target of 0.3" in card
     result = condiff.Run(resumed).evaluate()
     row = f"| 2 | 0.3 | {summaries[0]['control']['smoothed'][0]:.4g} | "   # the control's last reading ...
     report = (resumed / "report.md").read_text()
+    assert "corrected by 5 of their noises" in report
     assert row in report and report.split(row)[1].split("\n")[0].endswith(f"| {result.class_frequencies[2]:.4g} |")
 
 

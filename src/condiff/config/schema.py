@@ -171,6 +171,10 @@ class ConstraintsConfig:
     # the last step), so a share still rising towards its target moves its multiplier less (the PID Lagrangian of
     # Stooke et al. 2020 damps the integral rule's overshoot; 0: the integral rule alone)
     control_proportional: float = non_negative(0.0)
+    # of each step's control samples, this many are also drawn with the evaluation's sampler (sample.method,
+    # sample.steps) from the same noises; their paired difference corrects the few-step sampler's bias on the data
+    # (docs/share-control.md; 0: off, as it costs sample.steps network evaluations a sample)
+    control_reference_samples: int = non_negative(0)
 
     @property
     def mode(self) -> str:

@@ -260,6 +260,9 @@ def _check_consistency(config: ExperimentConfig) -> None:
     for key in ("control_smoothing", "control_start"):
         if not getattr(cons, key) < 1:
             raise ConfigError(f"constraints.{key}: must be below 1, got {getattr(cons, key)}")
+    if cons.control_reference_samples > cons.control_samples:
+        raise ConfigError(f"constraints.control_reference_samples: at most constraints.control_samples "
+                          f"({cons.control_samples}), got {cons.control_reference_samples}")
     if cons.control_bound < 1:
         raise ConfigError(f"constraints.control_bound: must be at least 1 (1 holds Theorem 1's multipliers), "
                           f"got {cons.control_bound}")

@@ -231,7 +231,9 @@ def build_share_control(config: ExperimentConfig, data: ExperimentData, constrai
     return MeasuredShareControl(controller, cons.classes, label, sampling_scheduler(noise_scheduler, cons.control_method),
                                 every=cons.control_every, first_step=math.ceil(cons.control_start * config.train.steps),
                                 samples=cons.control_samples, steps=cons.control_steps, seed=config.train.seed,
-                                decode=None if autoencoder is None else decode)
+                                decode=None if autoencoder is None else decode,
+                                reference=(sampling_scheduler(noise_scheduler, config.sample.method), config.sample.steps,
+                                           cons.control_reference_samples))
 
 
 def load_latent_autoencoder(config: ExperimentConfig, run_dir: Path | None = None):

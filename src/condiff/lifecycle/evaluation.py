@@ -216,10 +216,13 @@ def control_reading_md(config: ExperimentConfig, control: dict, result: RunEvalu
     rows = [[c, target, smoothed, f"[{low:.3f}, {high:.3f}]", result.class_frequencies[c]]
             for c, target, smoothed, (low, high) in zip(control["classes"], control["targets"], control["smoothed"],
                                                         control["interval_95"])]
-    return (f"The last control step (training step {control.get('step')}) read these shares from "
-            f"{cons.control_samples} samples of {cons.control_method}-{cons.control_steps}, against the evaluated "
-            f"{config.sample.method}-{config.sample.steps} shares: a gap beyond the interval is the control "
-            "sampler's bias or the model's change since that step (docs/share-control.md; "
+    paired = control.get("paired_reference_samples", 0)
+    reading = (f"{cons.control_samples} samples of {cons.control_method}-{cons.control_steps}" + (
+        f", corrected by {paired} of their noises drawn with {config.sample.method}-{config.sample.steps} as well"
+        if paired else ""))
+    return (f"The last control step (training step {control.get('step')}) read these shares from {reading}, "
+            f"against the evaluated {config.sample.method}-{config.sample.steps} shares: a gap beyond the interval "
+            "is the control sampler's bias or the model's change since that step (docs/share-control.md; "
             "benchmarks/control_sampler_bias.py measures the bias).\n\n"
             + markdown_table(["class", "target", "control reading (smoothed)", "last reading's 95% interval",
                               "evaluated share"], rows))

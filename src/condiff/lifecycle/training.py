@@ -288,7 +288,8 @@ def training_summary(config: ExperimentConfig, data: ExperimentData, constraints
                     "targets": list(config.constraints.target_shares), "shares": last.shares,
                     "smoothed": last.smoothed, "interval_95": [list(p) for p in zip(last.low, last.high)],
                     "predicted_by_theorem_1": [float(predicted[c]) for c in classes],
-                    "control_steps": len(control.controller.history), "at_bound": control.controller.at_bound}
+                    "control_steps": len(control.controller.history), "at_bound": control.controller.at_bound,
+                    "paired_reference_samples": last.paired}
     return {"steps": result.step, "train_seconds": result.seconds, "constraint_mode": config.constraints.mode,
             "control": measured,
             "data_class_shares": shares.tolist(), "multipliers": result.multipliers,
