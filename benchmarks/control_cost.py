@@ -16,7 +16,11 @@ over control steps of
 
 The evaluation classifier is trained (and cached) before timing, as a real run does once per data set.
 
+`--reference-samples N` sets `constraints.control_reference_samples` (paired draws with the evaluation's
+sampler that correct the control's reading; the configs' own value otherwise).
+
     .venv/bin/python benchmarks/control_cost.py [--configs digits-minority mnist-minority ...] [--periods 4]
+        [--reference-samples N]
 """
 
 from __future__ import annotations
@@ -50,12 +54,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--periods", type=int, default=4)
+    parser.add_argument("--reference-samples", type=int, default=None)
     args = parser.parse_args()
+    overrides = ({} if args.reference_samples is None
+                 else {"constraints.control_reference_samples": args.reference_samples})
     print("| config | control (samples x solver steps, every) | median step (s) | control step (s) "
           "| per period | per run |")
     print("|---|---|---|---|---|---|")
     for name in args.configs:
-        config = load_config(CONFIG_DIR / f"{name}.toml")
+        config = load_config(CONFIG_DIR / f"{name}.toml", overrides)
         try:
             evaluation_classifier(config, build_data(config))
         except MissingData as err:
@@ -65,12 +72,14 @@ def main() -> None:
         first = max(1, math.ceil(cons.control_start * steps))
         controls_per_run = sum(1 for step in range(first, steps + 1) if step % cons.control_every == 0)
         with tempfile.TemporaryDirectory(prefix="condiff-control-") as tmp:
-            seconds = step_seconds(load_config(CONFIG_DIR / f"{name}.toml"), args.periods, Path(tmp))
+            seconds = step_seconds(load_config(CONFIG_DIR / f"{name}.toml", overrides), args.periods, Path(tmp))
         every = cons.control_every
         control_steps = {i: s for i, s in enumerate(seconds) if (i + 2) % every == 0}
         median_step = statistics.median(s for i, s in enumerate(seconds) if i not in control_steps)
         cost = statistics.median(control_steps.values()) - median_step
-        print(f"| {name} | {cons.control_samples} x {cons.control_steps} {cons.control_method}, every {every} | "
+        paired = (f" + {cons.control_reference_samples} x {config.sample.steps} {config.sample.method}"
+                  if cons.control_reference_samples else "")
+        print(f"| {name} | {cons.control_samples} x {cons.control_steps} {cons.control_method}{paired}, every {every} | "
               f"{median_step:.3f} | {cost:.2f} | {cost / (every * median_step):.3f} | "
               f"{controls_per_run * cost / (steps * median_step):.3f} |", flush=True)
 
