@@ -7,8 +7,8 @@ model draws `samples` samples with a few solver steps (split across processes), 
 log lambda_c += rate (log s_c - log s_hat_c), s_hat the share smoothed over control steps, with each class's
 weight pi_c + lambda_c kept within a factor `bound` of Theorem 1's (anti-windup: a minority class the model
 learns late reads low early at any multiplier, and an unbounded integral of those readings overshoots).
-With `reference_samples` > 0 the first of those samples are also drawn with the evaluation's sampler from the
-same noises, and the paired difference of their labels corrects the few-step reading (a control variate):
+With `reference` draws, some of those noises are also drawn with the evaluation's sampler, and the
+paired difference of their labels corrects the few-step reading (a control variate):
 s_hat then estimates the share the evaluation will see, whatever the few-step solver's bias on the data.
 """
 
