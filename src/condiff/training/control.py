@@ -152,10 +152,12 @@ class MeasuredShareControl:
     def due(self, step: int) -> bool:
         return step >= self.first_step and step % self.every == 0
 
-    def class_counts(self, samples: torch.Tensor, device) -> torch.Tensor:
-        with torch.no_grad():
-            labels = self.label(samples if self.decode is None else self.decode(samples))
+    def class_counts(self, labels: torch.Tensor, device) -> torch.Tensor:
         return torch.stack([(labels == c).sum() for c in self.classes]).to(device)
+
+    def labels_of(self, samples: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.label(samples if self.decode is None else self.decode(samples))
 
     def counts(self, model: torch.nn.Module, accelerator, step: int) -> tuple[list[int], list[int], int]:
         """Per constrained class, its count among all processes' samples at this step; the paired difference
@@ -165,15 +167,16 @@ class MeasuredShareControl:
         seed = int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0] >> 1)
         drawn = generate(model, self.scheduler, last - first, num_inference_steps=self.steps, batch_size=self.samples,
                          seed=seed, first_index=first, device=accelerator.device, progress=False).samples
-        local = self.class_counts(drawn, accelerator.device)
+        labels = self.labels_of(drawn)
+        local = self.class_counts(labels, accelerator.device)
         difference = torch.zeros_like(local)
         paired = min((rank + 1) * self.paired // size - rank * self.paired // size, last - first)   # this process's part
         if paired:
             reference = generate(model, self.reference_scheduler, paired, num_inference_steps=self.reference_steps,
                                  batch_size=paired, seed=seed, first_index=first, device=accelerator.device,
                                  progress=False).samples
-            difference = self.class_counts(reference, accelerator.device) - self.class_counts(drawn[:paired],
-                                                                                           accelerator.device)
+            difference = (self.class_counts(self.labels_of(reference), accelerator.device)
+                          - self.class_counts(labels[:paired], accelerator.device))
         paired = torch.tensor([paired], device=accelerator.device, dtype=local.dtype)
         total = accelerator.reduce(torch.cat([local, difference, paired]), "sum").cpu().tolist()
         k = len(self.classes)
